@@ -1,0 +1,195 @@
+"""Make any ONNX classifier explainable: class selection, gradients and metadata in one graph."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference, version_converter
+
+from ..runtimes.metadata import CLASS_INPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
+from .autodiff import append_gradients, prune
+from .graph import ExportError, GraphBuilder
+
+MIN_OPSET = 17
+
+
+def export_onnx(src, path, *, target_layers=None, output=None, mean=None, std=None, labels=None,
+                layer_names=None) -> ExplainSpec:
+    """Rewrite the classifier `src` (a path or ModelProto) into an explainable graph saved at `path`.
+
+    Targets are tensor names (default: the last 4-D activation before global pooling). The new graph
+    takes an extra int64 input `onnxcam_class` of shape [batch] (-1 selects the top-1 class) and also
+    outputs the selected class and, per target, its activation and the gradient of the selected
+    score with respect to it, all from one session run.
+    """
+    model = make_explainable(load_model(src), target_layers=target_layers, output=output, mean=mean, std=std,
+                             labels=labels, layer_names=layer_names)
+    save_model(model, path)
+    return read_spec(model)
+
+
+def load_model(src) -> onnx.ModelProto:
+    if isinstance(src, onnx.ModelProto):
+        return src
+    try:
+        return onnx.load(str(src))
+    except FileNotFoundError:
+        raise ExportError(f"{src}: no such file") from None
+    except Exception as error:  # onnx raises DecodeError and friends for anything that is not a model
+        raise ExportError(f"{src}: not a readable ONNX model ({type(error).__name__})") from None
+
+
+def save_model(model: onnx.ModelProto, path) -> None:
+    """Write the whole file or nothing: a temporary file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_spec(model: onnx.ModelProto) -> ExplainSpec | None:
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return ExplainSpec.from_json(prop.value)
+    return None
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Every float tensor the graph computes, in node order, with its inferred shape (None: symbolic)."""
+    builder = GraphBuilder(model)
+    shapes = {}
+    for node in model.graph.node:
+        for name in node.output:
+            if builder.is_float(name):
+                try:
+                    shapes[name] = builder.shape(name)
+                except ExportError:
+                    shapes[name] = None
+    return shapes
+
+
+def default_target(model: onnx.ModelProto, score: str) -> str:
+    """The last 4-D activation with a spatial extent (H*W > 1) that feeds the score."""
+    feeds = {score}
+    for node in reversed(model.graph.node):
+        if any(o in feeds for o in node.output):
+            feeds.update(node.input)
+    candidates = [name for name, shape in tensor_shapes(model).items()
+                  if name in feeds and shape and len(shape) == 4 and None not in shape[2:] and shape[2] * shape[3] > 1]
+    if not candidates:
+        raise ExportError("no 4-D activation with a spatial grid feeds the output: name a target layer")
+    return candidates[-1]
+
+
+def unknown_name_error(kind: str, name: str, known) -> ExportError:
+    close = difflib.get_close_matches(name, list(known), n=5, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    return ExportError(f"unknown {kind} '{name}'{hint}")
+
+
+def make_explainable(model: onnx.ModelProto, *, target_layers=None, output=None, mean=None, std=None,
+                     labels=None, layer_names=None) -> onnx.ModelProto:
+    if read_spec(model) is not None:
+        raise ExportError("the model is already explainable (it carries onnxcam metadata)")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        model = version_converter.convert_version(model, MIN_OPSET)
+    model = shape_inference.infer_shapes(model, data_prop=True)
+    graph = model.graph
+
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ExportError(f"expected one image input, found {len(inputs)}: {[i.name for i in inputs]}")
+    image = inputs[0]
+    builder = GraphBuilder(model)
+    image_shape = builder.shape(image.name)
+    if len(image_shape) != 4 or None in image_shape[1:]:
+        raise ExportError(f"input '{image.name}' must be N x C x H x W with static C, H, W; it is {image_shape}")
+
+    outputs = [o.name for o in graph.output]
+    score = output or outputs[0]
+    if score not in outputs:
+        raise unknown_name_error("output", score, outputs)
+    score_shape = builder.shape(score)
+    if None in score_shape[1:]:
+        raise ExportError(f"output '{score}' must have a static number of classes; its shape is {score_shape}")
+    num_classes = int(np.prod(score_shape[1:]))
+
+    targets = list(target_layers) if target_layers else [default_target(model, score)]
+    known = tensor_shapes(model)
+    for target in targets:
+        if target not in known and target != image.name:
+            raise unknown_name_error("target tensor", target, known)
+
+    # The class whose score is explained, chosen in the graph: -1 means the top-1 class.
+    selected, seed = _select_class(builder, score, num_classes)
+    gradients = append_gradients(model, targets, score, seed, builder)
+
+    names = [SELECTED_OUTPUT]
+    builder.nodes.append(helper.make_node("Identity", [selected], [SELECTED_OUTPUT]))
+    new_outputs = [helper.make_tensor_value_info(SELECTED_OUTPUT, onnx.TensorProto.INT64, [image_shape[0] or "batch"])]
+    activations, gradient_names = [], []
+    for i, (target, gradient) in enumerate(zip(targets, gradients)):
+        for kind, source, bucket in (("activation", target, activations), ("gradient", gradient, gradient_names)):
+            name = f"onnxcam_{kind}_{i}"
+            builder.nodes.append(helper.make_node("Identity", [source], [name]))
+            dims = [d if d is not None else "batch" for d in builder.shape(target)]
+            new_outputs.append(helper.make_tensor_value_info(name, builder.elem_type(target), dims))
+            bucket.append(name)
+            names.append(name)
+    prune(builder, names)
+
+    graph.input.append(helper.make_tensor_value_info(CLASS_INPUT, onnx.TensorProto.INT64, [image_shape[0] or "batch"]))
+    graph.node.extend(builder.nodes)
+    graph.initializer.extend(builder.initializers)
+    graph.output.extend(new_outputs)
+
+    spec = ExplainSpec(
+        input=image.name, scores=score, num_classes=num_classes, input_size=(image_shape[2], image_shape[3]),
+        layers=list(layer_names or targets), activations=activations, gradients=gradient_names,
+        mean=_triple(mean, "mean", image_shape[1]), std=_triple(std, "std", image_shape[1]),
+        labels=_labels(labels, num_classes),
+    )
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: spec.to_json()})
+    onnx.checker.check_model(model)
+    return model
+
+
+def _select_class(builder: GraphBuilder, score: str, num_classes: int) -> tuple[str, str]:
+    """The selected class per image and the one-hot seed (shaped like the score) that picks its score."""
+    flat = builder.op("Flatten", score, axis=1)
+    top = builder.op("ArgMax", flat, axis=1, keepdims=0)
+    selected = builder.op("Where", builder.op("Less", CLASS_INPUT, builder.ints(0)), top, CLASS_INPUT)
+    values = builder.const(np.array([0.0, 1.0]), like=score)
+    one_hot = builder.op("OneHot", selected, builder.ints([num_classes]), values, axis=-1)
+    return selected, builder.reshape_like(one_hot, score)
+
+
+def _triple(values, what: str, channels: int):
+    if values is None:
+        return None
+    values = [float(v) for v in values]
+    if len(values) != channels:
+        raise ExportError(f"--{what} needs {channels} values, one per input channel; got {len(values)}")
+    return values
+
+
+def _labels(labels, num_classes: int):
+    if labels is None:
+        return None
+    labels = [str(label) for label in labels]
+    if len(labels) != num_classes:
+        raise ExportError(f"{len(labels)} class names given for a model with {num_classes} classes")
+    return labels
