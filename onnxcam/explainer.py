@@ -1,0 +1,101 @@
+"""The Python API: one session run per batch, then the numpy core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .core import METHODS, heatmaps, preprocess
+from .runtimes import ExplainSpec, create_session
+from .runtimes.metadata import METADATA_KEY
+
+
+class ExplainError(ValueError):
+    """A request the model cannot answer: unknown method, class out of range, wrong input."""
+
+
+@dataclass
+class Explanation:
+    heatmaps: np.ndarray  # float32, B x H x W in [0, 1], at the model's input resolution
+    logits: np.ndarray  # B x num_classes, the scores before softmax (or the single output)
+    targets: np.ndarray  # int64, B: the class each map explains
+    method: str
+
+    def top_k(self, k: int = 5, labels: list[str] | None = None) -> list[list[dict]]:
+        """Per image, the k best classes with their probability (softmax; the raw score for one output)."""
+        scores = self.logits
+        if scores.shape[1] > 1:
+            shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+            scores = shifted / shifted.sum(axis=1, keepdims=True)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return [[{"class": int(c), "label": labels[c] if labels else None, "score": float(row[c])} for c in best]
+                for row, best in zip(scores, order)]
+
+
+class Explainer:
+    """Explains images with an ONNX file written by `onnxcam export`.
+
+    >>> explainer = Explainer("model.explain.onnx")
+    >>> result = explainer.explain(image_rgb_uint8, method="gradcam++")
+    """
+
+    def __init__(self, path, provider: str = "auto", threads: int | None = None):
+        self.session = create_session(path, provider, threads)
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in metadata:
+            raise ExplainError(f"{path} has no gradient outputs: make it explainable first with "
+                               f"`onnxcam export {path} -o OUT.onnx`")
+        self.spec: ExplainSpec = ExplainSpec.from_json(metadata[METADATA_KEY])
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.spec.labels
+
+    def explain(self, inputs, method: str = "gradcam", targets=None) -> Explanation:
+        """Heatmaps for a preprocessed float32 N x C x H x W batch, or uint8 RGB images (one or a list).
+
+        `targets`: None (each image's top-1 class), one class index for all, or one per image.
+        """
+        if method not in METHODS:
+            raise ExplainError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+        compute, needs_gradients = METHODS[method]
+        batch = self.prepare(inputs)
+        classes = self.class_indices(targets, len(batch))
+        spec = self.spec
+        fetch = [spec.scores, spec.selected, *spec.activations, *(spec.gradients if needs_gradients else [])]
+        scores, selected, *tensors = self.session.run(fetch, {spec.input: batch, spec.class_input: classes})
+        activations = tensors[:len(spec.activations)]
+        gradients = tensors[len(spec.activations):] or [None] * len(activations)
+        maps = [compute(a, g) for a, g in zip(activations, gradients)]
+        return Explanation(heatmaps(maps, spec.input_size), scores.reshape(len(batch), -1), selected, method)
+
+    def prepare(self, inputs) -> np.ndarray:
+        """The model's input batch: float32 arrays pass through, uint8 RGB images are preprocessed."""
+        images = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        if isinstance(inputs, np.ndarray) and inputs.dtype != np.uint8:
+            height, width = self.spec.input_size
+            if inputs.ndim != 4 or inputs.shape[2:] != (height, width):
+                raise ExplainError(f"expected a float32 batch N x C x {height} x {width}, got shape {inputs.shape}")
+            return np.ascontiguousarray(inputs, dtype=np.float32)
+        if not images:
+            raise ExplainError("no images given")
+        for image in images:
+            if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+                raise ExplainError("images must be uint8 RGB arrays of shape H x W x 3")
+        return preprocess(list(images), self.spec.input_size, self.spec.mean, self.spec.std)
+
+    def class_indices(self, targets, batch: int) -> np.ndarray:
+        """int64 [batch]: -1 (top-1) when targets is None, else the classes asked for, range-checked."""
+        if targets is None:
+            return np.full(batch, -1, dtype=np.int64)
+        classes = np.asarray(targets, dtype=np.int64).reshape(-1)
+        if classes.size == 1:
+            classes = np.full(batch, classes[0], dtype=np.int64)
+        if classes.shape != (batch,):
+            raise ExplainError(f"{classes.size} targets given for {batch} images")
+        bad = classes[(classes < -1) | (classes >= self.spec.num_classes)]
+        if bad.size:
+            raise ExplainError(f"class index {int(bad[0])} is out of range: the model has {self.spec.num_classes} "
+                               f"classes (0 to {self.spec.num_classes - 1}; -1 for the top class)")
+        return classes

@@ -1,0 +1,49 @@
+"""ONNX Runtime sessions and the choice of execution provider."""
+
+from __future__ import annotations
+
+import logging
+
+import onnxruntime as ort
+
+log = logging.getLogger("onnxcam")
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_QUIET, _DEFAULT = 4, 2  # ORT logger severities: fatal only, and ORT's own default (warning)
+
+
+class ProviderError(RuntimeError):
+    """The requested execution provider cannot run here."""
+
+
+def create_session(path, provider: str = "auto", threads: int | None = None) -> ort.InferenceSession:
+    """A session on `provider`: 'cpu', 'cuda', or 'auto' (CUDA only where it really loads, else CPU).
+
+    ORT falls back to CPU by itself when the CUDA libraries are missing, printing errors as it goes;
+    the attempt here is made with its logger silenced, and the outcome is told in one log line.
+    """
+    if provider not in ("auto", *PROVIDERS):
+        raise ProviderError(f"unknown provider '{provider}'; choose auto, cpu or cuda")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    path = str(path)
+    if provider == "cpu":
+        return ort.InferenceSession(path, options, providers=[PROVIDERS["cpu"]])
+    reason = "onnxruntime was built without it"
+    if PROVIDERS["cuda"] in ort.get_available_providers():
+        ort.set_default_logger_severity(_QUIET)
+        try:
+            session = ort.InferenceSession(path, options, providers=[PROVIDERS["cuda"], PROVIDERS["cpu"]])
+        finally:
+            ort.set_default_logger_severity(_DEFAULT)
+        if session.get_providers()[0] == PROVIDERS["cuda"]:
+            log.info("onnxcam: running on CUDA")
+            return session
+        reason = "its libraries (CUDA, cuDNN) or a GPU are missing"
+    else:
+        session = None
+    if provider == "cuda":
+        raise ProviderError(f"the CUDA provider cannot run here: {reason}")
+    log.info("onnxcam: running on CPU (CUDA unavailable: %s)", reason)
+    return session or ort.InferenceSession(path, options, providers=[PROVIDERS["cpu"]])
