@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 
 import torch
@@ -53,6 +54,9 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
     wrapper = _WithActivations(model, [modules[layer] for layer in layers])
     activation_names = [f"onnxcam_target_{i}" for i in range(len(layers))]
     example = torch.randn(EXPORT_BATCH, *input_shape)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed": noise, not news
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -63,6 +67,7 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
     except Exception as error:
         raise ExportError(f"torch.onnx.export failed: {str(error).splitlines()[0]}") from error
     finally:
+        exporter_log.setLevel(level)
         wrapper.remove_hooks()
     onnx_model = program.model_proto
     kept = [o for o in onnx_model.graph.output if o.name not in activation_names]

@@ -1,0 +1,185 @@
+"""The `onnxcam` command: export, inspect, explain, demo. A thin layer over the Python API."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .core import COLORMAPS, METHODS
+from .batch import collect_images, explain_files
+from .exporters import ExportError, export_onnx
+from .explainer import ExplainError, Explainer
+from .images import ImageError
+from .runtimes import ProviderError
+
+USER_ERRORS = (ExportError, ExplainError, ImageError, ProviderError)
+
+
+class Failed(click.ClickException):
+    """One line on stderr and exit status 1, no traceback."""
+
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _triple(text: str | None):
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of numbers") from None
+
+
+@click.group()
+def main():
+    """Grad-CAM and its family for ONNX models, with no PyTorch at explanation time."""
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("onnxcam").setLevel(logging.INFO)
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Explainable ONNX file to write.")
+@click.option("--target-layer", "targets", multiple=True, help="Module name (PyTorch) or tensor name (ONNX); repeatable.")
+@click.option("--input-size", type=int, default=224, show_default=True, help="Square input side for PyTorch models.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="State dict to load into a PyTorch model.")
+@click.option("--mean", help="Normalisation mean, R,G,B (recorded for `explain`).")
+@click.option("--std", help="Normalisation std, R,G,B.")
+@click.option("--labels", type=click.Path(dir_okay=False), help="Text file with one class name per line.")
+@click.option("--score-output", help="ONNX output holding the class scores (default: the first).")
+def export(model, out, targets, input_size, weights, mean, std, labels, score_output):
+    """Make MODEL explainable: MODEL is package.module:callable returning a torch.nn.Module, or an .onnx file."""
+    names = _read_labels(labels)
+    options = dict(target_layers=list(targets) or None, mean=_triple(mean), std=_triple(std), labels=names)
+    try:
+        if model.endswith(".onnx"):
+            spec = export_onnx(model, out, output=score_output, **options)
+        else:
+            from .exporters import export_torch
+
+            spec = export_torch(_load_module(model, weights), out, input_shape=(3, input_size, input_size), **options)
+    except USER_ERRORS as error:
+        raise Failed(str(error)) from None
+    click.echo(f"wrote {out}: targets {', '.join(spec.layers)}, {spec.num_classes} classes, "
+               f"input {spec.input_size[0]}x{spec.input_size[1]}")
+
+
+def _read_labels(path):
+    if path is None:
+        return None
+    try:
+        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as error:
+        raise Failed(f"{path}: {error.strerror}") from None
+
+
+def _load_module(spec: str, weights):
+    """Import package.module:callable (from the current folder too), call it, load a state dict."""
+    if ":" not in spec:
+        raise ExportError(f"'{spec}' is neither an .onnx file nor package.module:callable")
+    module_name, _, attribute = spec.partition(":")
+    sys.path.insert(0, os.getcwd())
+    try:
+        target = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as error:
+        raise ExportError(f"cannot load {spec}: {error}") from None
+    finally:
+        sys.path.remove(os.getcwd())
+    import torch
+
+    model = target()
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except (OSError, RuntimeError, KeyError, TypeError) as error:
+            raise ExportError(f"{weights}: cannot load as a state dict for {spec} ({str(error).splitlines()[0]})") from None
+    return model
+
+
+@main.command()
+@click.argument("model")
+@click.option("--input-size", type=int, default=224, show_default=True)
+def inspect(model, input_size):
+    """List the layers (PyTorch) or tensors (ONNX) of MODEL with their shapes; * marks the default target."""
+    try:
+        if model.endswith(".onnx"):
+            rows, default = _onnx_rows(model)
+        else:
+            from .exporters import default_layer, module_outputs
+
+            module = _load_module(model, None)
+            rows = module_outputs(module, (3, input_size, input_size))
+            default = default_layer(module, (3, input_size, input_size))
+    except USER_ERRORS as error:
+        raise Failed(str(error)) from None
+    width = max(len(name) for name, _ in rows)
+    for name, shape in rows:
+        shape_text = "?" if shape is None else " x ".join("N" if d is None else str(d) for d in shape)
+        click.echo(f"{'*' if name == default else ' '} {name:<{width}}  {shape_text}")
+
+
+def _onnx_rows(path):
+    from onnx import shape_inference
+
+    from .exporters.onnx_frontend import default_target, load_model, read_spec, tensor_shapes
+
+    model = load_model(path)
+    spec = read_spec(model)
+    if spec is not None:
+        click.echo(f"explainable: targets {', '.join(spec.layers)}, {spec.num_classes} classes")
+    model = shape_inference.infer_shapes(model, data_prop=True)
+    shapes = tensor_shapes(model)
+    return list(shapes.items()), default_target(model, model.graph.output[0].name) if spec is None else None
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Folder for the overlays.")
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(list(METHODS)))
+@click.option("--target", type=int, help="Class index to explain for every image (default: each image's top-1).")
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--save-npy", is_flag=True, help="Also write each heatmap as a float32 .npy at the model's resolution.")
+@click.option("--alpha", default=0.4, show_default=True, type=click.FloatRange(0, 1), help="Heatmap opacity.")
+@click.option("--colormap", default="jet", show_default=True, type=click.Choice(list(COLORMAPS)))
+def explain(model, images, outdir, method, target, provider, batch_size, save_npy, alpha, colormap):
+    """Write an overlay PNG per image (files or folders) and predictions.json with the top-5 classes."""
+    try:
+        explainer = Explainer(model, provider=provider)
+        explainer.class_indices(target, 1)
+    except USER_ERRORS as error:
+        raise Failed(str(error)) from None
+    except Exception as error:  # onnxruntime refuses files that are not models with its own exception types
+        raise Failed(f"{model}: cannot be loaded by ONNX Runtime ({str(error).splitlines()[0]})") from None
+    failures = explain_files(explainer, collect_images(images), Path(outdir), method=method, target=target,
+                              batch_size=batch_size, save_npy=save_npy, alpha=alpha, colormap=colormap)
+    if failures:
+        raise Failed(f"{failures} image(s) could not be explained")
+
+
+@main.command()
+@click.option("-o", "--output", "outdir", default="onnxcam-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(list(METHODS)))
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def demo(outdir, method, provider):
+    """Explain bundled photos with a pretrained EfficientNet-Lite0 (exported once, then cached)."""
+    try:
+        from .demo import run_demo
+    except ImportError as error:
+        raise Failed(f"the demo needs its extra: pip install 'onnxcam[demo]' ({error})") from None
+    try:
+        run_demo(Path(outdir), method=method, provider=provider)
+    except USER_ERRORS as error:
+        raise Failed(str(error)) from None
