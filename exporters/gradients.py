@@ -112,13 +112,13 @@ def _layer_norm(g, n, dy):
     a = attrs(n)
     x, scale = n.input[:2]
     axes = list(range(_axis(g, x, a.get("axis", -1)), g.rank(x)))
-    centred = g.op("Sub", x, g.reduce_mean(x, axes))
-    variance = g.reduce_mean(g.op("Mul", centred, centred), axes)
+    mean = lambda t: g.reduce_mean(t, axes, like=x)  # noqa: E731
+    centred = g.op("Sub", x, mean(x))
+    variance = mean(g.op("Mul", centred, centred))
     rstd = g.op("Reciprocal", g.op("Sqrt", g.op("Add", variance, g.const(a.get("epsilon", 1e-5), like=x))))
     xhat = g.op("Mul", centred, rstd)
     dxhat = g.op("Mul", dy, scale)
-    inner = g.op("Sub", g.op("Sub", dxhat, g.reduce_mean(dxhat, axes)),
-                 g.op("Mul", xhat, g.reduce_mean(g.op("Mul", dxhat, xhat), axes)))
+    inner = g.op("Sub", g.op("Sub", dxhat, mean(dxhat)), g.op("Mul", xhat, mean(g.op("Mul", dxhat, xhat))))
     return [g.op("Mul", rstd, inner)]
 
 
@@ -247,13 +247,13 @@ def _reduce(g, n, dy, mean: bool):
         dy = g.op("Unsqueeze", dy, g.ints(axes))
     grad = g.expand_like(dy, x)
     if mean:
-        grad = g.op("Div", grad, g.count_ratio(x, n.output[0]))
+        grad = g.op("Div", grad, g.count_ratio(x, n.output[0], like=x))
     return [grad, None]
 
 
 def _global_average_pool(g, n, dy):
     x = n.input[0]
-    return [g.op("Div", g.expand_like(dy, x), g.count_ratio(x, n.output[0]))]
+    return [g.op("Div", g.expand_like(dy, x), g.count_ratio(x, n.output[0], like=x))]
 
 
 # moving data ---------------------------------------------------------------------------------------

@@ -109,14 +109,14 @@ class GraphBuilder:
     def reduce_sum(self, x: str, axes, keepdims: int = 1) -> str:
         return self.op("ReduceSum", x, self.ints(list(axes)), keepdims=keepdims)
 
-    def reduce_mean(self, x: str, axes) -> str:
+    def reduce_mean(self, x: str, axes, like: str) -> str:
         """Mean over `axes`, keeping them; the count is read at run time so symbolic dims work."""
         total = self.reduce_sum(x, axes)
-        return self.op("Div", total, self.count_ratio(x, total))
+        return self.op("Div", total, self.count_ratio(x, total, like))
 
-    def count_ratio(self, big: str, small: str) -> str:
-        """size(big) / size(small) as a scalar of big's float type: the number of elements averaged."""
-        to = self.elem_type(big)
+    def count_ratio(self, big: str, small: str, like: str) -> str:
+        """size(big) / size(small), the number of elements averaged, as a scalar of `like`'s float type."""
+        to = self.elem_type(like)
         return self.op("Div", self.op("Cast", self.op("Size", big), to=to), self.op("Cast", self.op("Size", small), to=to))
 
     def expand_like(self, grad: str, x: str) -> str:
