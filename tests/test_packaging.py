@@ -1,0 +1,22 @@
+"""The distribution installs everything under `onnxcam`: nothing called `core` lands in site-packages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_holds_only_the_onnxcam_namespace(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    wheel = next(tmp_path.glob("onnxcam-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {"onnxcam", wheel.name.split("-py3")[0] + ".dist-info"}
+    for module in ["onnxcam/core/methods.py", "onnxcam/exporters/gradients.py", "onnxcam/runtimes/session.py",
+                   "onnxcam/cli.py"]:
+        assert module in names
