@@ -278,47 +278,84 @@ def _split(g, n, dy):
 
 
 def _slice(g, n, dy):
-    """The adjoint of a unit-step Slice is a zero Pad back to the input's size."""
+    """The adjoint of Slice: strided axes are re-spread with zeros between, then zero-padded to size."""
     x = n.input[0]
     shape = g.shape(x)
     starts, ends = g.required_constant(n, 1), g.required_constant(n, 2)
     axes = g.required_constant(n, 3)
     steps = g.required_constant(n, 4)
     axes = range(len(starts)) if axes is None else axes
-    if steps is not None and np.any(steps != 1):
-        raise ExportError(f"Slice node '{n.name}' has steps other than 1, which have no gradient rule")
-    pads = [0] * (2 * len(shape))
-    for start, end, axis in zip(starts, ends, axes):
+    steps = np.ones(len(starts), np.int64) if steps is None else steps
+    begin, end = [0] * len(shape), [0] * len(shape)
+    for start, stop, axis, step in zip(starts, ends, axes, steps):
         axis = int(axis) % len(shape)
         size = shape[axis]
+        if step < 1:
+            raise ExportError(f"Slice node '{n.name}' steps backwards, which has no gradient rule")
         if size is None:
-            if start == 0 and end >= INT64_MAX // 2:
+            if start == 0 and stop >= INT64_MAX // 2 and step == 1:
                 continue
             raise ExportError(f"Slice node '{n.name}' cuts a dimension of unknown size")
         start = min(max(start + size if start < 0 else start, 0), size)
-        end = min(max(end + size if end < 0 else end, start), size)
-        pads[axis], pads[len(shape) + axis] = int(start), int(size - end)
-    return [g.op("Pad", dy, g.ints(pads))] + [None] * (len(n.input) - 1)
+        stop = min(max(stop + size if stop < 0 else stop, start), size)
+        count = len(range(start, stop, step))
+        if step > 1:
+            dy = _spread(g, dy, g.shape(n.output[0]), axis, int(step))
+        begin[axis], end[axis] = int(start), int(size - start - count * step)
+    return [_pad_or_crop(g, dy, begin, end)] + [None] * (len(n.input) - 1)
+
+
+def _spread(g, dy, dy_shape, axis, step):
+    """Insert step - 1 zeros after each element along `axis`: [a, b] -> [a, 0, b, 0] for step 2."""
+    rank = len(dy_shape)
+    widened = g.op("Pad", g.op("Unsqueeze", dy, g.ints([axis + 1])),
+                   g.ints([0] * (rank + 1) + [0] * (axis + 1) + [step - 1] + [0] * (rank - axis - 1)))
+    merged = [0] * axis + [dy_shape[axis] * step] + [d if d is not None else -1 for d in dy_shape[axis + 1:]]
+    return g.op("Reshape", widened, g.ints(merged))
+
+
+def _pad_or_crop(g, t, begin, end):
+    """Pad t by non-negative amounts, crop it by negative ones (begin and end per axis)."""
+    rank = len(begin)
+    if any(v > 0 for v in begin + end):
+        t = g.op("Pad", t, g.ints([max(v, 0) for v in begin + end]))
+    if any(v < 0 for v in begin + end):
+        t = g.op("Slice", t, g.ints([max(-v, 0) for v in begin]), g.ints([v if v < 0 else INT64_MAX for v in end]),
+                 g.ints(range(rank)))
+    return t
+
+
+def _gather(g, n, dy):
+    """Scatter-add the gathered rows back: ScatterND along `axis`, moved to the front."""
+    data, indices = n.input
+    rank, axis = g.rank(data), _axis(g, data, attrs(n).get("axis", 0))
+    index_rank = g.rank(indices)
+    if index_rank > 1:
+        raise ExportError(f"Gather node '{n.name}' with {index_rank}-D indices has no gradient rule")
+    if index_rank == 0:
+        dy = g.op("Unsqueeze", dy, g.ints([axis]))
+    size = g.op("Gather", g.op("Shape", data), g.ints(axis))
+    positive = g.op("Where", g.op("Less", indices, g.ints(0)), g.op("Add", indices, size), indices)
+    rows = g.op("Reshape", positive, g.ints([-1, 1]))
+    front = [axis, *[i for i in range(rank) if i != axis]]
+    scattered = g.op("ScatterND", g.op("Transpose", g.zeros_like(data), perm=front), rows,
+                     g.op("Transpose", dy, perm=front), reduction="add")
+    return [g.op("Transpose", scattered, perm=list(np.argsort(front))), None]
 
 
 def _pad(g, n, dy):
-    """The adjoint of a constant Pad crops the padding off (and pads back what it cropped)."""
+    """The adjoint of a constant Pad crops the padding off (and pads back what a negative pad cropped)."""
     mode = attrs(n).get("mode", b"constant")
     if mode not in (b"constant", "constant"):
         raise ExportError(f"Pad node '{n.name}' in mode {mode!r} has no gradient rule")
-    x = n.input[0]
-    rank = g.rank(x)
+    rank = g.rank(n.input[0])
     pads = g.required_constant(n, 1).astype(np.int64)
     axes = g.required_constant(n, 3)
-    full = np.zeros(2 * rank, np.int64)
     axes = range(rank) if axes is None else [int(i) % rank for i in axes]
+    begin, end = [0] * rank, [0] * rank
     for j, axis in enumerate(axes):
-        full[axis], full[rank + axis] = pads[j], pads[len(axes) + j]
-    if np.any(full < 0):
-        dy = g.op("Pad", dy, g.ints(np.maximum(-full, 0)))
-    begin, end = np.maximum(full[:rank], 0), np.maximum(full[rank:], 0)
-    ends = [-e if e else INT64_MAX for e in end]
-    return [g.op("Slice", dy, g.ints(begin), g.ints(ends), g.ints(range(rank)))] + [None] * (len(n.input) - 1)
+        begin[axis], end[axis] = -int(pads[j]), -int(pads[len(axes) + j])
+    return [_pad_or_crop(g, dy, begin, end)] + [None] * (len(n.input) - 1)
 
 
 def _reshape_back(g, n, dy):
@@ -385,6 +422,7 @@ RULES = {
     "Concat": _concat,
     "Split": _split,
     "Slice": _slice,
+    "Gather": _gather,
     "Pad": _pad,
 }
 
