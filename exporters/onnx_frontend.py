@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
+from ..core.layouts import check_layout, guess_layout
 from ..runtimes.metadata import CLASS_INPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
 from .autodiff import append_gradients, prune
 from .graph import ExportError, GraphBuilder
@@ -19,16 +20,20 @@ MIN_OPSET = 17
 
 
 def export_onnx(src, path, *, target_layers=None, output=None, mean=None, std=None, labels=None,
-                layer_names=None) -> ExplainSpec:
+                layer_names=None, layouts=None, attentions=None) -> ExplainSpec:
     """Rewrite the classifier `src` (a path or ModelProto) into an explainable graph saved at `path`.
 
     Targets are tensor names (default: the last 4-D activation before global pooling). The new graph
     takes an extra int64 input `onnxcam_class` of shape [batch] (-1 selects the top-1 class) and also
     outputs the selected class and, per target, its activation and the gradient of the selected
     score with respect to it, all from one session run.
+
+    `layouts` overrides the guessed layout of each target (nchw, nhwc, tokens:P:HxW; see
+    onnxcam.core.layouts). `attentions` names the per-block attention probabilities (B x heads x N x N)
+    exposed for attention rollout; by default every such Softmax output is.
     """
     model = make_explainable(load_model(src), target_layers=target_layers, output=output, mean=mean, std=std,
-                             labels=labels, layer_names=layer_names)
+                             labels=labels, layer_names=layer_names, layouts=layouts, attentions=attentions)
     save_model(model, path)
     return read_spec(model)
 
@@ -80,16 +85,31 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
 
 
 def default_target(model: onnx.ModelProto, score: str) -> str:
-    """The last 4-D activation with a spatial extent (H*W > 1) that feeds the score."""
+    """The last 4-D activation with a spatial extent (H*W > 1) that feeds the score (attention excepted)."""
     feeds = {score}
     for node in reversed(model.graph.node):
         if any(o in feeds for o in node.output):
             feeds.update(node.input)
+    attention = set(attention_tensors(model))
     candidates = [name for name, shape in tensor_shapes(model).items()
-                  if name in feeds and shape and len(shape) == 4 and None not in shape[2:] and shape[2] * shape[3] > 1]
+                  if name in feeds and name not in attention and shape and len(shape) == 4 and None not in shape[2:]
+                  and shape[2] * shape[3] > 1]
     if not candidates:
         raise ExportError("no 4-D activation with a spatial grid feeds the output: name a target layer")
     return candidates[-1]
+
+
+def attention_tensors(model: onnx.ModelProto) -> list[str]:
+    """Softmax outputs shaped B x heads x N x N over a token grid: the attention probabilities."""
+    shapes = tensor_shapes(model)
+    return [node.output[0] for node in model.graph.node if node.op_type == "Softmax"
+            and _attention_layout(shapes.get(node.output[0])) is not None]
+
+
+def _attention_layout(shape) -> str | None:
+    if not shape or len(shape) != 4 or None in shape[1:] or shape[2] != shape[3]:
+        return None
+    return guess_layout([shape[0], shape[2], shape[1]])
 
 
 def unknown_name_error(kind: str, name: str, known) -> ExportError:
@@ -99,7 +119,7 @@ def unknown_name_error(kind: str, name: str, known) -> ExportError:
 
 
 def make_explainable(model: onnx.ModelProto, *, target_layers=None, output=None, mean=None, std=None,
-                     labels=None, layer_names=None) -> onnx.ModelProto:
+                     labels=None, layer_names=None, layouts=None, attentions=None) -> onnx.ModelProto:
     if read_spec(model) is not None:
         raise ExportError("the model is already explainable (it carries onnxcam metadata)")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -132,24 +152,32 @@ def make_explainable(model: onnx.ModelProto, *, target_layers=None, output=None,
     for target in targets:
         if target not in known and target != image.name:
             raise unknown_name_error("target tensor", target, known)
+    layouts = _layouts(builder, targets, layouts)
+    attentions = attention_tensors(model) if attentions is None else list(attentions)
+    attention_layouts = {_attention_layout(builder.shape(a)) for a in attentions}
+    if None in attention_layouts or len(attention_layouts) > 1:
+        raise ExportError("attention tensors must all be B x heads x N x N over the same token grid")
 
     # The class whose score is explained, chosen in the graph: -1 means the top-1 class.
     selected, seed = _select_class(builder, score, num_classes)
-    gradients = append_gradients(model, targets, score, seed, builder)
+    gradients = append_gradients(model, targets + attentions, score, seed, builder)
 
-    names = [SELECTED_OUTPUT]
     builder.nodes.append(helper.make_node("Identity", [selected], [SELECTED_OUTPUT]))
     new_outputs = [helper.make_tensor_value_info(SELECTED_OUTPUT, onnx.TensorProto.INT64, [image_shape[0] or "batch"])]
-    activations, gradient_names = [], []
-    for i, (target, gradient) in enumerate(zip(targets, gradients)):
-        for kind, source, bucket in (("activation", target, activations), ("gradient", gradient, gradient_names)):
-            name = f"onnxcam_{kind}_{i}"
+
+    def expose(kind: str, sources: list[str], like: list[str]) -> list[str]:
+        names = [f"onnxcam_{kind}_{i}" for i in range(len(sources))]
+        for name, source, tensor in zip(names, sources, like):
             builder.nodes.append(helper.make_node("Identity", [source], [name]))
-            dims = [d if d is not None else "batch" for d in builder.shape(target)]
-            new_outputs.append(helper.make_tensor_value_info(name, builder.elem_type(target), dims))
-            bucket.append(name)
-            names.append(name)
-    prune(builder, names)
+            dims = [d if d is not None else "batch" for d in builder.shape(tensor)]
+            new_outputs.append(helper.make_tensor_value_info(name, builder.elem_type(tensor), dims))
+        return names
+
+    activations = expose("activation", targets, targets)
+    gradient_names = expose("gradient", gradients[:len(targets)], targets)
+    attention_names = expose("attention", attentions, attentions)
+    attention_gradients = expose("attention_gradient", gradients[len(targets):], attentions)
+    prune(builder, [SELECTED_OUTPUT, *activations, *gradient_names, *attention_names, *attention_gradients])
 
     graph.input.append(helper.make_tensor_value_info(CLASS_INPUT, onnx.TensorProto.INT64, [image_shape[0] or "batch"]))
     graph.node.extend(builder.nodes)
@@ -158,7 +186,9 @@ def make_explainable(model: onnx.ModelProto, *, target_layers=None, output=None,
 
     spec = ExplainSpec(
         input=image.name, scores=score, num_classes=num_classes, input_size=(image_shape[2], image_shape[3]),
-        layers=list(layer_names or targets), activations=activations, gradients=gradient_names,
+        layers=list(layer_names or targets), activations=activations, gradients=gradient_names, layouts=layouts,
+        attentions=attention_names, attention_gradients=attention_gradients,
+        attention_layout=attention_layouts.pop() if attentions else None,
         mean=_triple(mean, "mean", image_shape[1]), std=_triple(std, "std", image_shape[1]),
         labels=_labels(labels, num_classes),
     )
@@ -175,6 +205,25 @@ def _select_class(builder: GraphBuilder, score: str, num_classes: int) -> tuple[
     values = builder.const(np.array([0.0, 1.0]), like=score)
     one_hot = builder.op("OneHot", selected, builder.ints([num_classes]), values, axis=-1)
     return selected, builder.reshape_like(one_hot, score)
+
+
+def _layouts(builder: GraphBuilder, targets: list[str], given) -> list[str]:
+    """Each target's layout: as given, else guessed from its static shape; checked either way."""
+    given = list(given) if given else [None] * len(targets)
+    if len(given) != len(targets):
+        raise ExportError(f"{len(given)} layouts given for {len(targets)} targets")
+    layouts = []
+    for target, layout in zip(targets, given):
+        shape = builder.shape(target)
+        layout = layout or guess_layout(shape)
+        if layout is None:
+            raise ExportError(f"cannot tell how target '{target}' of shape {shape} maps onto the image: "
+                              f"give its layout (nchw, nhwc or tokens:P:HxW)")
+        try:
+            layouts.append(check_layout(layout, shape))
+        except ValueError as error:
+            raise ExportError(f"target '{target}': {error}") from None
+    return layouts
 
 
 def _triple(values, what: str, channels: int):

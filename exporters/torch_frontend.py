@@ -9,6 +9,7 @@ import warnings
 
 import torch
 
+from ..core.layouts import guess_layout, to_grid
 from ..runtimes.metadata import ExplainSpec
 from .graph import ExportError
 from .onnx_frontend import export_onnx, unknown_name_error
@@ -16,43 +17,93 @@ from .onnx_frontend import export_onnx, unknown_name_error
 EXPORT_BATCH = 2  # tracing specialises sizes 0 and 1: a batch of 2 keeps the batch dimension symbolic
 
 
+NORMALISATIONS = (torch.nn.LayerNorm, torch.nn.BatchNorm2d, torch.nn.GroupNorm)
+
+
 def module_outputs(model, input_shape) -> list[tuple[str, tuple]]:
     """(module name, output shape) for every submodule, in the order their forward passes finish."""
-    seen: list[tuple[str, tuple]] = []
-    handles = [module.register_forward_hook(lambda m, i, o, name=name: seen.append((name, getattr(o, 'shape', None))))
+    return [(name, shape) for name, _, shape, _ in _probe(model, input_shape)]
+
+
+def _probe(model, input_shape):
+    """Per submodule returning a tensor: (name, module, output shape, grid cells the top-1 score's gradient reaches)."""
+    outputs: list[tuple[str, torch.nn.Module, torch.Tensor]] = []
+    handles = [module.register_forward_hook(lambda m, i, o, name=name: outputs.append((name, m, o)))
                for name, module in model.named_modules() if name]
     try:
-        with torch.no_grad():
-            model(torch.zeros(EXPORT_BATCH, *input_shape))
+        example = torch.randn(EXPORT_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
+        scores = model(example.requires_grad_())
     finally:
         for handle in handles:
             handle.remove()
-    return [(name, tuple(shape)) for name, shape in seen if shape is not None]
+    outputs = [(name, m, o) for name, m, o in outputs if isinstance(o, torch.Tensor)]
+    differentiable = [o for _, _, o in outputs if o.requires_grad]
+    grads = torch.autograd.grad(scores.flatten(1).max(1).values.sum(), differentiable, allow_unused=True) \
+        if differentiable else []
+    grad_of = {id(o): g for o, g in zip(differentiable, grads)}
+    probed = []
+    for name, module, output in outputs:
+        grad = grad_of.get(id(output))
+        layout = guess_layout(tuple(output.shape))
+        reached = 0
+        if grad is not None and layout is not None:
+            reached = int((to_grid(grad.detach().numpy(), layout) != 0).any(axis=1).sum(axis=(1, 2)).max())
+        probed.append((name, module, tuple(output.shape), reached))
+    return probed
+
+
+def _attention_modules(probed) -> list[str]:
+    """Modules named like `attn_drop` (timm, vit-explain) whose output is per-image attention, B x heads x N x N
+    (windowed attention, whose first dimension counts windows, is left out)."""
+    return [name for name, _, shape, _ in probed
+            if name.split(".")[-1] == "attn_drop" and len(shape) == 4 and shape[0] == EXPORT_BATCH and shape[2] == shape[3]]
 
 
 def default_layer(model, input_shape) -> str:
-    """The last module whose output is a 4-D activation with a spatial grid (H*W > 1)."""
-    candidates = [name for name, shape in module_outputs(model, input_shape) if len(shape) == 4 and shape[2] * shape[3] > 1]
+    return _default_layer(_probe(model, input_shape))
+
+
+def _default_layer(probed) -> str:
+    """The layer a user would pick: the last spatial activation that the class-score gradient reaches.
+
+    Candidates are 4-D maps, channels-last maps and token sequences on a square grid, reached by the
+    gradient at more than one grid cell. For convolutional networks that is the last map before global
+    pooling; for transformers, whose last blocks feed only the CLS token, it is the last normalisation
+    layer still seen by every patch (the first LayerNorm of the last block of a ViT).
+    """
+    attention = set(_attention_modules(probed))
+    candidates = [(name, module, shape) for name, module, shape, reached in probed
+                  if reached > 1 and name not in attention and (len(shape) == 3 or shape[2] * shape[3] > 1)]
     if not candidates:
-        raise ExportError("no module outputs a 4-D activation with a spatial grid: name a target layer")
-    return candidates[-1]
+        raise ExportError("no module outputs a spatial activation that the score depends on: name a target layer")
+    name, _, shape = candidates[-1]
+    if guess_layout(shape) == "nchw":
+        return name
+    norms = [name for name, module, _ in candidates if isinstance(module, NORMALISATIONS)]
+    return norms[-1] if norms else name
 
 
-def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std=None, labels=None) -> ExplainSpec:
+def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std=None, labels=None, layouts=None,
+                 attention_layers=None) -> ExplainSpec:
     """Export `model` (a torch.nn.Module) to an explainable ONNX file at `path`.
 
     `input_shape` is C x H x W (a leading batch size is ignored: the batch is dynamic).
-    `target_layers` are module names such as `layer4` or `features.16`.
+    `target_layers` are module names such as `layer4` or `features.16`; `layouts` optionally gives
+    each one's layout (nchw, nhwc, tokens:P:HxW), guessed otherwise. `attention_layers` are the modules
+    whose outputs are a block's attention probabilities, for attention rollout (default: modules
+    named `attn_drop` that return B x heads x N x N).
     """
     input_shape = tuple(int(d) for d in input_shape[-3:])
     model = model.eval()
-    layers = list(target_layers) if target_layers else [default_layer(model, input_shape)]
+    probed = _probe(model, input_shape) if not target_layers or attention_layers is None else []
+    layers = list(target_layers) if target_layers else [_default_layer(probed)]
+    attention = list(attention_layers) if attention_layers is not None else _attention_modules(probed)
     modules = dict(model.named_modules())
-    for layer in layers:
+    for layer in layers + attention:
         if layer not in modules or not layer:
             raise unknown_name_error("layer", layer, [n for n in modules if n])
-    wrapper = _WithActivations(model, [modules[layer] for layer in layers])
-    activation_names = [f"onnxcam_target_{i}" for i in range(len(layers))]
+    wrapper = _WithActivations(model, [modules[layer] for layer in layers + attention])
+    names = [f"onnxcam_target_{i}" for i in range(len(layers) + len(attention))]
     example = torch.randn(EXPORT_BATCH, *input_shape)
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
@@ -61,7 +112,7 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                wrapper, (example,), input_names=["input"], output_names=["logits", *activation_names],
+                wrapper, (example,), input_names=["input"], output_names=["logits", *names],
                 dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
             )
     except Exception as error:
@@ -70,11 +121,11 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
         exporter_log.setLevel(level)
         wrapper.remove_hooks()
     onnx_model = program.model_proto
-    kept = [o for o in onnx_model.graph.output if o.name not in activation_names]
+    kept = [o for o in onnx_model.graph.output if o.name not in names]
     del onnx_model.graph.output[:]
     onnx_model.graph.output.extend(kept)
-    return export_onnx(onnx_model, path, target_layers=activation_names, layer_names=layers, mean=mean, std=std,
-                       labels=labels)
+    return export_onnx(onnx_model, path, target_layers=names[:len(layers)], layer_names=layers, mean=mean, std=std,
+                       labels=labels, layouts=layouts, attentions=names[len(layers):])
 
 
 class _WithActivations(torch.nn.Module):

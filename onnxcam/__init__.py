@@ -2,7 +2,7 @@
 
 from . import core, exporters, runtimes
 from .core import METHODS, overlay
-from .explainer import ExplainError, Explainer, Explanation
+from .explainer import ALL_METHODS, ExplainError, Explainer, Explanation
 
-__all__ = ["METHODS", "ExplainError", "Explainer", "Explanation", "core", "exporters", "overlay", "runtimes"]
+__all__ = ["ALL_METHODS", "METHODS", "ExplainError", "Explainer", "Explanation", "core", "exporters", "overlay", "runtimes"]
 __version__ = "0.1.0"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
-from .core import COLORMAPS, METHODS
+from .core import COLORMAPS
 from .batch import collect_images, explain_files
 from .exporters import ExportError, export_onnx
-from .explainer import ExplainError, Explainer
+from .explainer import ALL_METHODS, ExplainError, Explainer
 from .images import ImageError
 from .runtimes import ProviderError
 
@@ -147,7 +147,7 @@ def _onnx_rows(path):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True)
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Folder for the overlays.")
-@click.option("--method", default="gradcam", show_default=True, type=click.Choice(list(METHODS)))
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(ALL_METHODS))
 @click.option("--target", type=int, help="Class index to explain for every image (default: each image's top-1).")
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
@@ -171,7 +171,7 @@ def explain(model, images, outdir, method, target, provider, batch_size, save_np
 
 @main.command()
 @click.option("-o", "--output", "outdir", default="onnxcam-demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--method", default="gradcam", show_default=True, type=click.Choice(list(METHODS)))
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(ALL_METHODS))
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 def demo(outdir, method, provider):
     """Explain bundled photos with a pretrained EfficientNet-Lite0 (exported once, then cached)."""

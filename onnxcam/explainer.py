@@ -7,8 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .core import METHODS, heatmaps, preprocess
+from .core.layouts import parse_tokens, to_grid
+from .core.rollout import HEAD_FUSIONS, grad_rollout, rollout
 from .runtimes import ExplainSpec, create_session
 from .runtimes.metadata import METADATA_KEY
+
+
+ROLLOUT_METHODS = ("rollout", "grad-rollout")
+ALL_METHODS = (*METHODS, *ROLLOUT_METHODS)
 
 
 class ExplainError(ValueError):
@@ -52,23 +58,56 @@ class Explainer:
     def labels(self) -> list[str] | None:
         return self.spec.labels
 
-    def explain(self, inputs, method: str = "gradcam", targets=None) -> Explanation:
+    def explain(self, inputs, method: str = "gradcam", targets=None, *, head_fusion: str = "mean",
+                discard_ratio: float = 0.9) -> Explanation:
         """Heatmaps for a preprocessed float32 N x C x H x W batch, or uint8 RGB images (one or a list).
 
         `targets`: None (each image's top-1 class), one class index for all, or one per image.
+        `head_fusion` and `discard_ratio` apply to the rollout methods only.
         """
-        if method not in METHODS:
-            raise ExplainError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
-        compute, needs_gradients = METHODS[method]
+        if method not in ALL_METHODS:
+            raise ExplainError(f"unknown method '{method}'; choose from {', '.join(ALL_METHODS)}")
         batch = self.prepare(inputs)
         classes = self.class_indices(targets, len(batch))
+        if method in ROLLOUT_METHODS:
+            scores, selected, maps = self._rollout(batch, classes, method, head_fusion, discard_ratio)
+        else:
+            scores, selected, maps = self._cams(batch, classes, method)
+        return Explanation(heatmaps(maps, self.spec.input_size), scores.reshape(len(batch), -1), selected, method)
+
+    def _run(self, batch, classes, names):
         spec = self.spec
-        fetch = [spec.scores, spec.selected, *spec.activations, *(spec.gradients if needs_gradients else [])]
-        scores, selected, *tensors = self.session.run(fetch, {spec.input: batch, spec.class_input: classes})
+        return self.session.run([spec.scores, spec.selected, *names], {spec.input: batch, spec.class_input: classes})
+
+    def _cams(self, batch, classes, method):
+        """One map per target layer, from the layer's activations and gradients laid out as a grid."""
+        compute, needs_gradients = METHODS[method]
+        spec = self.spec
+        scores, selected, *tensors = self._run(batch, classes, spec.activations + (spec.gradients if needs_gradients else []))
         activations = tensors[:len(spec.activations)]
         gradients = tensors[len(spec.activations):] or [None] * len(activations)
-        maps = [compute(a, g) for a, g in zip(activations, gradients)]
-        return Explanation(heatmaps(maps, spec.input_size), scores.reshape(len(batch), -1), selected, method)
+        maps = [compute(to_grid(a, layout), None if g is None else to_grid(g, layout))
+                for a, g, layout in zip(activations, gradients, spec.layouts)]
+        return scores, selected, maps
+
+    def _rollout(self, batch, classes, method, head_fusion, discard_ratio):
+        spec = self.spec
+        if not spec.attentions:
+            raise ExplainError(f"{method} needs attention probabilities, and this model exposes none "
+                               f"(export a transformer whose attention modules are named attn_drop, or name them)")
+        if head_fusion not in HEAD_FUSIONS:
+            raise ExplainError(f"unknown head fusion '{head_fusion}'; choose from {', '.join(HEAD_FUSIONS)}")
+        if not 0 <= discard_ratio < 1:
+            raise ExplainError(f"discard_ratio must lie in [0, 1), got {discard_ratio}")
+        prefix, height, width = parse_tokens(spec.attention_layout)
+        if method == "rollout":
+            scores, selected, *attentions = self._run(batch, classes, spec.attentions)
+            maps = rollout(attentions, prefix, (height, width), head_fusion, discard_ratio)
+        else:
+            scores, selected, *tensors = self._run(batch, classes, spec.attentions + spec.attention_gradients)
+            count = len(spec.attentions)
+            maps = grad_rollout(tensors[:count], tensors[count:], prefix, (height, width), discard_ratio)
+        return scores, selected, [maps]
 
     def prepare(self, inputs) -> np.ndarray:
         """The model's input batch: float32 arrays pass through, uint8 RGB images are preprocessed."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 METADATA_KEY = "onnxcam"
 CLASS_INPUT = "onnxcam_class"
@@ -21,11 +21,15 @@ class ExplainSpec:
     layers: list[str]
     activations: list[str]
     gradients: list[str]
+    layouts: list[str]  # per layer: nchw, nhwc or tokens:P:HxW (see onnxcam.core.layouts)
     class_input: str = CLASS_INPUT
     selected: str = SELECTED_OUTPUT
     mean: list[float] | None = None
     std: list[float] | None = None
     labels: list[str] | None = None
+    attentions: list[str] = field(default_factory=list)  # per block: attention probabilities, B x heads x N x N
+    attention_gradients: list[str] = field(default_factory=list)
+    attention_layout: str | None = None  # tokens:P:HxW of the attention's N tokens
     version: int = 1
 
     def to_json(self) -> str:
