@@ -61,3 +61,15 @@ def to_grid(tensor: np.ndarray, layout: str) -> np.ndarray:
     prefix, height, width = parse_tokens(layout)
     patches = tensor[:, prefix:, :]
     return patches.reshape(len(tensor), height, width, -1).transpose(0, 3, 1, 2)
+
+
+def attention_layout(tokens: int, layouts=()) -> str | None:
+    """The token layout of N x N attention, for rollout, which reads the CLS row: a target's
+    tokens:P:HxW layout with P >= 1 and P + H*W = N, else N = 1 + a square; None when neither fits."""
+    for layout in layouts:
+        if layout.startswith("tokens:"):
+            prefix, height, width = parse_tokens(layout)
+            if prefix >= 1 and prefix + height * width == tokens:
+                return layout
+    guess = guess_layout((None, tokens, None))
+    return guess if guess and parse_tokens(guess)[0] >= 1 else None

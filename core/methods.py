@@ -65,16 +65,16 @@ def layercam(activations, gradients):
 def first_principal_component(features: np.ndarray) -> np.ndarray:
     """Projection of each position's K-vector on the first principal component, B x H x W.
 
-    The component's sign, arbitrary in an SVD, is chosen so that the projection correlates
-    positively with the summed features: the map is high where the features are strong.
+    The component's sign, arbitrary in an SVD, is chosen so that the projection's largest-magnitude
+    value is positive: the map's peak is the strongest response, whichever way the SVD points.
     """
     batch, channels, height, width = features.shape
     rows = features.reshape(batch, channels, height * width).transpose(0, 2, 1).astype(np.float64)
     centred = rows - rows.mean(axis=1, keepdims=True)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     projection = np.einsum("bpk,bk->bp", centred, vt[:, 0])
-    sign = np.sign(np.einsum("bp,bp->b", projection, rows.sum(axis=2)))
-    projection *= np.where(sign == 0, 1, sign)[:, None]
+    peak = np.take_along_axis(projection, np.abs(projection).argmax(axis=1)[:, None], axis=1)
+    projection *= np.where(peak < 0, -1.0, 1.0)
     return projection.reshape(batch, height, width).astype(features.dtype)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
-from ..core.layouts import check_layout, guess_layout
+from ..core.layouts import attention_layout, check_layout, guess_layout
 from ..runtimes.metadata import CLASS_INPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
 from .autodiff import append_gradients, prune
 from .graph import ExportError, GraphBuilder
@@ -99,17 +99,17 @@ def default_target(model: onnx.ModelProto, score: str) -> str:
     return candidates[-1]
 
 
-def attention_tensors(model: onnx.ModelProto) -> list[str]:
-    """Softmax outputs shaped B x heads x N x N over a token grid: the attention probabilities."""
+def attention_tensors(model: onnx.ModelProto, layouts=()) -> list[str]:
+    """Softmax outputs shaped B x heads x N x N over a token grid with a CLS token: attention probabilities."""
     shapes = tensor_shapes(model)
     return [node.output[0] for node in model.graph.node if node.op_type == "Softmax"
-            and _attention_layout(shapes.get(node.output[0])) is not None]
+            and _attention_layout(shapes.get(node.output[0]), layouts) is not None]
 
 
-def _attention_layout(shape) -> str | None:
+def _attention_layout(shape, layouts) -> str | None:
     if not shape or len(shape) != 4 or None in shape[1:] or shape[2] != shape[3]:
         return None
-    return guess_layout([shape[0], shape[2], shape[1]])
+    return attention_layout(shape[2], layouts)
 
 
 def unknown_name_error(kind: str, name: str, known) -> ExportError:
@@ -152,11 +152,11 @@ def make_explainable(model: onnx.ModelProto, *, target_layers=None, output=None,
     for target in targets:
         if target not in known and target != image.name:
             raise unknown_name_error("target tensor", target, known)
-    layouts = _layouts(builder, targets, layouts)
-    attentions = attention_tensors(model) if attentions is None else list(attentions)
-    attention_layouts = {_attention_layout(builder.shape(a)) for a in attentions}
+    layouts = _layouts(builder, targets, layouts, layer_names or targets)
+    attentions = attention_tensors(model, layouts) if attentions is None else list(attentions)
+    attention_layouts = {_attention_layout(builder.shape(a), layouts) for a in attentions}
     if None in attention_layouts or len(attention_layouts) > 1:
-        raise ExportError("attention tensors must all be B x heads x N x N over the same token grid")
+        raise ExportError("attention tensors must all be B x heads x N x N over one token grid with a CLS token")
 
     # The class whose score is explained, chosen in the graph: -1 means the top-1 class.
     selected, seed = _select_class(builder, score, num_classes)
@@ -207,22 +207,22 @@ def _select_class(builder: GraphBuilder, score: str, num_classes: int) -> tuple[
     return selected, builder.reshape_like(one_hot, score)
 
 
-def _layouts(builder: GraphBuilder, targets: list[str], given) -> list[str]:
+def _layouts(builder: GraphBuilder, targets: list[str], given, names: list[str]) -> list[str]:
     """Each target's layout: as given, else guessed from its static shape; checked either way."""
     given = list(given) if given else [None] * len(targets)
     if len(given) != len(targets):
         raise ExportError(f"{len(given)} layouts given for {len(targets)} targets")
     layouts = []
-    for target, layout in zip(targets, given):
+    for target, layout, name in zip(targets, given, names):
         shape = builder.shape(target)
         layout = layout or guess_layout(shape)
         if layout is None:
-            raise ExportError(f"cannot tell how target '{target}' of shape {shape} maps onto the image: "
+            raise ExportError(f"cannot tell how target '{name}' of shape {shape} maps onto the image: "
                               f"give its layout (nchw, nhwc or tokens:P:HxW)")
         try:
             layouts.append(check_layout(layout, shape))
         except ValueError as error:
-            raise ExportError(f"target '{target}': {error}") from None
+            raise ExportError(f"target '{name}': {error}") from None
     return layouts
 
 

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from ..core.layouts import guess_layout, to_grid
+from ..core.layouts import attention_layout, guess_layout, to_grid
 from ..runtimes.metadata import ExplainSpec
 from .graph import ExportError
 from .onnx_frontend import export_onnx, unknown_name_error
@@ -52,11 +52,12 @@ def _probe(model, input_shape):
     return probed
 
 
-def _attention_modules(probed) -> list[str]:
-    """Modules named like `attn_drop` (timm, vit-explain) whose output is per-image attention, B x heads x N x N
-    (windowed attention, whose first dimension counts windows, is left out)."""
+def _attention_modules(probed, layouts=()) -> list[str]:
+    """Modules named like `attn_drop` (timm, vit-explain) whose output is per-image attention over tokens
+    with a CLS token, B x heads x N x N (windowed attention, whose first dimension counts windows, is left out)."""
     return [name for name, _, shape, _ in probed
-            if name.split(".")[-1] == "attn_drop" and len(shape) == 4 and shape[0] == EXPORT_BATCH and shape[2] == shape[3]]
+            if name.split(".")[-1] == "attn_drop" and len(shape) == 4 and shape[0] == EXPORT_BATCH
+            and shape[2] == shape[3] and attention_layout(shape[2], layouts) is not None]
 
 
 def default_layer(model, input_shape) -> str:
@@ -97,7 +98,7 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
     model = model.eval()
     probed = _probe(model, input_shape) if not target_layers or attention_layers is None else []
     layers = list(target_layers) if target_layers else [_default_layer(probed)]
-    attention = list(attention_layers) if attention_layers is not None else _attention_modules(probed)
+    attention = list(attention_layers) if attention_layers is not None else _attention_modules(probed, layouts or ())
     modules = dict(model.named_modules())
     for layer in layers + attention:
         if layer not in modules or not layer:

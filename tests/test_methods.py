@@ -18,16 +18,15 @@ def _relu(x):
 
 
 def _principal_projection(features):
-    """First principal component projection, sign chosen to correlate with the summed features."""
+    """First principal component projection, sign chosen to make the largest-magnitude value positive."""
     batch, channels, height, width = features.shape
     rows = features.reshape(batch, channels, -1).transpose(1, 2)
     centred = rows - rows.mean(dim=1, keepdim=True)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     projection = centred @ vh[:, 0, :, None]
     projection = projection[..., 0]
-    sign = torch.sign((projection * rows.sum(dim=2)).sum(dim=1))
-    sign[sign == 0] = 1
-    return (projection * sign[:, None]).reshape(batch, height, width)
+    peak = projection.gather(1, projection.abs().argmax(dim=1, keepdim=True))
+    return (projection * torch.where(peak < 0, -1.0, 1.0)).reshape(batch, height, width)
 
 
 def reference_cam(method: str, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
