@@ -183,3 +183,30 @@ def demo(outdir, method, provider):
         run_demo(Path(outdir), method=method, provider=provider)
     except USER_ERRORS as error:
         raise Failed(str(error)) from None
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--name", help="Model name in the /v2 routes (default: the file's stem).")
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Images per session run.")
+@click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="How long the first request of a batch waits for others.")
+@click.option("--queue-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-body", default=32 * 2 ** 20, show_default=True, type=click.IntRange(min=1), help="Bytes.")
+def serve(model, host, port, name, provider, max_batch, max_wait_ms, queue_size, max_body):
+    """Serve MODEL over HTTP: Open Inference Protocol routes, POST /explain, a web page at /, /metrics."""
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as error:
+        raise Failed(f"serving needs its extra: pip install 'onnxcam[serve]' ({error})") from None
+    try:
+        app = create_app(model, name=name, provider=provider, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                         queue_size=queue_size, max_body=max_body)
+    except USER_ERRORS as error:
+        raise Failed(str(error)) from None
+    uvicorn.run(app, host=host, port=port, log_level="warning")

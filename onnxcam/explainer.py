@@ -29,14 +29,18 @@ class Explanation:
     method: str
 
     def top_k(self, k: int = 5, labels: list[str] | None = None) -> list[list[dict]]:
-        """Per image, the k best classes with their probability (softmax; the raw score for one output)."""
-        scores = self.logits
-        if scores.shape[1] > 1:
-            shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
-            scores = shifted / shifted.sum(axis=1, keepdims=True)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return [[{"class": int(c), "label": labels[c] if labels else None, "score": float(row[c])} for c in best]
-                for row, best in zip(scores, order)]
+        return top_classes(self.logits, k, labels)
+
+
+def top_classes(logits: np.ndarray, k: int = 5, labels: list[str] | None = None) -> list[list[dict]]:
+    """Per image, the k best classes with their probability (softmax; the raw score for one output)."""
+    scores = logits
+    if scores.shape[1] > 1:
+        shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+        scores = shifted / shifted.sum(axis=1, keepdims=True)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[{"class": int(c), "label": labels[c] if labels else None, "score": float(row[c])} for c in best]
+            for row, best in zip(scores, order)]
 
 
 class Explainer:

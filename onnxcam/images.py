@@ -93,12 +93,16 @@ def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return decode_image(data, str(path), max_pixels)
 
 
-def write_png(path, image_rgb: np.ndarray) -> None:
-    """Write an RGB image as PNG, whole or not at all (encoded in memory, then one write and rename)."""
+def encode_png(image_rgb: np.ndarray) -> bytes:
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image_rgb[..., ::-1]))
     if not ok:
-        raise ImageError(f"{path}: PNG encoding failed")
-    write_atomic(path, encoded.tobytes())
+        raise ImageError("PNG encoding failed")
+    return encoded.tobytes()
+
+
+def write_png(path, image_rgb: np.ndarray) -> None:
+    """Write an RGB image as PNG, whole or not at all (encoded in memory, then one write and rename)."""
+    write_atomic(path, encode_png(image_rgb))
 
 
 def write_atomic(path, data: bytes) -> None:
