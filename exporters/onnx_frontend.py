@@ -14,13 +14,14 @@ from onnx import helper, numpy_helper, shape_inference, version_converter
 from ..core.layouts import attention_layout, check_layout, guess_layout
 from ..runtimes.metadata import CLASS_INPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
 from .autodiff import append_gradients, prune
+from .bundle import bundle
 from .graph import ExportError, GraphBuilder
 
 MIN_OPSET = 17
 
 
 def export_onnx(src, path, *, target_layers=None, output=None, mean=None, std=None, labels=None,
-                layer_names=None, layouts=None, attentions=None) -> ExplainSpec:
+                layer_names=None, layouts=None, attentions=None, bundled=False) -> ExplainSpec:
     """Rewrite the classifier `src` (a path or ModelProto) into an explainable graph saved at `path`.
 
     Targets are tensor names (default: the last 4-D activation before global pooling). The new graph
@@ -30,10 +31,13 @@ def export_onnx(src, path, *, target_layers=None, output=None, mean=None, std=No
 
     `layouts` overrides the guessed layout of each target (nchw, nhwc, tokens:P:HxW; see
     onnxcam.core.layouts). `attentions` names the per-block attention probabilities (B x heads x N x N)
-    exposed for attention rollout; by default every such Softmax output is.
+    exposed for attention rollout; by default every such Softmax output is. `bundled` writes a single
+    file that takes encoded image bytes and returns the logits and the Grad-CAM heatmap (exporters.bundle).
     """
     model = make_explainable(load_model(src), target_layers=target_layers, output=output, mean=mean, std=std,
                              labels=labels, layer_names=layer_names, layouts=layouts, attentions=attentions)
+    if bundled:
+        model = bundle(model, read_spec(model))
     save_model(model, path)
     return read_spec(model)
 

@@ -30,6 +30,7 @@ class ExplainSpec:
     attentions: list[str] = field(default_factory=list)  # per block: attention probabilities, B x heads x N x N
     attention_gradients: list[str] = field(default_factory=list)
     attention_layout: str | None = None  # tokens:P:HxW of the attention's N tokens
+    bundled: bool = False  # input is encoded image bytes, output a Grad-CAM heatmap (exporters.bundle)
     version: int = 1
 
     def to_json(self) -> str:

@@ -16,17 +16,23 @@ class ProviderError(RuntimeError):
     """The requested execution provider cannot run here."""
 
 
-def create_session(path, provider: str = "auto", threads: int | None = None) -> ort.InferenceSession:
+def create_session(path, provider: str = "auto", threads: int | None = None,
+                   extensions: bool = False) -> ort.InferenceSession:
     """A session on `provider`: 'cpu', 'cuda', or 'auto' (CUDA only where it really loads, else CPU).
 
     ORT falls back to CPU by itself when the CUDA libraries are missing, printing errors as it goes;
     the attempt here is made with its logger silenced, and the outcome is told in one log line.
+    `extensions` registers onnxruntime-extensions' operators (needed by bundles).
     """
     if provider not in ("auto", *PROVIDERS):
         raise ProviderError(f"unknown provider '{provider}'; choose auto, cpu or cuda")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if extensions:  # custom operators of onnxruntime-extensions, e.g. DecodeImage in a bundle
+        from onnxruntime_extensions import get_library_path
+
+        options.register_custom_ops_library(get_library_path())
     path = str(path)
     if provider == "cpu":
         return ort.InferenceSession(path, options, providers=[PROVIDERS["cpu"]])

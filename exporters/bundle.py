@@ -1,0 +1,95 @@
+"""One self-contained ONNX file: encoded image bytes in, logits and the Grad-CAM heatmap out.
+
+Decoding uses onnxruntime-extensions' DecodeImage (domain com.microsoft.extensions); resizing,
+normalisation and the Grad-CAM steps (channel weights, ReLU, bilinear upsampling, min-max scaling,
+averaging over layers) are plain ONNX operators, so any ONNX Runtime binding with the extensions
+library registered gets explanations without Python.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, version_converter
+
+from ..runtimes.bundle import BYTES_INPUT, HEATMAP_OUTPUT
+from ..runtimes.metadata import CLASS_INPUT, METADATA_KEY, ExplainSpec
+from .graph import ExportError, GraphBuilder
+
+EXTENSIONS_DOMAIN = "com.microsoft.extensions"
+
+
+def bundle(model: onnx.ModelProto, spec: ExplainSpec) -> onnx.ModelProto:
+    """Turn an explainable model into a bundle taking one encoded JPEG/PNG as uint8 bytes."""
+    if any(layout != "nchw" for layout in spec.layouts):
+        raise ExportError("--bundle supports convolutional targets (nchw layout) only")
+    if _opset(model) < 18:  # Reduce* with axes as inputs, and Resize's antialias
+        model = version_converter.convert_version(model, 18)
+    graph = model.graph
+    g = GraphBuilder(model, prefix="onnxcam_bundle")
+    height, width = spec.input_size
+
+    # bytes -> decoded BGR H x W x 3 -> RGB float 1 x 3 x H x W at the model's size -> normalised
+    bgr = g.op("DecodeImage", BYTES_INPUT, domain=EXTENSIONS_DOMAIN)
+    rgb = g.op("Gather", bgr, g.ints([2, 1, 0]), axis=2)
+    nchw = g.op("Transpose", g.op("Unsqueeze", g.op("Cast", rgb, to=onnx.TensorProto.FLOAT), g.ints([0])),
+                perm=[0, 3, 1, 2])
+    resized = g.op("Resize", nchw, "", "", g.ints([1, 3, height, width]), mode="linear", antialias=1,
+                   coordinate_transformation_mode="half_pixel")
+    pixels = g.op("Div", resized, g.const(255.0))
+    if spec.mean:
+        pixels = g.op("Sub", pixels, g.const(np.reshape(spec.mean, (1, -1, 1, 1))))
+    if spec.std:
+        pixels = g.op("Div", pixels, g.const(np.reshape(spec.std, (1, -1, 1, 1))))
+    preprocess = g.nodes
+    preprocess.append(helper.make_node("Identity", [pixels], [spec.input]))
+
+    # Grad-CAM (Selvaraju et al., eq. 1-2) per layer, upsampled and min-max scaled, then averaged
+    g.nodes = []
+    maps = [_normalise(g, _upsample(g, _gradcam(g, a, grad), height, width))
+            for a, grad in zip(spec.activations, spec.gradients)]
+    heat = maps[0] if len(maps) == 1 else _normalise(g, g.op("Div", g.op("Sum", *maps), g.const(float(len(maps)))))
+    g.nodes.append(helper.make_node("Squeeze", [heat, g.ints([1])], [HEATMAP_OUTPUT]))
+    postprocess = g.nodes
+
+    image_input = next(i for i in graph.input if i.name == spec.input)
+    graph.input.remove(image_input)
+    graph.input.insert(0, helper.make_tensor_value_info(BYTES_INPUT, onnx.TensorProto.UINT8, ["bytes"]))
+    class_input = next(i for i in graph.input if i.name == CLASS_INPUT)
+    class_input.type.tensor_type.shape.dim[0].dim_value = 1  # one image per run: [-1] asks for the top-1 class
+    nodes = [*preprocess, *graph.node, *postprocess]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(g.initializers)
+    kept = [o for o in graph.output if o.name in (spec.scores, spec.selected)]
+    del graph.output[:]
+    graph.output.extend(kept + [helper.make_tensor_value_info(HEATMAP_OUTPUT, onnx.TensorProto.FLOAT, [1, height, width])])
+    model.opset_import.append(helper.make_opsetid(EXTENSIONS_DOMAIN, 1))
+    spec.bundled = True
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: spec.to_json()})
+    return model
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _gradcam(g, activation, gradient):
+    weights = g.op("ReduceMean", gradient, g.ints([2, 3]), keepdims=1)
+    return g.op("Relu", g.op("ReduceSum", g.op("Mul", weights, activation), g.ints([1]), keepdims=1))
+
+
+def _upsample(g, cam, height, width):
+    sizes = g.op("Concat", g.op("Slice", g.op("Shape", cam), g.ints([0]), g.ints([2])), g.ints([height, width]), axis=0)
+    return g.op("Resize", cam, "", "", sizes, mode="linear", coordinate_transformation_mode="half_pixel")
+
+
+def _normalise(g, heat):
+    """(x - min) / (max - min) per image; a flat map becomes 1 if positive, else 0 (never NaN)."""
+    low = g.op("ReduceMin", heat, g.ints([2, 3]), keepdims=1)
+    high = g.op("ReduceMax", heat, g.ints([2, 3]), keepdims=1)
+    spread = g.op("Sub", high, low)
+    zero = g.const(0.0)
+    scaled = g.op("Div", g.op("Sub", heat, low), g.op("Where", g.op("Greater", spread, zero), spread, g.const(1.0)))
+    flat = g.op("Cast", g.op("Greater", high, zero), to=onnx.TensorProto.FLOAT)
+    return g.op("Where", g.op("Greater", spread, zero), scaled, g.op("Expand", flat, g.op("Shape", heat)))

@@ -1,0 +1,63 @@
+"""Explanations inside the graph: encoded image bytes in, logits and Grad-CAM heatmap out."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+
+import onnxcam
+from onnxcam.exporters import export_torch
+from onnxcam.images import decode_image, encode_png
+from onnxcam.runtimes import Bundle
+from conftest import random_images, run_cli
+
+OPTIONS = dict(input_shape=(3, 32, 32), target_layers=["features.6", "features.8"], mean=[0.5] * 3, std=[0.25] * 3)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, small_model):
+    folder = tmp_path_factory.mktemp("bundle")
+    export_torch(small_model, folder / "bundle.onnx", bundled=True, **OPTIONS)
+    export_torch(small_model, folder / "plain.onnx", **OPTIONS)
+    return folder / "bundle.onnx", folder / "plain.onnx"
+
+
+def test_bundle_takes_bytes_and_gives_the_numpy_core_heatmap(files):
+    bundle_path, plain_path = files
+    model = onnx.load(str(bundle_path))
+    assert [i.name for i in model.graph.input] == ["image_bytes", "onnxcam_class"]
+    assert [o.name for o in model.graph.output] == ["logits", "onnxcam_selected", "heatmap"]
+    bundle, explainer = Bundle(bundle_path, provider="cpu"), onnxcam.Explainer(plain_path, provider="cpu")
+    for seed, target in [(0, -1), (1, 3)]:
+        data = encode_png(random_images(1, seed=seed, size=(32, 32))[0])  # model-sized: no resampling involved
+        logits, chosen, heatmap = bundle.explain(data, target)
+        expected = explainer.explain(decode_image(data), targets=target)
+        assert chosen == expected.targets[0]
+        np.testing.assert_allclose(logits, expected.logits[0], rtol=1e-5, atol=1e-5)
+        assert heatmap.shape == (32, 32) and heatmap.max() == pytest.approx(1)
+        np.testing.assert_allclose(heatmap, expected.heatmaps[0], atol=1e-5)
+
+
+def test_bundle_resizes_larger_jpegs_itself(files):
+    """In-graph resizing (antialiased bilinear) differs from OpenCV's area filter only slightly."""
+    bundle_path, plain_path = files
+    image = cv2.GaussianBlur(random_images(1, seed=2, size=(96, 128))[0], (9, 9), 3)
+    ok, jpeg = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+    logits, chosen, heatmap = Bundle(bundle_path, provider="cpu").explain(jpeg.tobytes())
+    expected = onnxcam.Explainer(plain_path, provider="cpu").explain(decode_image(jpeg.tobytes()))
+    assert chosen == expected.targets[0]
+    assert np.corrcoef(heatmap.ravel(), expected.heatmaps[0].ravel())[0, 1] > 0.9
+
+
+def test_cli_export_bundle(tmp_path):
+    (tmp_path / "nets.py").write_text("from conftest import small_net\n")
+    import os
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    result = run_cli("export", "nets:small_net", "-o", "b.onnx", "--input-size", "32", "--bundle", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    logits, chosen, heatmap = Bundle(tmp_path / "b.onnx", provider="cpu").explain(encode_png(random_images(1)[0]))
+    assert logits.shape == (5,) and heatmap.shape == (32, 32)
