@@ -214,3 +214,42 @@ def serve(model, host, port, name, provider, max_batch, max_wait_ms, queue_size,
     except USER_ERRORS as error:
         raise Failed(str(error)) from None
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(ALL_METHODS))
+@click.option("--boxes", type=click.Path(dir_okay=False),
+              help="JSON: image file name -> [x0, y0, x1, y1] of the object, in image pixels (adds the pointing game).")
+@click.option("--steps", default=32, show_default=True, type=click.IntRange(min=2), help="Deletion/insertion steps.")
+@click.option("--tolerance", default=15, show_default=True, type=click.IntRange(min=0),
+              help="Pointing game tolerance, in the model's input pixels.")
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def evaluate(model, images, method, boxes, steps, tolerance, provider):
+    """Faithfulness of METHOD's maps: Average Drop, Increase in Confidence, deletion and insertion AUC,
+    pointing game. Prints a JSON report."""
+    import json
+
+    from .evaluation import evaluate as run_evaluation
+    from .images import read_image
+
+    try:
+        explainer = Explainer(model, provider=provider)
+        paths = collect_images(images)
+        pictures = [read_image(p) for p in paths]
+        scaled = None
+        if boxes:
+            given = json.loads(Path(boxes).read_text())
+            height, width = explainer.spec.input_size
+            scaled = []
+            for path, picture in zip(paths, pictures):
+                if path.name not in given:
+                    raise ExplainError(f"{boxes} has no box for {path.name}")
+                x0, y0, x1, y1 = given[path.name]
+                sy, sx = height / picture.shape[0], width / picture.shape[1]
+                scaled.append((x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+        report = run_evaluation(explainer, pictures, method=method, boxes=scaled, steps=steps, tolerance=tolerance)
+    except (*USER_ERRORS, OSError, ValueError) as error:
+        raise Failed(str(error)) from None
+    click.echo(json.dumps({"model": model, "method": method, "images": len(pictures), **vars(report)}, indent=2))

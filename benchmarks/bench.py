@@ -1,0 +1,262 @@
+"""What an explanation costs, side by side in one run: plain ONNX Runtime inference (the floor),
+onnxcam on ONNX Runtime (CPU, and CUDA where present) for each method, and the eager PyTorch way
+(forward hook, tensor hook, full backward pass), on the same model, batch, input and thread count.
+
+    python benchmarks/bench.py                        # all models, batches 1 8 32
+    python benchmarks/bench.py --models resnet50 --batches 1 --repeats 20
+
+Each configuration is timed in a fresh worker process, one after the other, so that the thread
+pools of ONNX Runtime and PyTorch never compete for the cores (in one process, whichever ran last
+keeps spinning threads that slow the other by up to 2x on a small machine). Writes
+benchmarks/results/results.csv, table.md and plot.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+METHODS_AT_BATCH_1 = ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam"]
+
+
+def timed(function, repeats: int, budget: float) -> list[float]:
+    """Seconds per call after two warm-up calls: at least 3 calls, at most `repeats`, about `budget` s."""
+    function()
+    function()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget):
+        begin = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def worker(args) -> dict:
+    """One configuration, in its own process; prints a JSON line."""
+    threads = args.threads
+    batch = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
+    if args.config == "floor":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(args.plain, options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        run = lambda: session.run(None, {name: batch})  # noqa: E731
+    elif args.config.startswith("onnxcam"):
+        import onnxcam
+
+        _, provider, method = args.config.split(":")
+        explainer = onnxcam.Explainer(args.explainable, provider=provider, threads=threads)
+        run = lambda: explainer.explain(batch, method=method)  # noqa: E731
+    elif args.config == "eager":
+        import torch
+
+        sys.path.insert(0, str(HERE))
+        from models import MODELS
+
+        torch.set_num_threads(threads)
+        build, layer = MODELS[args.model]
+        model = build()
+        inputs = torch.from_numpy(batch)
+        run = lambda: eager_gradcam(model, model.get_submodule(layer), inputs)  # noqa: E731
+    else:
+        raise SystemExit(f"unknown configuration {args.config}")
+    times = timed(run, args.repeats, args.budget)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"times": times, "peak_mb": peak}
+
+
+def eager_gradcam(model, layer, inputs):
+    """The hook-based PyTorch way: forward hook keeps A, tensor hook keeps dy/dA, full backward pass."""
+    import torch
+    import torch.nn.functional as F
+
+    kept = {}
+
+    def hook(module, args, output):
+        kept["A"] = output
+        output.register_hook(lambda grad: kept.__setitem__("G", grad))
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        model.zero_grad(set_to_none=True)
+        scores = model(inputs)
+        scores.gather(1, scores.argmax(1, keepdim=True)).sum().backward()
+    finally:
+        handle.remove()
+    A, G = kept["A"].detach(), kept["G"]
+    if A.dim() == 3:  # ViT tokens: drop CLS, back to the grid
+        side = int((A.shape[1] - 1) ** 0.5)
+        A, G = (t[:, 1:].reshape(len(t), side, side, -1).permute(0, 3, 1, 2) for t in (A, G))
+    cam = torch.relu((G.mean(dim=(2, 3), keepdim=True) * A).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=inputs.shape[2:], mode="bilinear", align_corners=False)[:, 0]
+    low, high = cam.amin(dim=(1, 2), keepdim=True), cam.amax(dim=(1, 2), keepdim=True)
+    return ((cam - low) / (high - low).clamp(min=1e-12)).numpy()
+
+
+def prepare(model_name: str, size: int, folder: Path) -> tuple[Path, Path]:
+    """The plain ONNX export (the floor) and the explainable one of the same module."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from models import MODELS
+
+    from onnxcam.exporters import export_torch
+
+    build, layer = MODELS[model_name]
+    plain, explainable = folder / f"{model_name}.onnx", folder / f"{model_name}.explain.onnx"
+    if not plain.exists():
+        model = build()
+        torch.onnx.export(model, (torch.zeros(2, 3, size, size),), plain, dynamo=True, input_names=["input"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+        export_torch(model, explainable, input_shape=(3, size, size), target_layers=[layer])
+    return plain, explainable
+
+
+def configurations(batch: int, cuda: bool) -> list[str]:
+    methods = METHODS_AT_BATCH_1 if batch == 1 else ["gradcam"]
+    configs = ["floor", *(f"onnxcam:cpu:{m}" for m in methods), "eager"]
+    if cuda:
+        configs.insert(len(methods) + 1, "onnxcam:cuda:gradcam")
+    return configs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "efficientnet-lite0", "vit-b16"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--budget", type=float, default=20.0, help="Seconds of timed calls per configuration.")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--work", type=Path, default=RESULTS / "models")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--plain", help=argparse.SUPPRESS)
+    parser.add_argument("--explainable", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model_name in args.models:
+        plain, explainable = prepare(model_name, args.size, args.work)
+        cuda = _cuda_works(explainable)
+        for batch in args.batches:
+            for config in configurations(batch, cuda):
+                command = [sys.executable, __file__, "--worker", "--config", config, "--model", model_name,
+                           "--batch", str(batch), "--plain", str(plain), "--explainable", str(explainable),
+                           "--threads", str(args.threads), "--repeats", str(args.repeats), "--budget", str(args.budget),
+                           "--size", str(args.size)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"{model_name} b{batch} {config}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                times = np.array(result["times"]) * 1000
+                row = {"model": model_name, "batch": batch, "config": config, "median_ms": np.median(times),
+                       "p10_ms": np.percentile(times, 10), "p90_ms": np.percentile(times, 90), "runs": len(times),
+                       "images_per_s": batch / np.median(times) * 1000, "peak_mb": result["peak_mb"]}
+                rows.append(row)
+                print(f"{model_name:>18} b{batch:<3} {config:<24} {row['median_ms']:9.1f} ms  "
+                      f"[{row['p10_ms']:.1f}, {row['p90_ms']:.1f}]  {row['peak_mb']:.0f} MB", flush=True)
+    add_ratios(rows)
+    write(rows, args)
+
+
+def _cuda_works(path) -> bool:
+    from onnxcam.runtimes import ProviderError, create_session
+
+    try:
+        create_session(path, "cuda")
+    except ProviderError:
+        return False
+    return True
+
+
+def add_ratios(rows):
+    for row in rows:
+        same = [r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]]
+        floor = next((r["median_ms"] for r in same if r["config"] == "floor"), np.nan)
+        eager = next((r["median_ms"] for r in same if r["config"] == "eager"), np.nan)
+        row["x_floor"] = row["median_ms"] / floor
+        row["speedup_vs_eager"] = eager / row["median_ms"]
+
+
+def write(rows, args):
+    RESULTS.mkdir(exist_ok=True)
+    columns = ["model", "batch", "config", "median_ms", "p10_ms", "p90_ms", "runs", "images_per_s", "peak_mb",
+               "x_floor", "speedup_vs_eager"]
+    with open(RESULTS / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine_name()} ({machine}); input {args.size}x{args.size}; "
+             f"median of up to {args.repeats} runs, [p10, p90].", "",
+             "| model | batch | configuration | median ms | [p10, p90] | images/s | peak MB | x floor | speed-up vs eager |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | {r['median_ms']:.1f} | "
+                     f"[{r['p10_ms']:.1f}, {r['p90_ms']:.1f}] | {r['images_per_s']:.1f} | {r['peak_mb']:.0f} | "
+                     f"{r['x_floor']:.2f} | {r['speedup_vs_eager']:.2f} |")
+    (RESULTS / "table.md").write_text("\n".join(lines) + "\n")
+    plot(rows)
+
+
+def machine_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def plot(rows):
+    """Latency relative to the floor per model and batch (bars), eager PyTorch and onnxcam Grad-CAM."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["model"], r["batch"]) for r in rows}, key=lambda g: (g[0], g[1]))
+    configs = ["floor", "onnxcam:cpu:gradcam", "onnxcam:cuda:gradcam", "eager"]
+    configs = [c for c in configs if any(r["config"] == c for r in rows)]
+    figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4))
+    width = 0.8 / len(configs)
+    for i, config in enumerate(configs):
+        values = [next((r["x_floor"] for r in rows if (r["model"], r["batch"]) == g and r["config"] == config), 0)
+                  for g in groups]
+        axis.bar(np.arange(len(groups)) + i * width, values, width, label=config)
+    axis.set_xticks(np.arange(len(groups)) + width * (len(configs) - 1) / 2)
+    axis.set_xticklabels([f"{m}\nbatch {b}" for m, b in groups], fontsize=8)
+    axis.set_ylabel("latency / plain ONNX Runtime inference")
+    axis.axhline(1.0, color="black", linewidth=0.5)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(RESULTS / "plot.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
