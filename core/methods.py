@@ -5,7 +5,10 @@ upsampling, B x H x W, after the final ReLU.
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 
 def _relu(x: np.ndarray) -> np.ndarray:
@@ -62,17 +65,30 @@ def layercam(activations, gradients):
     return _relu((_relu(gradients) * activations).sum(axis=1))
 
 
+@cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
 def first_principal_component(features: np.ndarray) -> np.ndarray:
     """Projection of each position's K-vector on the first principal component, B x H x W.
 
-    The component's sign, arbitrary in an SVD, is chosen so that the projection's largest-magnitude
-    value is positive: the map's peak is the strongest response, whichever way the SVD points.
+    With M the centred HW x K matrix of an image, the projection M v1 equals s1 u1, the top
+    eigenvector of the smaller Gram matrix (M M^T or M^T M) scaled: no SVD of M is needed.
+    The component's sign, arbitrary in any decomposition, is chosen so that the projection's
+    largest-magnitude value is positive: the map's peak is the strongest response.
     """
     batch, channels, height, width = features.shape
     rows = features.reshape(batch, channels, height * width).transpose(0, 2, 1).astype(np.float64)
     centred = rows - rows.mean(axis=1, keepdims=True)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    projection = np.einsum("bpk,bk->bp", centred, vt[:, 0])
+    small = height * width <= channels
+    gram = centred @ centred.transpose(0, 2, 1) if small else centred.transpose(0, 2, 1) @ centred
+    with _blas().limit(limits=1, user_api="blas"):  # threads cost a small eigh far more than they save
+        values, vectors = np.linalg.eigh(gram)
+    if small:
+        projection = vectors[:, :, -1] * np.sqrt(np.maximum(values[:, -1:], 0))
+    else:
+        projection = np.einsum("bpk,bk->bp", centred, vectors[:, :, -1])
     peak = np.take_along_axis(projection, np.abs(projection).argmax(axis=1)[:, None], axis=1)
     projection *= np.where(peak < 0, -1.0, 1.0)
     return projection.reshape(batch, height, width).astype(features.dtype)
