@@ -5,10 +5,12 @@ onnxcam on ONNX Runtime (CPU, and CUDA where present) for each method, and the e
     python benchmarks/bench.py                        # all models, batches 1 8 32
     python benchmarks/bench.py --models resnet50 --batches 1 --repeats 20
 
-Each configuration is timed in a fresh worker process, one after the other, so that the thread
-pools of ONNX Runtime and PyTorch never compete for the cores (in one process, whichever ran last
-keeps spinning threads that slow the other by up to 2x on a small machine). Writes
-benchmarks/results/results.csv, table.md and plot.png.
+Each kind runs in a worker process of its own: plain ONNX Runtime, onnxcam (its methods share one
+session and are timed call by call in turn), eager PyTorch. Two thread pools in one process fight
+for the cores: a session that ran last keeps its threads spinning and slows the next one by up to
+2x on a small machine, and spinning cannot be turned off without doubling batch-1 latency here.
+The workers take turns, three rounds, so that drift falls on all alike. Peak memory is each
+worker's resident high-water mark (VmHWM). Writes benchmarks/results/results.csv, table.md, plot.png.
 """
 
 from __future__ import annotations
@@ -28,56 +30,80 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+ROUNDS = 3
 METHODS_AT_BATCH_1 = ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam"]
 
 
-def timed(function, repeats: int, budget: float) -> list[float]:
-    """Seconds per call after two warm-up calls: at least 3 calls, at most `repeats`, about `budget` s."""
-    function()
-    function()
-    times = []
+def interleaved(functions: dict, repeats: int, budget: float) -> dict[str, list[float]]:
+    """Seconds per call of each function, timed in rounds (one call of each per round, in turn) so
+    that drift of the machine falls on all alike; two warm-up rounds; 3 to `repeats` rounds, about
+    `budget` seconds in all."""
+    for _ in range(2):
+        for function in functions.values():
+            function()
+    times = {name: [] for name in functions}
     start = time.perf_counter()
-    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget):
-        begin = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - begin)
+    rounds = 0
+    while rounds < repeats and (rounds < 3 or time.perf_counter() - start < budget):
+        for name, function in functions.items():
+            begin = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - begin)
+        rounds += 1
     return times
 
 
-def worker(args) -> dict:
-    """One configuration, in its own process; prints a JSON line."""
-    threads = args.threads
-    batch = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
-    if args.config == "floor":
-        import onnxruntime as ort
+def peak_memory_mb() -> float:
+    """This process's resident high-water mark (VmHWM: reset by exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(args.plain, options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        run = lambda: session.run(None, {name: batch})  # noqa: E731
-    elif args.config.startswith("onnxcam"):
+
+def calls(args, configs: list[str]) -> dict:
+    """A zero-argument call per configuration, on the same input batch (one session per file and provider)."""
+    from functools import cache
+
+    batch = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
+
+    @cache
+    def explainer(provider):
         import onnxcam
 
-        _, provider, method = args.config.split(":")
-        explainer = onnxcam.Explainer(args.explainable, provider=provider, threads=threads)
-        run = lambda: explainer.explain(batch, method=method)  # noqa: E731
-    elif args.config == "eager":
-        import torch
+        return onnxcam.Explainer(args.explainable, provider=provider, threads=args.threads)
 
-        sys.path.insert(0, str(HERE))
-        from models import MODELS
+    functions = {}
+    for config in configs:
+        if config == "floor":
+            from onnxcam.runtimes import create_session
 
-        torch.set_num_threads(threads)
-        build, layer = MODELS[args.model]
-        model = build()
-        inputs = torch.from_numpy(batch)
-        run = lambda: eager_gradcam(model, model.get_submodule(layer), inputs)  # noqa: E731
-    else:
-        raise SystemExit(f"unknown configuration {args.config}")
-    times = timed(run, args.repeats, args.budget)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"times": times, "peak_mb": peak}
+            session = create_session(args.plain, "cpu", args.threads)
+            functions[config] = lambda s=session, n=session.get_inputs()[0].name: s.run(None, {n: batch})
+        elif config.startswith("onnxcam"):
+            _, provider, method = config.split(":")
+            functions[config] = lambda e=explainer(provider), m=method: e.explain(batch, method=m)
+        elif config == "eager":
+            import torch
+
+            sys.path.insert(0, str(HERE))
+            from models import MODELS
+
+            torch.set_num_threads(args.threads)
+            build, layer = MODELS[args.model]
+            model = build()
+            inputs = torch.from_numpy(batch)
+            functions[config] = lambda: eager_gradcam(model, model.get_submodule(layer), inputs)
+        else:
+            raise SystemExit(f"unknown configuration {config}")
+    return functions
+
+
+def worker(args) -> dict:
+    """Times the configurations given (call by call in turn, in this process) and reports peak memory."""
+    configs = args.config.split(",")
+    times = interleaved(calls(args, configs), args.repeats, args.budget)
+    return {"times": times, "peak_mb": peak_memory_mb()}
 
 
 def eager_gradcam(model, layer, inputs):
@@ -127,12 +153,22 @@ def prepare(model_name: str, size: int, folder: Path) -> tuple[Path, Path]:
     return plain, explainable
 
 
-def configurations(batch: int, cuda: bool) -> list[str]:
+def worker_groups(batch: int, cuda: bool) -> list[list[str]]:
+    """Configurations timed together in one worker: those sharing a session (onnxcam's methods)."""
     methods = METHODS_AT_BATCH_1 if batch == 1 else ["gradcam"]
-    configs = ["floor", *(f"onnxcam:cpu:{m}" for m in methods), "eager"]
-    if cuda:
-        configs.insert(len(methods) + 1, "onnxcam:cuda:gradcam")
-    return configs
+    groups = [["floor"], [f"onnxcam:cpu:{m}" for m in methods], ["eager"]]
+    return groups + ([["onnxcam:cuda:gradcam"]] if cuda else [])
+
+
+def run_worker(args, model_name, batch, plain, explainable, configs, repeats, budget) -> dict:
+    command = [sys.executable, __file__, "--worker", "--config", ",".join(configs), "--model", model_name,
+               "--batch", str(batch), "--plain", str(plain), "--explainable", str(explainable),
+               "--threads", str(args.threads), "--repeats", str(repeats), "--budget", str(budget),
+               "--size", str(args.size)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{model_name} b{batch} {configs}: failed\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -161,20 +197,20 @@ def main():
         plain, explainable = prepare(model_name, args.size, args.work)
         cuda = _cuda_works(explainable)
         for batch in args.batches:
-            for config in configurations(batch, cuda):
-                command = [sys.executable, __file__, "--worker", "--config", config, "--model", model_name,
-                           "--batch", str(batch), "--plain", str(plain), "--explainable", str(explainable),
-                           "--threads", str(args.threads), "--repeats", str(args.repeats), "--budget", str(args.budget),
-                           "--size", str(args.size)]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
-                    print(f"{model_name} b{batch} {config}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                times = np.array(result["times"]) * 1000
-                row = {"model": model_name, "batch": batch, "config": config, "median_ms": np.median(times),
-                       "p10_ms": np.percentile(times, 10), "p90_ms": np.percentile(times, 90), "runs": len(times),
-                       "images_per_s": batch / np.median(times) * 1000, "peak_mb": result["peak_mb"]}
+            groups = worker_groups(batch, cuda)
+            times, peaks = {}, {}
+            for _ in range(ROUNDS):  # workers take turns, so that drift falls on all alike
+                for group in groups:
+                    done = run_worker(args, model_name, batch, plain, explainable, group, max(3, args.repeats // ROUNDS),
+                                      args.budget / ROUNDS)
+                    for config, values in done["times"].items():
+                        times.setdefault(config, []).extend(values)
+                        peaks[config] = max(peaks.get(config, 0), done["peak_mb"])
+            for config in [c for group in groups for c in group]:
+                ms = np.array(times[config]) * 1000
+                row = {"model": model_name, "batch": batch, "config": config, "median_ms": np.median(ms),
+                       "p10_ms": np.percentile(ms, 10), "p90_ms": np.percentile(ms, 90), "runs": len(ms),
+                       "images_per_s": batch / np.median(ms) * 1000, "peak_mb": peaks[config]}
                 rows.append(row)
                 print(f"{model_name:>18} b{batch:<3} {config:<24} {row['median_ms']:9.1f} ms  "
                       f"[{row['p10_ms']:.1f}, {row['p90_ms']:.1f}]  {row['peak_mb']:.0f} MB", flush=True)

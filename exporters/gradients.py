@@ -326,21 +326,29 @@ def _pad_or_crop(g, t, begin, end):
 
 
 def _gather(g, n, dy):
-    """Scatter-add the gathered rows back: ScatterND along `axis`, moved to the front."""
+    """Scatter-add the gathered slices back: ScatterND along `axis`, moved to the front, with the
+    index dimensions flattened into one."""
     data, indices = n.input
     rank, axis = g.rank(data), _axis(g, data, attrs(n).get("axis", 0))
     index_rank = g.rank(indices)
-    if index_rank > 1:
-        raise ExportError(f"Gather node '{n.name}' with {index_rank}-D indices has no gradient rule")
     if index_rank == 0:
-        dy = g.op("Unsqueeze", dy, g.ints([axis]))
+        dy, index_rank = g.op("Unsqueeze", dy, g.ints([axis])), 1
+    rest = [i for i in range(rank + index_rank - 1) if not axis <= i < axis + index_rank]
+    updates = g.op("Transpose", dy, perm=[*range(axis, axis + index_rank), *rest])
+    flat_shape = g.op("Concat", g.ints([-1]), g.op("Slice", g.op("Shape", updates), g.ints([index_rank]),
+                                                   g.ints([INT64_MAX])), axis=0)
     size = g.op("Gather", g.op("Shape", data), g.ints(axis))
     positive = g.op("Where", g.op("Less", indices, g.ints(0)), g.op("Add", indices, size), indices)
-    rows = g.op("Reshape", positive, g.ints([-1, 1]))
     front = [axis, *[i for i in range(rank) if i != axis]]
-    scattered = g.op("ScatterND", g.op("Transpose", g.zeros_like(data), perm=front), rows,
-                     g.op("Transpose", dy, perm=front), reduction="add")
+    scattered = g.op("ScatterND", g.op("Transpose", g.zeros_like(data), perm=front),
+                     g.op("Reshape", positive, g.ints([-1, 1])), g.op("Reshape", updates, flat_shape), reduction="add")
     return [g.op("Transpose", scattered, perm=list(np.argsort(front))), None]
+
+
+def _gather_nd(g, n, dy):
+    if attrs(n).get("batch_dims", 0):
+        raise ExportError(f"GatherND node '{n.name}' with batch_dims has no gradient rule")
+    return [g.op("ScatterND", g.zeros_like(n.input[0]), n.input[1], dy, reduction="add"), None]
 
 
 def _pad(g, n, dy):
@@ -423,6 +431,7 @@ RULES = {
     "Split": _split,
     "Slice": _slice,
     "Gather": _gather,
+    "GatherND": _gather_nd,
     "Pad": _pad,
 }
 

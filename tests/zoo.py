@@ -25,13 +25,14 @@ from torch import nn
 NUM_CLASSES = 10
 
 
-def _calibrate(model: nn.Module, input_shape, seed: int = 0) -> nn.Module:
-    """Random BatchNorm affine parameters, running statistics measured on random inputs, eval mode."""
+def _calibrate(model: nn.Module, input_shape, seed: int = 0, gain=(0.5, 1.5)) -> nn.Module:
+    """Random BatchNorm affine parameters (scale drawn uniformly from `gain`), running statistics measured
+    on random inputs, eval mode."""
     generator = torch.Generator().manual_seed(seed)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
         for norm in norms:
-            norm.weight.uniform_(0.5, 1.5, generator=generator)
+            norm.weight.uniform_(*gain, generator=generator)
             norm.bias.normal_(0.0, 0.2, generator=generator)
             norm.reset_running_stats()
             norm.momentum = None  # cumulative moving average
@@ -192,12 +193,12 @@ def resnext_dilated() -> nn.Module:
 # VGG (torchvision.models.vgg), cfg "A" (VGG-11) with widths / 8
 # --------------------------------------------------------------------------------------------------
 class VGG(nn.Module):
-    def __init__(self, features, num_classes=NUM_CLASSES, dropout=0.5):
+    def __init__(self, features, num_classes=NUM_CLASSES, dropout=0.5, pool=7):
         super().__init__()
         self.features = features
-        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.avgpool = nn.AdaptiveAvgPool2d((pool, pool))
         self.classifier = nn.Sequential(
-            nn.Linear(64 * 7 * 7, 64), nn.ReLU(True), nn.Dropout(p=dropout),
+            nn.Linear(64 * pool * pool, 64), nn.ReLU(True), nn.Dropout(p=dropout),
             nn.Linear(64, 64), nn.ReLU(True), nn.Dropout(p=dropout),
             nn.Linear(64, num_classes),
         )
@@ -224,20 +225,32 @@ def _vgg_layers(cfg, batch_norm=False):
             layers += [nn.MaxPool2d(kernel_size=2, stride=2)]
         else:
             conv2d = nn.Conv2d(in_channels, v, kernel_size=3, padding=1)
-            layers += [conv2d, nn.BatchNorm2d(v), nn.ReLU(inplace=True)] if batch_norm else [conv2d, nn.ReLU(inplace=True)]
+            if batch_norm:
+                layers += [conv2d, nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            else:
+                layers += [conv2d, nn.ReLU(inplace=True)]
             in_channels = v
     return nn.Sequential(*layers)
 
 
 VGG11_CFG = [8, "M", 16, "M", 32, 32, "M", 64, 64, "M", 64, 64, "M"]
+VGG16_CFG = [8, 8, "M", 16, 16, "M", 32, 32, 32, "M", 64, 64, 64, "M", 64, 64, 64, "M"]
 
 
 def vgg11() -> nn.Module:
-    """VGG-11. On a 64x64 input the last pool leaves 2x2, which AdaptiveAvgPool2d((7, 7)) spreads to 7x7
-    (what torchvision's VGG does on small images). Target features.19: the ReLU before the last MaxPool,
-    as pytorch-grad-cam recommends for VGG."""
+    """torchvision's VGG-11 as it is, AdaptiveAvgPool2d((7, 7)) included, on a small image: the last pool
+    leaves 2x2, which the adaptive pool spreads over 7x7 (what torchvision's VGG does on any input under
+    224x224). Target features.19: the ReLU before the last MaxPool, as pytorch-grad-cam advises for VGG."""
     torch.manual_seed(0)
     return _calibrate(VGG(_vgg_layers(VGG11_CFG)), (3, 64, 64))
+
+
+def vgg16_bn() -> nn.Module:
+    """VGG-16 with BatchNorm, scaled as a whole: 64x64 input ends at 2x2 after five pools, so the adaptive
+    pool is AdaptiveAvgPool2d((2, 2)), the counterpart of torchvision's 7x7 at 224x224. Target features.42:
+    the ReLU before the last MaxPool."""
+    torch.manual_seed(0)
+    return _calibrate(VGG(_vgg_layers(VGG16_CFG, batch_norm=True), pool=2), (3, 64, 64))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,13 +385,21 @@ class MobileNetV3(nn.Module):
 
 def mobilenet_v3_small() -> nn.Module:
     """MobileNetV3-Small's first five bottlenecks (SE with Hardsigmoid, ReLU then Hardswish, depthwise
-    3x3 and 5x5), widths halved; 64x64 input, features.6 (the last 1x1 conv) is 4x4."""
+    3x3 and 5x5), widths halved; 64x64 input, features.6 (the last 1x1 conv) is 4x4. BatchNorm scales
+    of 1 to 3 and wide SE gate inputs put values on every piece of Hardswish and Hardsigmoid (both
+    saturations included), as in a trained network."""
     torch.manual_seed(0)
     c = InvertedResidualConfig
     settings = [c(8, 3, 8, 8, True, "RE", 2, 1), c(8, 3, 36, 12, False, "RE", 2, 1),
                 c(12, 3, 44, 12, False, "RE", 1, 1), c(12, 5, 48, 20, True, "HS", 2, 1),
                 c(20, 5, 120, 20, True, "HS", 1, 1)]
-    return _calibrate(MobileNetV3(settings, last_channel=64), (3, 64, 64))
+    model = MobileNetV3(settings, last_channel=64)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SqueezeExcitation):
+                m.fc2.weight.mul_(8.0)
+                m.fc2.bias.normal_(0.0, 2.0)
+    return _calibrate(model, (3, 64, 64), gain=(1.0, 3.0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,10 +447,11 @@ class MobileNetV2(nn.Module):
 
 
 def mobilenet_v2() -> nn.Module:
-    """MobileNetV2 (ReLU6 = Clip(0, 6)), settings t,c,n,s cut to four stages; 64x64 -> 4x4 at features.7."""
+    """MobileNetV2 (ReLU6 = Clip(0, 6)), settings t,c,n,s cut to four stages; 64x64 -> 4x4 at features.7.
+    BatchNorm scales of 1.5 to 4.5 make a few percent of the ReLU6 inputs exceed 6."""
     torch.manual_seed(0)
     settings = [[1, 8, 1, 1], [6, 12, 2, 2], [6, 16, 2, 2], [6, 24, 1, 2]]
-    return _calibrate(MobileNetV2(settings), (3, 64, 64))
+    return _calibrate(MobileNetV2(settings), (3, 64, 64), gain=(1.5, 4.5))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -586,16 +608,100 @@ def convnext() -> nn.Module:
     would make every block an identity, so the builder draws layer scales, LayerNorm affine parameters
     and biases at random, as after training. 64x64 input: features.5 is 4x4, features.7 is 2x2."""
     torch.manual_seed(0)
-    model = ConvNeXt()
+    return _randomize_convnext(ConvNeXt()).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# ConvNeXt as in the authors' code (facebookresearch/ConvNeXt, models/convnext.py): layer scale `gamma`
+# applied in NHWC, a hand-written channels-first LayerNorm (mean, pow, sqrt) in the stem and the
+# downsampling layers, and a head that takes x.mean([-2, -1]) then nn.LayerNorm.
+# --------------------------------------------------------------------------------------------------
+class ConvNeXtLayerNorm(nn.Module):
+    def __init__(self, normalized_shape, eps=1e-6, data_format="channels_last"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(normalized_shape))
+        self.bias = nn.Parameter(torch.zeros(normalized_shape))
+        self.eps = eps
+        self.data_format = data_format
+        self.normalized_shape = (normalized_shape,)
+
+    def forward(self, x):
+        if self.data_format == "channels_last":
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        x = self.weight[:, None, None] * x + self.bias[:, None, None]
+        return x
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, dim, layer_scale_init_value=1e-6):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = ConvNeXtLayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(layer_scale_init_value * torch.ones((dim)), requires_grad=True)
+        self.drop_path = nn.Identity()
+
+    def forward(self, x):
+        input = x
+        x = self.dwconv(x)
+        x = x.permute(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
+        x = self.norm(x)
+        x = self.pwconv1(x)
+        x = self.act(x)
+        x = self.pwconv2(x)
+        x = self.gamma * x
+        x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+        x = input + self.drop_path(x)
+        return x
+
+
+class ConvNeXtOfficial(nn.Module):
+    def __init__(self, in_chans=3, num_classes=NUM_CLASSES, depths=(1, 1, 2, 1), dims=(8, 16, 32, 48)):
+        super().__init__()
+        self.downsample_layers = nn.ModuleList()
+        self.downsample_layers.append(nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4),
+                                                    ConvNeXtLayerNorm(dims[0], eps=1e-6, data_format="channels_first")))
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(
+                ConvNeXtLayerNorm(dims[i], eps=1e-6, data_format="channels_first"),
+                nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
+        self.stages = nn.ModuleList(nn.Sequential(*[ConvNeXtBlock(dims[i]) for _ in range(depths[i])])
+                                    for i in range(4))
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes)
+
+    def forward_features(self, x):
+        for i in range(4):
+            x = self.downsample_layers[i](x)
+            x = self.stages[i](x)
+        return self.norm(x.mean([-2, -1]))  # global average pooling, (N, C, H, W) -> (N, C)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+def convnext_official() -> nn.Module:
+    """ConvNeXt in the layout of the authors' repository; weights drawn as for `convnext` (layer scales,
+    norm affine parameters, biases at random). 64x64 input: stages.2 is 4x4, stages.3 2x2."""
+    torch.manual_seed(0)
+    return _randomize_convnext(ConvNeXtOfficial()).eval()
+
+
+def _randomize_convnext(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("layer_scale"):
-                p.uniform_(0.2, 1.0)
+            if name.endswith(("layer_scale", "gamma")):
+                p.copy_(torch.empty_like(p).uniform_(0.2, 1.0))
             elif p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.2)
             elif p.ndim >= 2:
-                p.mul_(10.0)  # std 0.2 instead of 0.02: random features of unit scale
-    return model.eval()
+                nn.init.trunc_normal_(p, std=0.2)  # unit-scale random features (the init's 0.02 is for depth)
+    return model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1081,13 +1187,10 @@ def chest_xray() -> nn.Module:
     3x256x256 through five residual blocks 3->64->128->256->512->1024 to 8x8, then Conv2d(1024, 1,
     kernel_size=8, bias=False), Dropout(0.2), Sigmoid. Here channels are 3->8->16->32->64->128 on a
     64x64 input, down to 2x2, and the classifier is Conv2d(128, 1, kernel_size=2, bias=False). One output
-    per image (N x 1 x 1 x 1), so the explained class is always 0. The classifier weights are scaled
-    down so that the sigmoid does not saturate."""
+    per image (N x 1 x 1 x 1), so the explained class is always 0; the sigmoid's input spans about
+    -1 to 1 on random images."""
     torch.manual_seed(0)
-    model = _calibrate(ChestXRayNet(), (3, 64, 64))
-    with torch.no_grad():
-        model.classifier[0].weight.mul_(0.1)
-    return model
+    return _calibrate(ChestXRayNet(), (3, 64, 64))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1100,18 +1203,20 @@ class ZooEntry(NamedTuple):
 
 ZOO: list[ZooEntry] = [
     ZooEntry("resnet18", resnet18, (3, 64, 64), ["layer3", "layer4"]),
-    ZooEntry("resnet50", resnet50, (3, 64, 64), ["layer4"]),
-    ZooEntry("resnext_dilated", resnext_dilated, (3, 64, 64), ["layer4"]),
+    ZooEntry("resnet50", resnet50, (3, 64, 64), ["layer2", "layer4"]),
+    ZooEntry("resnext_dilated", resnext_dilated, (3, 64, 64), ["layer3", "layer4"]),
     ZooEntry("vgg11", vgg11, (3, 64, 64), ["features.19"]),
-    ZooEntry("mobilenet_v3_small", mobilenet_v3_small, (3, 64, 64), ["features.6"]),
-    ZooEntry("mobilenet_v2", mobilenet_v2, (3, 64, 64), ["features.7"]),
+    ZooEntry("vgg16_bn", vgg16_bn, (3, 64, 64), ["features.32", "features.42"]),
+    ZooEntry("mobilenet_v3_small", mobilenet_v3_small, (3, 64, 64), ["features.3", "features.6"]),
+    ZooEntry("mobilenet_v2", mobilenet_v2, (3, 64, 64), ["features.4", "features.7"]),
     ZooEntry("densenet", densenet, (3, 64, 64), ["features.denseblock2"]),
     ZooEntry("convnext", convnext, (3, 64, 64), ["features.5", "features.7"]),
-    ZooEntry("efficientnet", efficientnet, (3, 64, 64), ["_blocks.7"]),
-    ZooEntry("squeezenet", squeezenet, (3, 64, 64), ["features.12"]),
+    ZooEntry("convnext_official", convnext_official, (3, 64, 64), ["stages.2", "stages.3"]),
+    ZooEntry("efficientnet", efficientnet, (3, 64, 64), ["_blocks.2", "_blocks.7"]),
+    ZooEntry("squeezenet", squeezenet, (3, 64, 64), ["features.5", "features.12"]),
     ZooEntry("shufflenet_v2", shufflenet_v2, (3, 64, 64), ["stage3", "conv5"]),
-    ZooEntry("googlenet", googlenet, (3, 64, 64), ["inception4a"]),
+    ZooEntry("googlenet", googlenet, (3, 64, 64), ["inception3a", "inception4a"]),
     ZooEntry("regnet_y", regnet_y, (3, 64, 64), ["trunk_output.block3"]),
-    ZooEntry("darknet19", darknet19, (3, 32, 32), ["features.26"]),
-    ZooEntry("chest_xray", chest_xray, (3, 64, 64), ["features.4"]),
+    ZooEntry("darknet19", darknet19, (3, 32, 32), ["features.16", "features.26"]),
+    ZooEntry("chest_xray", chest_xray, (3, 64, 64), ["features.2", "features.4"]),
 ]
