@@ -5,10 +5,7 @@ upsampling, B x H x W, after the final ReLU.
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 
 def _relu(x: np.ndarray) -> np.ndarray:
@@ -65,11 +62,6 @@ def layercam(activations, gradients):
     return _relu((_relu(gradients) * activations).sum(axis=1))
 
 
-@cache
-def _blas() -> ThreadpoolController:
-    return ThreadpoolController()
-
-
 def first_principal_component(features: np.ndarray) -> np.ndarray:
     """Projection of each position's K-vector on the first principal component, B x H x W.
 
@@ -83,8 +75,7 @@ def first_principal_component(features: np.ndarray) -> np.ndarray:
     centred = rows - rows.mean(axis=1, keepdims=True)
     small = height * width <= channels
     gram = centred @ centred.transpose(0, 2, 1) if small else centred.transpose(0, 2, 1) @ centred
-    with _blas().limit(limits=1, user_api="blas"):  # threads cost a small eigh far more than they save
-        values, vectors = np.linalg.eigh(gram)
+    values, vectors = np.linalg.eigh(gram)
     if small:
         projection = vectors[:, :, -1] * np.sqrt(np.maximum(values[:, -1:], 0))
     else:

@@ -253,3 +253,38 @@ def evaluate(model, images, method, boxes, steps, tolerance, provider):
     except (*USER_ERRORS, OSError, ValueError) as error:
         raise Failed(str(error)) from None
     click.echo(json.dumps({"model": model, "method": method, "images": len(pictures), **vars(report)}, indent=2))
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--batch-size", "batches", multiple=True, type=click.IntRange(min=1), default=(1, 8), show_default=True)
+@click.option("--method", "methods", multiple=True, type=click.Choice(ALL_METHODS), default=("gradcam",),
+              show_default=True)
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=3))
+def bench(model, batches, methods, provider, threads, repeats):
+    """Time explanations against inference on one session: the floor is the same session asked for
+    the scores only; each method is a whole explain() call (session run and numpy core)."""
+    import numpy as np
+
+    from .timing import interleaved
+
+    try:
+        explainer = Explainer(model, provider=provider, threads=threads)
+    except USER_ERRORS as error:
+        raise Failed(str(error)) from None
+    spec = explainer.spec
+    height, width = spec.input_size
+    channels = len(spec.mean) if spec.mean else 3
+    click.echo(f"{'batch':>5}  {'configuration':<24}{'median ms':>10}{'images/s':>10}{'x floor':>9}")
+    for batch_size in batches:
+        batch = np.random.default_rng(0).standard_normal((batch_size, channels, height, width)).astype(np.float32)
+        classes = np.full(batch_size, -1, np.int64)
+        calls = {"inference (scores only)": lambda: explainer.session.run(
+            [spec.scores], {spec.input: batch, spec.class_input: classes})}
+        calls.update({method: (lambda m=method: explainer.explain(batch, method=m)) for method in methods})
+        medians = {name: float(np.median(t)) * 1000 for name, t in interleaved(calls, repeats, 30.0).items()}
+        floor = medians["inference (scores only)"]
+        for name, ms in medians.items():
+            click.echo(f"{batch_size:>5}  {name:<24}{ms:>10.1f}{batch_size / ms * 1000:>10.1f}{ms / floor:>9.2f}")

@@ -294,3 +294,30 @@ def create_app(model_path, *, name: str | None = None, provider: str = "auto", m
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.explainer, app.state.model_name, app.state.metrics = explainer, name, metrics
     return app
+
+
+@contextlib.contextmanager
+def serving(app, host: str = "127.0.0.1", port: int = 0):
+    """Serve `app` with uvicorn in a background thread (port 0: a free one); yields the base URL."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -3,42 +3,17 @@
 from __future__ import annotations
 
 import base64
-import contextlib
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 import onnxcam
 from onnxcam.images import encode_png
-from onnxcam.server import create_app
+from onnxcam.server import create_app, serving
 from conftest import random_images
-
-
-@contextlib.contextmanager
-def serving(app):
-    """Run `app` with uvicorn on a free loopback port in a thread; yield its base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
