@@ -21,7 +21,8 @@ MIN_OPSET = 17
 
 
 def export_onnx(src, path, *, target_layers=None, output=None, mean=None, std=None, labels=None,
-                layer_names=None, layouts=None, attentions=None, bundled=False) -> ExplainSpec:
+                layer_names=None, layouts=None, attentions=None, attention_gradients=False,
+                bundled=False) -> ExplainSpec:
     """Rewrite the classifier `src` (a path or ModelProto) into an explainable graph saved at `path`.
 
     Targets are tensor names (default: the last 4-D activation before global pooling). The new graph
@@ -31,11 +32,14 @@ def export_onnx(src, path, *, target_layers=None, output=None, mean=None, std=No
 
     `layouts` overrides the guessed layout of each target (nchw, nhwc, tokens:P:HxW; see
     onnxcam.core.layouts). `attentions` names the per-block attention probabilities (B x heads x N x N)
-    exposed for attention rollout; by default every such Softmax output is. `bundled` writes a single
+    exposed for attention rollout; by default every such Softmax output is. `attention_gradients` adds
+    their gradients, for gradient rollout: a backward pass through every block, so it is opt-in.
+    `bundled` writes a single
     file that takes encoded image bytes and returns the logits and the Grad-CAM heatmap (exporters.bundle).
     """
     model = make_explainable(load_model(src), target_layers=target_layers, output=output, mean=mean, std=std,
-                             labels=labels, layer_names=layer_names, layouts=layouts, attentions=attentions)
+                             labels=labels, layer_names=layer_names, layouts=layouts, attentions=attentions,
+                             attention_gradients=attention_gradients)
     if bundled:
         model = bundle(model, read_spec(model))
     save_model(model, path)
@@ -123,7 +127,8 @@ def unknown_name_error(kind: str, name: str, known) -> ExportError:
 
 
 def make_explainable(model: onnx.ModelProto, *, target_layers=None, output=None, mean=None, std=None,
-                     labels=None, layer_names=None, layouts=None, attentions=None) -> onnx.ModelProto:
+                     labels=None, layer_names=None, layouts=None, attentions=None,
+                     attention_gradients=False) -> onnx.ModelProto:
     if read_spec(model) is not None:
         raise ExportError("the model is already explainable (it carries onnxcam metadata)")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -164,7 +169,8 @@ def make_explainable(model: onnx.ModelProto, *, target_layers=None, output=None,
 
     # The class whose score is explained, chosen in the graph: -1 means the top-1 class.
     selected, seed = _select_class(builder, score, num_classes)
-    gradients = append_gradients(model, targets + attentions, score, seed, builder)
+    differentiated = targets + (attentions if attention_gradients else [])
+    gradients = append_gradients(model, differentiated, score, seed, builder)
 
     builder.nodes.append(helper.make_node("Identity", [selected], [SELECTED_OUTPUT]))
     new_outputs = [helper.make_tensor_value_info(SELECTED_OUTPUT, onnx.TensorProto.INT64, [image_shape[0] or "batch"])]
@@ -180,8 +186,8 @@ def make_explainable(model: onnx.ModelProto, *, target_layers=None, output=None,
     activations = expose("activation", targets, targets)
     gradient_names = expose("gradient", gradients[:len(targets)], targets)
     attention_names = expose("attention", attentions, attentions)
-    attention_gradients = expose("attention_gradient", gradients[len(targets):], attentions)
-    prune(builder, [SELECTED_OUTPUT, *activations, *gradient_names, *attention_names, *attention_gradients])
+    attention_gradient_names = expose("attention_gradient", gradients[len(targets):], attentions)
+    prune(builder, [SELECTED_OUTPUT, *activations, *gradient_names, *attention_names, *attention_gradient_names])
 
     graph.input.append(helper.make_tensor_value_info(CLASS_INPUT, onnx.TensorProto.INT64, [image_shape[0] or "batch"]))
     graph.node.extend(builder.nodes)
@@ -191,7 +197,7 @@ def make_explainable(model: onnx.ModelProto, *, target_layers=None, output=None,
     spec = ExplainSpec(
         input=image.name, scores=score, num_classes=num_classes, input_size=(image_shape[2], image_shape[3]),
         layers=list(layer_names or targets), activations=activations, gradients=gradient_names, layouts=layouts,
-        attentions=attention_names, attention_gradients=attention_gradients,
+        attentions=attention_names, attention_gradients=attention_gradient_names,
         attention_layout=attention_layouts.pop() if attentions else None,
         mean=_triple(mean, "mean", image_shape[1]), std=_triple(std, "std", image_shape[1]),
         labels=_labels(labels, num_classes),

@@ -85,14 +85,14 @@ def _default_layer(probed) -> str:
 
 
 def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std=None, labels=None, layouts=None,
-                 attention_layers=None, bundled=False) -> ExplainSpec:
+                 attention_layers=None, attention_gradients=False, bundled=False) -> ExplainSpec:
     """Export `model` (a torch.nn.Module) to an explainable ONNX file at `path`.
 
     `input_shape` is C x H x W (a leading batch size is ignored: the batch is dynamic).
     `target_layers` are module names such as `layer4` or `features.16`; `layouts` optionally gives
     each one's layout (nchw, nhwc, tokens:P:HxW), guessed otherwise. `attention_layers` are the modules
     whose outputs are a block's attention probabilities, for attention rollout (default: modules
-    named `attn_drop` that return B x heads x N x N). `bundled`: see export_onnx.
+    named `attn_drop` that return B x heads x N x N). `attention_gradients`, `bundled`: see export_onnx.
     """
     input_shape = tuple(int(d) for d in input_shape[-3:])
     model = model.eval()
@@ -126,7 +126,8 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
     del onnx_model.graph.output[:]
     onnx_model.graph.output.extend(kept)
     return export_onnx(onnx_model, path, target_layers=names[:len(layers)], layer_names=layers, mean=mean, std=std,
-                       labels=labels, layouts=layouts, attentions=names[len(layers):], bundled=bundled)
+                       labels=labels, layouts=layouts, attentions=names[len(layers):],
+                       attention_gradients=attention_gradients, bundled=bundled)
 
 
 class _WithActivations(torch.nn.Module):

@@ -54,13 +54,16 @@ def main():
 @click.option("--labels", type=click.Path(dir_okay=False), help="Text file with one class name per line.")
 @click.option("--score-output", help="ONNX output holding the class scores (default: the first).")
 @click.option("--layout", "layouts", multiple=True, help="Per target: nchw, nhwc or tokens:P:HxW (default: guessed).")
+@click.option("--grad-rollout", "attention_gradients", is_flag=True,
+              help="Also export attention gradients, for method grad-rollout (a backward pass through every block).")
 @click.option("--bundle", "bundled", is_flag=True,
               help="One file taking encoded image bytes, returning logits and the Grad-CAM heatmap (onnxruntime-extensions).")
-def export(model, out, targets, input_size, weights, mean, std, labels, score_output, layouts, bundled):
+def export(model, out, targets, input_size, weights, mean, std, labels, score_output, layouts, attention_gradients,
+           bundled):
     """Make MODEL explainable: MODEL is package.module:callable returning a torch.nn.Module, or an .onnx file."""
     names = _read_labels(labels)
     options = dict(target_layers=list(targets) or None, mean=_triple(mean), std=_triple(std), labels=names,
-                   layouts=list(layouts) or None, bundled=bundled)
+                   layouts=list(layouts) or None, attention_gradients=attention_gradients, bundled=bundled)
     try:
         if model.endswith(".onnx"):
             spec = export_onnx(model, out, output=score_output, **options)

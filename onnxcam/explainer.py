@@ -116,6 +116,9 @@ class Explainer:
         if not 0 <= discard_ratio < 1:
             raise ExplainError(f"discard_ratio must lie in [0, 1), got {discard_ratio}")
         prefix, height, width = parse_tokens(spec.attention_layout)
+        if method == "grad-rollout" and not spec.attention_gradients:
+            raise ExplainError("grad-rollout needs the attention gradients: export with --grad-rollout "
+                               "(attention_gradients=True; they cost a backward pass through every block)")
         if method == "rollout":
             scores, selected, *attentions = self._run(batch, classes, spec.attentions)
             maps = rollout(attentions, prefix, (height, width), head_fusion, discard_ratio)

@@ -26,7 +26,7 @@ def vit_model():
 @pytest.fixture(scope="module")
 def vit_onnx(tmp_path_factory, vit_model):
     path = tmp_path_factory.mktemp("vit") / "vit.onnx"
-    spec = export_torch(vit_model, path, input_shape=(3, 32, 32))
+    spec = export_torch(vit_model, path, input_shape=(3, 32, 32), attention_gradients=True)
     return path, spec
 
 
@@ -193,6 +193,9 @@ def test_distillation_tokens_need_a_layout(tmp_path):
     spec = export_torch(model, tmp_path / "deit.onnx", input_shape=(3, 32, 32), target_layers=["blocks.2.norm1"],
                         layouts=["tokens:2:4x4"])
     assert spec.attention_layout == "tokens:2:4x4" and len(spec.attentions) == 3
+    assert spec.attention_gradients == []  # opt-in: they cost a backward pass through every block
+    with pytest.raises(onnxcam.ExplainError, match="grad-rollout needs the attention gradients"):
+        onnxcam.Explainer(tmp_path / "deit.onnx", provider="cpu").explain(_inputs(6).numpy(), method="grad-rollout")
     x = _inputs(6)
     result = onnxcam.Explainer(tmp_path / "deit.onnx", provider="cpu").explain(x.numpy(), method="rollout")
     _, _, acts, _ = _autograd(model, [f"blocks.{i}.attn.attn_drop" for i in range(3)], x, [-1] * BATCH)
