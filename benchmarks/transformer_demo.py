@@ -52,7 +52,7 @@ def main():
     model = train(args.steps)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "vit.onnx"
-        spec = export_torch(model, path, input_shape=(3, 32, 32), mean=[0.5] * 3, std=[0.5] * 3,
+        spec = export_torch(model, path, input_shape=(3, 32, 32), mean=[0.5] * 3, std=[0.5] * 3, attention_gradients=True,
                             labels=["plus", "ring", "cross"])
         explainer = onnxcam.Explainer(path, provider="cpu")
         images, labels, boxes = shapes.make(200, seed=7)
