@@ -1,4 +1,4 @@
-"""The `onnxcam` command: export, inspect, explain, demo. A thin layer over the Python API."""
+"""The `onnxcam` command: export, inspect, explain, evaluate, bench, serve, demo. A thin layer over the API."""
 
 from __future__ import annotations
 
