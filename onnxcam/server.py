@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -224,7 +225,7 @@ def create_app(model_path, *, name: str | None = None, provider: str = "auto", m
         else:
             data = await body_of(request)
         try:
-            return decode_image(data, "request body", max_pixels)
+            return await run_in_threadpool(decode_image, data, "request body", max_pixels)
         except ImageError as error:
             raise HTTPError(400, str(error)) from None
 
@@ -240,13 +241,15 @@ def create_app(model_path, *, name: str | None = None, provider: str = "auto", m
             raise HTTPError(400, f"alpha must lie in [0, 1] and colormap be one of {', '.join(COLORMAPS)}")
         image = await image_of(request)
         classes = class_indices(query.get("target"), 1)
-        batch = explainer.prepare(image)
+        # pixel work runs in worker threads (OpenCV releases the GIL): the event loop stays free
+        batch = await run_in_threadpool(explainer.prepare, image)
         logits, heatmaps, targets = await batcher.submit(batch, classes, method)
-        picture = encode_png(overlay(image, heatmaps[0], alpha=alpha, colormap=colormap))
+        picture = await run_in_threadpool(lambda: encode_png(overlay(image, heatmaps[0], alpha=alpha, colormap=colormap)))
         if "image/png" in request.headers.get("accept", ""):
             return Response(picture, media_type="image/png")
         result = top_classes(logits, 5, explainer.labels)[0]
-        heat = encode_png(np.repeat((heatmaps[0] * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2))
+        grey = np.repeat((heatmaps[0] * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+        heat = await run_in_threadpool(encode_png, grey)
         return JSONResponse({"method": method, "target": int(targets[0]),
                              "target_label": explainer.labels[int(targets[0])] if explainer.labels else None,
                              "top5": result, "overlay_png": base64.b64encode(picture).decode(),
