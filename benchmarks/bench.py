@@ -20,7 +20,6 @@ import csv
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time

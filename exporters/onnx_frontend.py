@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference, version_converter
+from onnx import helper, shape_inference, version_converter
 
 from ..core.layouts import attention_layout, check_layout, guess_layout
 from ..runtimes.metadata import CLASS_INPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
@@ -78,9 +78,8 @@ def read_spec(model: onnx.ModelProto) -> ExplainSpec | None:
     return None
 
 
-def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
+def tensor_shapes(model: onnx.ModelProto, builder: GraphBuilder) -> dict[str, list]:
     """Every float tensor the graph computes, in node order, with its inferred shape (None: symbolic)."""
-    builder = GraphBuilder(model)
     shapes = {}
     for node in model.graph.node:
         for name in node.output:
@@ -92,14 +91,14 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:
     return shapes
 
 
-def default_target(model: onnx.ModelProto, score: str) -> str:
+def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list]) -> str:
     """The last 4-D activation with a spatial extent (H*W > 1) that feeds the score (attention excepted)."""
     feeds = {score}
     for node in reversed(model.graph.node):
         if any(o in feeds for o in node.output):
             feeds.update(node.input)
-    attention = set(attention_tensors(model))
-    candidates = [name for name, shape in tensor_shapes(model).items()
+    attention = set(attention_tensors(model, shapes))
+    candidates = [name for name, shape in shapes.items()
                   if name in feeds and name not in attention and shape and len(shape) == 4 and None not in shape[2:]
                   and shape[2] * shape[3] > 1]
     if not candidates:
@@ -107,9 +106,8 @@ def default_target(model: onnx.ModelProto, score: str) -> str:
     return candidates[-1]
 
 
-def attention_tensors(model: onnx.ModelProto, layouts=()) -> list[str]:
+def attention_tensors(model: onnx.ModelProto, shapes: dict[str, list], layouts=()) -> list[str]:
     """Softmax outputs shaped B x heads x N x N over a token grid with a CLS token: attention probabilities."""
-    shapes = tensor_shapes(model)
     return [node.output[0] for node in model.graph.node if node.op_type == "Softmax"
             and _attention_layout(shapes.get(node.output[0]), layouts) is not None]
 
@@ -156,13 +154,13 @@ def make_explainable(model: onnx.ModelProto, *, target_layers=None, output=None,
         raise ExportError(f"output '{score}' must have a static number of classes; its shape is {score_shape}")
     num_classes = int(np.prod(score_shape[1:]))
 
-    targets = list(target_layers) if target_layers else [default_target(model, score)]
-    known = tensor_shapes(model)
+    known = tensor_shapes(model, builder)
+    targets = list(target_layers) if target_layers else [default_target(model, score, known)]
     for target in targets:
         if target not in known and target != image.name:
             raise unknown_name_error("target tensor", target, known)
     layouts = _layouts(builder, targets, layouts, layer_names or targets)
-    attentions = attention_tensors(model, layouts) if attentions is None else list(attentions)
+    attentions = attention_tensors(model, known, layouts) if attentions is None else list(attentions)
     attention_layouts = {_attention_layout(builder.shape(a), layouts) for a in attentions}
     if None in attention_layouts or len(attention_layouts) > 1:
         raise ExportError("attention tensors must all be B x heads x N x N over one token grid with a CLS token")

@@ -139,6 +139,7 @@ def inspect(model, input_size):
 def _onnx_rows(path):
     from onnx import shape_inference
 
+    from .exporters.graph import GraphBuilder
     from .exporters.onnx_frontend import default_target, load_model, read_spec, tensor_shapes
 
     model = load_model(path)
@@ -146,8 +147,8 @@ def _onnx_rows(path):
     if spec is not None:
         click.echo(f"explainable: targets {', '.join(spec.layers)}, {spec.num_classes} classes")
     model = shape_inference.infer_shapes(model, data_prop=True)
-    shapes = tensor_shapes(model)
-    return list(shapes.items()), default_target(model, model.graph.output[0].name) if spec is None else None
+    shapes = tensor_shapes(model, GraphBuilder(model))
+    return list(shapes.items()), default_target(model, model.graph.output[0].name, shapes) if spec is None else None
 
 
 @main.command()

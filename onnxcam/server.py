@@ -12,7 +12,7 @@ import base64
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -42,7 +42,7 @@ class Job:
     batch: np.ndarray
     classes: np.ndarray
     method: str
-    future: asyncio.Future = field(default=None)
+    future: asyncio.Future
 
 
 class MicroBatcher:

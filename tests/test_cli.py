@@ -173,6 +173,7 @@ def test_export_loads_weights(workdir, tmp_path):
                      tmp_path / "weights.pt", cwd=workdir)
     assert result.returncode == 0, result.stderr
     explained = run_cli("explain", out, workdir / "images" / "a.png", "-o", tmp_path / "o")
+    assert explained.returncode == 0, explained.stderr
     assert json.loads((tmp_path / "o" / "predictions.json").read_text())[str(workdir / "images" / "a.png")]["target"] == 2
 
 
