@@ -12,8 +12,8 @@ from .core import METHODS, heatmaps, preprocess
 from .core.layouts import parse_tokens, to_grid
 from .core.rollout import HEAD_FUSIONS, grad_rollout, rollout
 from .runtimes import ExplainSpec, create_session
+from .runtimes.binding import BoundRunner, as_ortvalue, shape_of
 from .runtimes.metadata import METADATA_KEY
-
 
 ROLLOUT_METHODS = ("rollout", "grad-rollout")
 ALL_METHODS = (*METHODS, *ROLLOUT_METHODS)
@@ -62,6 +62,7 @@ class Explainer:
 
     def __init__(self, path, provider: str = "auto", threads: int | None = None):
         self.session = create_session(path, provider, threads)
+        self.runner = BoundRunner(self.session)
         metadata = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in metadata:
             raise ExplainError(f"{path} has no gradient outputs: make it explainable first with "
@@ -76,24 +77,27 @@ class Explainer:
                 discard_ratio: float = 0.9) -> Explanation:
         """Heatmaps for a preprocessed float32 N x C x H x W batch, or uint8 RGB images (one or a list).
 
-        `targets`: None (each image's top-1 class), one class index for all, or one per image.
+        The batch may also be an OrtValue or a DLPack tensor (PyTorch, CuPy): one already on the GPU is
+        bound there, with no copy through the host. `targets`: None (each image's top-1 class), one class index for all, or one per image.
         `head_fusion` and `discard_ratio` apply to the rollout methods only.
         """
         if method not in ALL_METHODS:
             raise ExplainError(f"unknown method '{method}'; choose from {', '.join(ALL_METHODS)}")
         batch = self.prepare(inputs)
-        classes = self.class_indices(targets, len(batch))
+        count = shape_of(batch)[0]
+        classes = self.class_indices(targets, count)
         with _blas().limit(limits=1, user_api="blas"):
             if method in ROLLOUT_METHODS:
                 scores, selected, maps = self._rollout(batch, classes, method, head_fusion, discard_ratio)
             else:
                 scores, selected, maps = self._cams(batch, classes, method)
             heat = heatmaps(maps, self.spec.input_size)
-        return Explanation(heat, scores.reshape(len(batch), -1), selected, method)
+        return Explanation(heat, scores.reshape(count, -1), selected, method)
 
     def _run(self, batch, classes, names):
+        """One session run fetching the scores, the explained classes and `names`, nothing else."""
         spec = self.spec
-        return self.session.run([spec.scores, spec.selected, *names], {spec.input: batch, spec.class_input: classes})
+        return self.runner.run([spec.scores, spec.selected, *names], {spec.input: batch, spec.class_input: classes})
 
     def _cams(self, batch, classes, method):
         """One map per target layer, from the layer's activations and gradients laid out as a grid."""
@@ -128,11 +132,23 @@ class Explainer:
             maps = grad_rollout(tensors[:count], tensors[count:], prefix, (height, width), discard_ratio)
         return scores, selected, [maps]
 
-    def prepare(self, inputs) -> np.ndarray:
-        """The model's input batch: float32 arrays pass through, uint8 RGB images are preprocessed."""
+    def prepare(self, inputs):
+        """The model's input batch: float32 arrays, OrtValues and DLPack tensors pass through (checked),
+        uint8 RGB images are preprocessed."""
+        height, width = self.spec.input_size
+        if not isinstance(inputs, (np.ndarray, list, tuple)):
+            try:
+                value = as_ortvalue(inputs)
+            except TypeError:
+                raise ExplainError(f"expected uint8 RGB images, a float32 batch, an OrtValue or a DLPack tensor, "
+                                   f"got {type(inputs).__name__}") from None
+            shape = tuple(value.shape())
+            if value.data_type() != "tensor(float)" or len(shape) != 4 or shape[2:] != (height, width):
+                raise ExplainError(f"expected a float32 batch N x C x {height} x {width}, "
+                                   f"got {value.data_type()} of shape {shape}")
+            return value
         images = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         if isinstance(inputs, np.ndarray) and inputs.dtype != np.uint8:
-            height, width = self.spec.input_size
             if inputs.ndim != 4 or inputs.shape[2:] != (height, width):
                 raise ExplainError(f"expected a float32 batch N x C x {height} x {width}, got shape {inputs.shape}")
             return np.ascontiguousarray(inputs, dtype=np.float32)
