@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 
 import onnxruntime as ort
@@ -38,6 +40,7 @@ def create_session(path, provider: str = "auto", threads: int | None = None,
         return ort.InferenceSession(path, options, providers=[PROVIDERS["cpu"]])
     reason = "onnxruntime was built without it"
     if PROVIDERS["cuda"] in ort.get_available_providers():
+        _preload_cuda_libraries()
         ort.set_default_logger_severity(_QUIET)
         try:
             session = ort.InferenceSession(path, options, providers=[PROVIDERS["cuda"], PROVIDERS["cpu"]])
@@ -53,3 +56,11 @@ def create_session(path, provider: str = "auto", threads: int | None = None,
         raise ProviderError(f"the CUDA provider cannot run here: {reason}")
     log.info("onnxcam: running on CPU (CUDA unavailable: %s)", reason)
     return session or ort.InferenceSession(path, options, providers=[PROVIDERS["cpu"]])
+
+
+def _preload_cuda_libraries():
+    """Loads CUDA and cuDNN from PyPI's nvidia packages (`pip install "onnxruntime-gpu[cuda,cudnn]"`) where they
+    are installed, so that no system CUDA is needed; it prints what it cannot find, which is kept quiet here."""
+    if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ort.preload_dlls()
