@@ -1,6 +1,8 @@
 """What an explanation costs, side by side in one run: plain ONNX Runtime inference (the floor),
-onnxcam on ONNX Runtime (CPU, and CUDA where present) for each method, and the eager PyTorch way
-(forward hook, tensor hook, full backward pass), on the same model, batch, input and thread count.
+onnxcam on ONNX Runtime for each method, and the eager PyTorch way (forward hook, tensor hook, full
+backward pass), on the same model, batch, input and thread count: on CPU, and also on the GPU where
+ONNX Runtime's CUDA provider runs (and torch's CUDA, for eager). Ratios compare a row with the floor
+and the eager row of the same device.
 
     python benchmarks/bench.py                        # all models, batches 1 8 32
     python benchmarks/bench.py --models resnet50 --batches 1 --repeats 20
@@ -57,15 +59,15 @@ def calls(args, configs: list[str]) -> dict:
 
     functions = {}
     for config in configs:
-        if config == "floor":
+        if config.startswith("floor"):
             from onnxcam.runtimes import create_session
 
-            session = create_session(args.plain, "cpu", args.threads)
+            session = create_session(args.plain, provider_of(config), args.threads)
             functions[config] = lambda s=session, n=session.get_inputs()[0].name: s.run(None, {n: batch})
         elif config.startswith("onnxcam"):
             _, provider, method = config.split(":")
             functions[config] = lambda e=explainer(provider), m=method: e.explain(batch, method=m)
-        elif config == "eager":
+        elif config.startswith("eager"):
             import torch
 
             sys.path.insert(0, str(HERE))
@@ -73,12 +75,18 @@ def calls(args, configs: list[str]) -> dict:
 
             torch.set_num_threads(args.threads)
             build, layer = MODELS[args.model]
-            model = build()
-            inputs = torch.from_numpy(batch)
+            device = provider_of(config)
+            model = build().to(device)
+            inputs = torch.from_numpy(batch).to(device)
             functions[config] = lambda: eager_gradcam(model, model.get_submodule(layer), inputs)
         else:
             raise SystemExit(f"unknown configuration {config}")
     return functions
+
+
+def provider_of(config: str) -> str:
+    """'cuda' for the configurations that run on the GPU (floor:cuda, onnxcam:cuda:..., eager:cuda), else 'cpu'."""
+    return "cuda" if ":cuda" in config else "cpu"
 
 
 def worker(args) -> dict:
@@ -113,7 +121,7 @@ def eager_gradcam(model, layer, inputs):
     cam = torch.relu((G.mean(dim=(2, 3), keepdim=True) * A).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=inputs.shape[2:], mode="bilinear", align_corners=False)[:, 0]
     low, high = cam.amin(dim=(1, 2), keepdim=True), cam.amax(dim=(1, 2), keepdim=True)
-    return ((cam - low) / (high - low).clamp(min=1e-12)).numpy()
+    return ((cam - low) / (high - low).clamp(min=1e-12)).cpu().numpy()
 
 
 def prepare(model_name: str, size: int, folder: Path) -> tuple[Path, Path]:
@@ -135,11 +143,13 @@ def prepare(model_name: str, size: int, folder: Path) -> tuple[Path, Path]:
     return plain, explainable
 
 
-def worker_groups(batch: int, cuda: bool) -> list[list[str]]:
+def worker_groups(batch: int, cuda: bool, torch_cuda: bool) -> list[list[str]]:
     """Configurations timed together in one worker: those sharing a session (onnxcam's methods)."""
     methods = METHODS_AT_BATCH_1 if batch == 1 else ["gradcam"]
     groups = [["floor"], [f"onnxcam:cpu:{m}" for m in methods], ["eager"]]
-    return groups + ([["onnxcam:cuda:gradcam"]] if cuda else [])
+    if cuda:
+        groups += [["floor:cuda"], [f"onnxcam:cuda:{m}" for m in methods]]
+    return groups + ([["eager:cuda"]] if torch_cuda else [])
 
 
 def run_worker(args, model_name, batch, plain, explainable, configs, repeats, budget) -> dict:
@@ -179,7 +189,7 @@ def main():
         plain, explainable = prepare(model_name, args.size, args.work)
         cuda = _cuda_works(explainable)
         for batch in args.batches:
-            groups = worker_groups(batch, cuda)
+            groups = worker_groups(batch, cuda, _torch_cuda_works())
             times, peaks = {}, {}
             for _ in range(ROUNDS):  # workers take turns, so that drift falls on all alike
                 for group in groups:
@@ -210,11 +220,19 @@ def _cuda_works(path) -> bool:
     return True
 
 
+def _torch_cuda_works() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def add_ratios(rows):
+    """x floor and speed-up vs eager, each against the configuration on the same device (CPU or GPU)."""
     for row in rows:
-        same = [r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]]
-        floor = next((r["median_ms"] for r in same if r["config"] == "floor"), np.nan)
-        eager = next((r["median_ms"] for r in same if r["config"] == "eager"), np.nan)
+        same = [r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]
+                and provider_of(r["config"]) == provider_of(row["config"])]
+        floor = next((r["median_ms"] for r in same if r["config"].startswith("floor")), np.nan)
+        eager = next((r["median_ms"] for r in same if r["config"].startswith("eager")), np.nan)
         row["x_floor"] = row["median_ms"] / floor
         row["speedup_vs_eager"] = eager / row["median_ms"]
 
@@ -252,14 +270,15 @@ def machine_name() -> str:
 
 
 def plot(rows):
-    """Latency relative to the floor per model and batch (bars), eager PyTorch and onnxcam Grad-CAM."""
+    """Latency relative to the floor on the same device per model and batch (bars): onnxcam Grad-CAM and eager
+    PyTorch, on CPU and, where present, on the GPU."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["model"], r["batch"]) for r in rows}, key=lambda g: (g[0], g[1]))
-    configs = ["floor", "onnxcam:cpu:gradcam", "onnxcam:cuda:gradcam", "eager"]
+    configs = ["floor", "onnxcam:cpu:gradcam", "eager", "onnxcam:cuda:gradcam", "eager:cuda"]
     configs = [c for c in configs if any(r["config"] == c for r in rows)]
     figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4))
     width = 0.8 / len(configs)
