@@ -10,7 +10,7 @@ import pytest
 import onnxcam
 from onnxcam.exporters import export_torch
 from onnxcam.images import decode_image, encode_png
-from onnxcam.runtimes import Bundle
+from onnxcam.runtimes import Bundle, create_session
 from conftest import random_images, run_cli
 
 OPTIONS = dict(input_shape=(3, 32, 32), target_layers=["features.6", "features.8"], mean=[0.5] * 3, std=[0.25] * 3)
@@ -49,6 +49,23 @@ def test_bundle_resizes_larger_jpegs_itself(files):
     expected = onnxcam.Explainer(plain_path, provider="cpu").explain(decode_image(jpeg.tobytes()))
     assert chosen == expected.targets[0]
     assert np.corrcoef(heatmap.ravel(), expected.heatmaps[0].ravel())[0, 1] > 0.9
+
+
+def test_bundle_heatmap_equals_the_numpy_core_on_the_image_it_decoded(files, tmp_path):
+    """Past resizing, the in-graph Grad-CAM is the numpy core's: fed the tensor the bundle decoded and
+    resized itself, the Python path gives the same heatmap at the image's own size."""
+    bundle_path, plain_path = files
+    spec = Bundle(bundle_path, provider="cpu").spec
+    model = onnx.load(str(bundle_path))
+    model.graph.output.append(onnx.helper.make_tensor_value_info(spec.input, onnx.TensorProto.FLOAT, None))
+    onnx.save(model, tmp_path / "open.onnx")
+    session = create_session(tmp_path / "open.onnx", "cpu", extensions=True)
+    ok, jpeg = cv2.imencode(".jpg", random_images(1, seed=3, size=(75, 61))[0])
+    feeds = {"image_bytes": np.frombuffer(jpeg.tobytes(), np.uint8), "onnxcam_class": np.array([2], np.int64)}
+    logits, heatmap, decoded = session.run([spec.scores, "heatmap", spec.input], feeds)
+    expected = onnxcam.Explainer(plain_path, provider="cpu").explain(decoded, targets=2)
+    np.testing.assert_allclose(logits, expected.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(heatmap, expected.heatmaps, atol=1e-5)
 
 
 def test_cli_export_bundle(tmp_path):
