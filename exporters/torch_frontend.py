@@ -92,7 +92,9 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
     `target_layers` are module names such as `layer4` or `features.16`; `layouts` optionally gives
     each one's layout (nchw, nhwc, tokens:P:HxW), guessed otherwise. `attention_layers` are the modules
     whose outputs are a block's attention probabilities, for attention rollout (default: modules
-    named `attn_drop` that return B x heads x N x N). `attention_gradients`, `bundled`: see export_onnx.
+    named `attn_drop` that return B x heads x N x N; where none runs, as with fused scaled dot-product
+    attention, the exported graph's Softmax outputs of that shape). `attention_gradients`, `bundled`:
+    see export_onnx.
     """
     input_shape = tuple(int(d) for d in input_shape[-3:])
     model = model.eval()
@@ -125,8 +127,11 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
     kept = [o for o in onnx_model.graph.output if o.name not in names]
     del onnx_model.graph.output[:]
     onnx_model.graph.output.extend(kept)
+    # no attention module ran (fused F.scaled_dot_product_attention skips attn_drop): the exporter decomposes
+    # the fused kernel, and the ONNX front end finds its Softmax outputs
+    attentions = names[len(layers):] if attention or attention_layers is not None else None
     return export_onnx(onnx_model, path, target_layers=names[:len(layers)], layer_names=layers, mean=mean, std=std,
-                       labels=labels, layouts=layouts, attentions=names[len(layers):],
+                       labels=labels, layouts=layouts, attentions=attentions,
                        attention_gradients=attention_gradients, bundled=bundled)
 
 

@@ -163,6 +163,22 @@ def test_grad_rollout_matches_reference(vit_model, vit_onnx):
     assert result.heatmaps.shape == (BATCH, 32, 32) and result.targets[0] == 1
 
 
+def test_fused_attention_is_found_in_the_exported_graph(vit_onnx, tmp_path):
+    """timm's default attention is one F.scaled_dot_product_attention call: no attn_drop runs, so the
+    attention probabilities are the Softmax outputs of the exporter's decomposition. Same weights, same maps."""
+    path, spec = vit_onnx
+    fused = export_torch(vit(fused_attn=True), tmp_path / "fused.onnx", input_shape=(3, 32, 32),
+                         attention_gradients=True)
+    assert len(fused.attentions) == len(fused.attention_gradients) == 3
+    assert fused.attention_layout == spec.attention_layout
+    x, classes = _inputs(7).numpy(), [2, -1, 5]
+    unfused_explainer, fused_explainer = (onnxcam.Explainer(p, provider="cpu") for p in (path, tmp_path / "fused.onnx"))
+    for method in ("rollout", "grad-rollout"):
+        expected = unfused_explainer.explain(x, method, targets=classes)
+        got = fused_explainer.explain(x, method, targets=classes)
+        np.testing.assert_allclose(got.heatmaps, expected.heatmaps, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "eigencam"])
 def test_cam_family_on_vit_tokens(vit_model, vit_onnx, method):
     """pytorch-grad-cam's reshape_transform, by hand: drop CLS, tokens to a 4 x 4 grid, channels first."""

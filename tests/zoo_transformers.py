@@ -1,7 +1,8 @@
 """Small faithful replicas of Vision Transformer families (timm's layout and module names).
 
 ViT (Dosovitskiy et al.): patch embedding, CLS token, position embedding, pre-norm blocks of
-multi-head attention (`attn_drop` after the softmax, as timm names it) and a GELU MLP.
+multi-head attention (`attn_drop` after the softmax, as timm names it) and a GELU MLP. With
+`fused_attn` (timm's default) attention is one F.scaled_dot_product_attention call, and attn_drop never runs.
 DeiT (Touvron et al.): the same with a distillation token, so two tokens precede the patches.
 Swin (Liu et al.): channels-last stages of windowed attention with relative position bias, shifted
 windows (torch.roll and an attention mask) every other block, and patch merging (strided slices).
@@ -10,13 +11,14 @@ windows (torch.roll and an attention mask) every other block, and patch merging 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, fused_attn: bool = False):
         super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.heads, self.scale, self.fused_attn = heads, (dim // heads) ** -0.5, fused_attn
         self.qkv = nn.Linear(dim, dim * 3)
         self.attn_drop = nn.Dropout(0.0)
         self.proj = nn.Linear(dim, dim)
@@ -24,6 +26,9 @@ class Attention(nn.Module):
     def forward(self, x, bias=None):
         batch, tokens, dim = x.shape
         q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
         attn = (q @ k.transpose(-2, -1)) * self.scale
         if bias is not None:
             attn = attn + bias
@@ -41,9 +46,9 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, fused_attn: bool = False):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, fused_attn)
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim)
 
     def forward(self, x):
@@ -52,14 +57,14 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, image=32, patch=8, dim=32, depth=3, heads=4, classes=6, distilled=False):
+    def __init__(self, image=32, patch=8, dim=32, depth=3, heads=4, classes=6, distilled=False, fused_attn=False):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
         self.prefix = 2 if distilled else 1
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
         self.dist_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5) if distilled else None
         self.pos_embed = nn.Parameter(torch.randn(1, self.prefix + (image // patch) ** 2, dim) * 0.5)
-        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(dim, heads, fused_attn) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
 
@@ -168,9 +173,9 @@ class SwinTransformer(nn.Module):
         return self.head(x.mean(dim=(1, 2)))
 
 
-def vit():
+def vit(fused_attn: bool = False):
     torch.manual_seed(0)
-    return VisionTransformer().eval()
+    return VisionTransformer(fused_attn=fused_attn).eval()
 
 
 def deit():
