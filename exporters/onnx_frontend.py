@@ -25,7 +25,8 @@ def export_onnx(src, path, *, target_layers=None, output=None, mean=None, std=No
                 bundled=False) -> ExplainSpec:
     """Rewrite the classifier `src` (a path or ModelProto) into an explainable graph saved at `path`.
 
-    Targets are tensor names (default: the last 4-D activation before global pooling). The new graph
+    Targets are tensor names (default: the last 4-D activation before global pooling; in a ViT, the
+    LayerNorm output its last attention reads). The new graph
     takes an extra int64 input `onnxcam_class` of shape [batch] (-1 selects the top-1 class) and also
     outputs the selected class and, per target, its activation and the gradient of the selected
     score with respect to it, all from one session run.
@@ -92,18 +93,41 @@ def tensor_shapes(model: onnx.ModelProto, builder: GraphBuilder) -> dict[str, li
 
 
 def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list]) -> str:
-    """The last 4-D activation with a spatial extent (H*W > 1) that feeds the score (attention excepted)."""
+    """The last 4-D activation with a spatial extent (H*W > 1) that feeds the score (attention excepted);
+    in a transformer with attention over a token grid, the normalised tokens that the last attention reads."""
+    attention = attention_tensors(model, shapes)
+    if attention:
+        return _norm_before(model, attention[-1], shapes)
     feeds = {score}
     for node in reversed(model.graph.node):
         if any(o in feeds for o in node.output):
             feeds.update(node.input)
-    attention = set(attention_tensors(model, shapes))
     candidates = [name for name, shape in shapes.items()
-                  if name in feeds and name not in attention and shape and len(shape) == 4 and None not in shape[2:]
+                  if name in feeds and shape and len(shape) == 4 and None not in shape[2:]
                   and shape[2] * shape[3] > 1]
     if not candidates:
         raise ExportError("no 4-D activation with a spatial grid feeds the output: name a target layer")
     return candidates[-1]
+
+
+def _norm_before(model: onnx.ModelProto, attention: str, shapes: dict[str, list]) -> str:
+    """The nearest LayerNormalization upstream of an attention tensor whose output is a token sequence: in a
+    pre-norm ViT block, the first LayerNorm of the block (the torch front end's default too)."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    queue, seen = [attention], {attention}
+    while queue:
+        node = producers.get(queue.pop(0))
+        if node is None:
+            continue
+        shape = shapes.get(node.output[0])
+        if node.op_type == "LayerNormalization" and shape and len(shape) == 3 and None not in shape[1:] \
+                and guess_layout(shape):
+            return node.output[0]
+        for name in node.input:
+            if name and name not in seen:
+                seen.add(name)
+                queue.append(name)
+    raise ExportError(f"no LayerNormalization of tokens precedes attention '{attention}': name a target layer")
 
 
 def attention_tensors(model: onnx.ModelProto, shapes: dict[str, list], layouts=()) -> list[str]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import onnxcam
 from onnxcam.core.rollout import grad_rollout, rollout
-from onnxcam.exporters import ExportError, default_layer, export_torch
+from onnxcam.exporters import ExportError, default_layer, export_onnx, export_torch
 from test_methods import reference_cam
 from zoo_transformers import deit, swin, vit
 
@@ -72,6 +72,19 @@ def test_vit_default_target_and_layouts(vit_model, vit_onnx):
     assert default_layer(vit_model, (3, 32, 32)) == "blocks.2.norm1"
     assert spec.layers == ["blocks.2.norm1"] and spec.layouts == ["tokens:1:4x4"]
     assert len(spec.attentions) == 3 and spec.attention_layout == "tokens:1:4x4"
+
+
+def test_onnx_vit_default_target_is_the_torch_default(vit_model, vit_onnx, tmp_path):
+    """From a plain ONNX file, with no module names: the LayerNorm the last attention reads, as in PyTorch."""
+    path, _ = vit_onnx
+    torch.onnx.export(vit_model, (torch.zeros(2, 3, 32, 32),), tmp_path / "plain.onnx", dynamo=True,
+                      input_names=["input"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+    spec = export_onnx(tmp_path / "plain.onnx", tmp_path / "explainable.onnx")
+    assert spec.layouts == ["tokens:1:4x4"] and len(spec.attentions) == 3
+    x, classes = _inputs(8).numpy(), [0, -1, 3]
+    got = onnxcam.Explainer(tmp_path / "explainable.onnx", provider="cpu").explain(x, targets=classes)
+    expected = onnxcam.Explainer(path, provider="cpu").explain(x, targets=classes)
+    np.testing.assert_allclose(got.heatmaps, expected.heatmaps, atol=1e-5)
 
 
 def test_vit_gradients_match_autograd(vit_model, vit_onnx):
