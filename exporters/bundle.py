@@ -12,17 +12,16 @@ import numpy as np
 import onnx
 from onnx import helper, version_converter
 
+from ..core.layouts import parse_tokens
 from ..runtimes.bundle import BYTES_INPUT, HEATMAP_OUTPUT
 from ..runtimes.metadata import CLASS_INPUT, METADATA_KEY, ExplainSpec
-from .graph import ExportError, GraphBuilder
+from .graph import GraphBuilder
 
 EXTENSIONS_DOMAIN = "com.microsoft.extensions"
 
 
 def bundle(model: onnx.ModelProto, spec: ExplainSpec) -> onnx.ModelProto:
     """Turn an explainable model into a bundle taking one encoded JPEG/PNG as uint8 bytes."""
-    if any(layout != "nchw" for layout in spec.layouts):
-        raise ExportError("--bundle supports convolutional targets (nchw layout) only")
     if _opset(model) < 18:  # Reduce* with axes as inputs, and Resize's antialias
         model = version_converter.convert_version(model, 18)
     graph = model.graph
@@ -46,8 +45,8 @@ def bundle(model: onnx.ModelProto, spec: ExplainSpec) -> onnx.ModelProto:
 
     # Grad-CAM (Selvaraju et al., eq. 1-2) per layer, upsampled and min-max scaled, then averaged
     g.nodes = []
-    maps = [_normalise(g, _upsample(g, _gradcam(g, a, grad), height, width))
-            for a, grad in zip(spec.activations, spec.gradients)]
+    maps = [_normalise(g, _upsample(g, _gradcam(g, _to_grid(g, a, layout), _to_grid(g, grad, layout)), height, width))
+            for a, grad, layout in zip(spec.activations, spec.gradients, spec.layouts)]
     heat = maps[0] if len(maps) == 1 else _normalise(g, g.op("Div", g.op("Sum", *maps), g.const(float(len(maps)))))
     g.nodes.append(helper.make_node("Squeeze", [heat, g.ints([1])], [HEATMAP_OUTPUT]))
     postprocess = g.nodes
@@ -72,6 +71,18 @@ def bundle(model: onnx.ModelProto, spec: ExplainSpec) -> onnx.ModelProto:
 
 def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _to_grid(g, tensor, layout):
+    """B x C x H x W from a target's layout, as core.layouts.to_grid: channels-last maps are transposed,
+    token sequences lose their prefix tokens and are folded onto their grid."""
+    if layout == "nchw":
+        return tensor
+    if layout != "nhwc":
+        prefix, grid_height, grid_width = parse_tokens(layout)
+        patches = g.op("Slice", tensor, g.ints([prefix]), g.ints([np.iinfo(np.int64).max]), g.ints([1]))
+        tensor = g.op("Reshape", patches, g.ints([0, grid_height, grid_width, -1]))
+    return g.op("Transpose", tensor, perm=[0, 3, 1, 2])
 
 
 def _gradcam(g, activation, gradient):

@@ -12,6 +12,7 @@ from onnxcam.exporters import export_torch
 from onnxcam.images import decode_image, encode_png
 from onnxcam.runtimes import Bundle, create_session
 from conftest import random_images, run_cli
+from zoo_transformers import swin, vit
 
 OPTIONS = dict(input_shape=(3, 32, 32), target_layers=["features.6", "features.8"], mean=[0.5] * 3, std=[0.25] * 3)
 
@@ -66,6 +67,20 @@ def test_bundle_heatmap_equals_the_numpy_core_on_the_image_it_decoded(files, tmp
     expected = onnxcam.Explainer(plain_path, provider="cpu").explain(decoded, targets=2)
     np.testing.assert_allclose(logits, expected.logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(heatmap, expected.heatmaps, atol=1e-5)
+
+
+@pytest.mark.parametrize("build, target", [(vit, "blocks.2.norm1"), (swin, "layers.1.blocks.1.norm1")],
+                         ids=["vit-tokens", "swin-channels-last"])
+def test_bundles_of_transformers_fold_tokens_onto_the_grid(tmp_path, build, target):
+    """Token sequences (CLS dropped) and channels-last maps go onto the grid inside the graph, as in the core."""
+    options = dict(input_shape=(3, 32, 32), target_layers=[target])
+    export_torch(build(), tmp_path / "bundle.onnx", bundled=True, **options)
+    export_torch(build(), tmp_path / "plain.onnx", **options)
+    data = encode_png(random_images(1, seed=4, size=(32, 32))[0])
+    logits, chosen, heatmap = Bundle(tmp_path / "bundle.onnx", provider="cpu").explain(data)
+    expected = onnxcam.Explainer(tmp_path / "plain.onnx", provider="cpu").explain(decode_image(data))
+    assert chosen == expected.targets[0]
+    np.testing.assert_allclose(heatmap, expected.heatmaps[0], atol=1e-5)
 
 
 def test_cli_export_bundle(tmp_path):
