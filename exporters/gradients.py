@@ -168,10 +168,17 @@ def _hard_swish(g, n, dy):
 
 
 def _gelu(g, n, dy):
-    """Exact GELU: d/dx x*Phi(x) = Phi(x) + x*phi(x)."""
-    if attrs(n).get("approximate", b"none") not in (b"none", "none"):
-        raise ExportError(f"Gelu node '{n.name}' uses the tanh approximation, which has no gradient rule")
+    """Exact GELU: d/dx x*Phi(x) = Phi(x) + x*phi(x). Tanh form (Hendrycks & Gimpel, eq. in sec. 2),
+    y = x/2 (1 + t), t = tanh(c (x + a x^3)): dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2)."""
     x = n.input[0]
+    if attrs(n).get("approximate", b"none") in (b"tanh", "tanh"):
+        c, a = math.sqrt(2 / math.pi), 0.044715
+        cube = g.op("Mul", g.op("Mul", x, x), x)
+        t = g.op("Tanh", g.op("Mul", g.op("Add", x, g.op("Mul", cube, g.const(a, like=x))), g.const(c, like=x)))
+        one = g.const(1.0, like=x)
+        inner = g.op("Mul", g.op("Add", one, g.op("Mul", g.op("Mul", x, x), g.const(3 * a, like=x))), g.const(c, like=x))
+        slope = g.op("Add", g.op("Add", one, t), g.op("Mul", g.op("Mul", x, g.op("Sub", one, g.op("Mul", t, t))), inner))
+        return [g.op("Mul", dy, g.op("Mul", slope, g.const(0.5, like=x)))]
     cdf = g.op("Mul", g.op("Add", g.op("Erf", g.op("Div", x, g.const(math.sqrt(2), like=x))), g.const(1.0, like=x)),
                g.const(0.5, like=x))
     pdf = g.op("Mul", g.op("Exp", g.op("Mul", g.op("Mul", x, x), g.const(-0.5, like=x))),

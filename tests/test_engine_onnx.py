@@ -120,8 +120,18 @@ def old_opset_reduce_mean():
                           _init("fc", (C, K))], opset=13)
 
 
+def gelu_exact_and_tanh():
+    """Opset 20's Gelu in both forms: exact (erf) and the tanh approximation."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Gelu", ["conv"], ["tanh_gelu"], approximate="tanh"),
+             helper.make_node("Conv", ["tanh_gelu", "w2"], ["conv2"]),
+             helper.make_node("Gelu", ["conv2"], ["gelu"])]
+    head, weights = _head("gelu")
+    return _model(nodes + head, [_init("w", (C, C, 3, 3)), _init("w2", (C, C, 1, 1)), *weights], opset=20)
+
+
 GRAPHS = [conv_bn_relu_maxpool, dilated_same_conv_avgpool_reduce_matmul, squeeze_excite_concat_split_slice,
-          layernorm_channels_last_hardswish, old_opset_reduce_mean]
+          layernorm_channels_last_hardswish, old_opset_reduce_mean, gelu_exact_and_tanh]
 
 
 def finite_difference(session, x, image, selected, eps=1e-3):

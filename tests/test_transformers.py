@@ -105,6 +105,18 @@ def test_vit_gradients_match_autograd(vit_model, vit_onnx):
     print(f"ViT largest relative gradient error: {max(errors):.2e}")
 
 
+def test_tanh_gelu_gradients_match_autograd(tmp_path):
+    """GELU's tanh form, which the exporter writes as opset 20's Gelu(approximate="tanh")."""
+    model = vit(gelu="tanh")
+    names = ["blocks.0.norm1", "blocks.2.norm1"]
+    spec = export_torch(model, tmp_path / "vit.onnx", input_shape=(3, 32, 32), target_layers=names)
+    x, classes = _inputs(9), [-1, 2, 4]
+    out = _run(tmp_path / "vit.onnx", x, classes)
+    _, _, _, grads = _autograd(model, names, x, classes)
+    for name, grad in zip(spec.gradients, grads):
+        _close(out[name], grad)
+
+
 def test_swin_gradients_match_autograd(swin_onnx):
     path, spec = swin_onnx
     assert spec.layouts == ["nhwc", "nhwc"] and spec.attentions == []  # windowed, no CLS: no rollout

@@ -2,7 +2,8 @@
 
 ViT (Dosovitskiy et al.): patch embedding, CLS token, position embedding, pre-norm blocks of
 multi-head attention (`attn_drop` after the softmax, as timm names it) and a GELU MLP. With
-`fused_attn` (timm's default) attention is one F.scaled_dot_product_attention call, and attn_drop never runs.
+`fused_attn` (timm's default) attention is one F.scaled_dot_product_attention call, and attn_drop never runs;
+`gelu="tanh"` uses GELU's tanh approximation.
 DeiT (Touvron et al.): the same with a distillation token, so two tokens precede the patches.
 Swin (Liu et al.): channels-last stages of windowed attention with relative position bias, shifted
 windows (torch.roll and an attention mask) every other block, and patch merging (strided slices).
@@ -37,19 +38,19 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, ratio: int = 2):
+    def __init__(self, dim: int, ratio: int = 2, gelu: str = "none"):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, dim * ratio), nn.GELU(), nn.Linear(dim * ratio, dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, dim * ratio), nn.GELU(gelu), nn.Linear(dim * ratio, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, fused_attn: bool = False):
+    def __init__(self, dim: int, heads: int, fused_attn: bool = False, gelu: str = "none"):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, fused_attn)
-        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, gelu=gelu)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -57,14 +58,15 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, image=32, patch=8, dim=32, depth=3, heads=4, classes=6, distilled=False, fused_attn=False):
+    def __init__(self, image=32, patch=8, dim=32, depth=3, heads=4, classes=6, distilled=False, fused_attn=False,
+                 gelu="none"):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
         self.prefix = 2 if distilled else 1
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
         self.dist_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5) if distilled else None
         self.pos_embed = nn.Parameter(torch.randn(1, self.prefix + (image // patch) ** 2, dim) * 0.5)
-        self.blocks = nn.Sequential(*[Block(dim, heads, fused_attn) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(dim, heads, fused_attn, gelu) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
 
@@ -173,9 +175,10 @@ class SwinTransformer(nn.Module):
         return self.head(x.mean(dim=(1, 2)))
 
 
-def vit(fused_attn: bool = False):
+def vit(fused_attn: bool = False, gelu: str = "none"):
+    """gelu="tanh": the tanh approximation, as in SigLIP's vision towers (exported as opset 20's Gelu)."""
     torch.manual_seed(0)
-    return VisionTransformer(fused_attn=fused_attn).eval()
+    return VisionTransformer(fused_attn=fused_attn, gelu=gelu).eval()
 
 
 def deit():
