@@ -78,7 +78,8 @@ class Explainer:
         """Heatmaps for a preprocessed float32 N x C x H x W batch, or uint8 RGB images (one or a list).
 
         The batch may also be an OrtValue or a DLPack tensor (PyTorch, CuPy): one already on the GPU is
-        bound there, with no copy through the host. `targets`: None (each image's top-1 class), one class index for all, or one per image.
+        bound there, with no copy through the host.
+        `targets`: None (each image's top-1 class), one class index for all, or one per image.
         `head_fusion` and `discard_ratio` apply to the rollout methods only.
         """
         if method not in ALL_METHODS:
@@ -142,6 +143,8 @@ class Explainer:
             except TypeError:
                 raise ExplainError(f"expected uint8 RGB images, a float32 batch, an OrtValue or a DLPack tensor, "
                                    f"got {type(inputs).__name__}") from None
+            except ValueError as error:
+                raise ExplainError(str(error)) from None
             shape = tuple(value.shape())
             if value.data_type() != "tensor(float)" or len(shape) != 4 or shape[2:] != (height, width):
                 raise ExplainError(f"expected a float32 batch N x C x {height} x {width}, "

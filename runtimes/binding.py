@@ -25,7 +25,13 @@ def as_ortvalue(value) -> ort.OrtValue:
     if isinstance(value, ort.OrtValue):
         return value
     if hasattr(value, "__dlpack__"):
-        return ort.OrtValue.from_dlpack(value)
+        try:
+            return ort.OrtValue.from_dlpack(value)
+        except RuntimeError as error:
+            if "contiguous" in str(error).lower():
+                raise ValueError("ONNX Runtime binds contiguous tensors only: pass a contiguous one "
+                                 "(tensor.contiguous() in PyTorch)") from None
+            raise
     raise TypeError(f"cannot bind a {type(value).__name__}: give a numpy array, an OrtValue or a DLPack tensor")
 
 

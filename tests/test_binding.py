@@ -73,3 +73,5 @@ def test_tensors_of_the_wrong_kind_are_refused_clearly(small_onnx):
         explainer.explain(ort.OrtValue.ortvalue_from_numpy(np.zeros((2, 3, 16, 16), np.float32)))
     with pytest.raises(onnxcam.ExplainError, match="got str"):
         explainer.explain("cat.jpg")
+    with pytest.raises(onnxcam.ExplainError, match=r"contiguous tensors only.*tensor.contiguous\(\)"):
+        explainer.explain(torch.zeros(2, 32, 32, 3).permute(0, 3, 1, 2))
