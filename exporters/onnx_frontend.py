@@ -127,7 +127,8 @@ def _norm_before(model: onnx.ModelProto, attention: str, shapes: dict[str, list]
             if name and name not in seen:
                 seen.add(name)
                 queue.append(name)
-    raise ExportError(f"no LayerNormalization of tokens precedes attention '{attention}': name a target layer")
+    raise ExportError(f"no LayerNormalization of tokens precedes attention '{attention}' (exports below opset 17 "
+                      f"split it into several operators): name a target layer")
 
 
 def attention_tensors(model: onnx.ModelProto, shapes: dict[str, list], layouts=()) -> list[str]:
@@ -195,13 +196,16 @@ def make_explainable(model: onnx.ModelProto, *, target_layers=None, output=None,
     gradients = append_gradients(model, differentiated, score, seed, builder)
 
     builder.nodes.append(helper.make_node("Identity", [selected], [SELECTED_OUTPUT]))
-    new_outputs = [helper.make_tensor_value_info(SELECTED_OUTPUT, onnx.TensorProto.INT64, [image_shape[0] or "batch"])]
+    # the batch keeps the image input's name for it, so that a runtime can size outputs from the input
+    batch = image_shape[0] or image.type.tensor_type.shape.dim[0].dim_param or "batch"
+    new_outputs = [helper.make_tensor_value_info(SELECTED_OUTPUT, onnx.TensorProto.INT64, [batch])]
 
     def expose(kind: str, sources: list[str], like: list[str]) -> list[str]:
         names = [f"onnxcam_{kind}_{i}" for i in range(len(sources))]
         for name, source, tensor in zip(names, sources, like):
             builder.nodes.append(helper.make_node("Identity", [source], [name]))
-            dims = [d if d is not None else "batch" for d in builder.shape(tensor)]
+            dims = builder.shape(tensor)  # batch first; other sizes that shape inference cannot tell stay unnamed
+            dims = [dims[0] or batch, *dims[1:]] if dims else dims
             new_outputs.append(helper.make_tensor_value_info(name, builder.elem_type(tensor), dims))
         return names
 
@@ -211,7 +215,7 @@ def make_explainable(model: onnx.ModelProto, *, target_layers=None, output=None,
     attention_gradient_names = expose("attention_gradient", gradients[len(targets):], attentions)
     prune(builder, [SELECTED_OUTPUT, *activations, *gradient_names, *attention_names, *attention_gradient_names])
 
-    graph.input.append(helper.make_tensor_value_info(CLASS_INPUT, onnx.TensorProto.INT64, [image_shape[0] or "batch"]))
+    graph.input.append(helper.make_tensor_value_info(CLASS_INPUT, onnx.TensorProto.INT64, [batch]))
     graph.node.extend(builder.nodes)
     graph.initializer.extend(builder.initializers)
     graph.output.extend(new_outputs)

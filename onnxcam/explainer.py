@@ -143,7 +143,7 @@ class Explainer:
             except TypeError:
                 raise ExplainError(f"expected uint8 RGB images, a float32 batch, an OrtValue or a DLPack tensor, "
                                    f"got {type(inputs).__name__}") from None
-            except ValueError as error:
+            except (ValueError, BufferError) as error:  # strided, or a tensor that requires grad
                 raise ExplainError(str(error)) from None
             shape = tuple(value.shape())
             if value.data_type() != "tensor(float)" or len(shape) != 4 or shape[2:] != (height, width):

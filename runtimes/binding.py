@@ -50,12 +50,17 @@ class BoundRunner:
 
     def run(self, names: list[str], feeds: dict) -> list[np.ndarray]:
         """The outputs `names` as host numpy arrays, for inputs given as numpy arrays, OrtValues or DLPack tensors."""
+        feeds = {name: value if isinstance(value, np.ndarray) else as_ortvalue(value) for name, value in feeds.items()}
         binding = self.session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
             else:
-                binding.bind_ortvalue_input(name, as_ortvalue(value))
+                binding.bind_ortvalue_input(name, value)
+        if any(not isinstance(v, np.ndarray) and v.device_name().lower() != "cpu" for v in feeds.values()):
+            # a tensor made on another CUDA stream (PyTorch's) may still be in the making: ONNX Runtime's
+            # stream does not wait for it, so the device is synchronised first
+            binding.synchronize_inputs()
         sizes = self._symbolic_sizes(feeds)
         arrays = []
         for name in names:
@@ -75,14 +80,15 @@ class BoundRunner:
         """The value of each named dimension ('batch', ...) of the model's inputs, read off the feeds."""
         sizes = {}
         for name, value in feeds.items():
-            for declared, actual in zip(self._input_shapes[name], shape_of(value)):
+            for declared, actual in zip(self._input_shapes.get(name, ()), shape_of(value)):
                 if isinstance(declared, str):
                     sizes[declared] = actual
         return sizes
 
     def _host_array(self, name: str, sizes: dict[str, int]) -> np.ndarray | None:
-        """An empty array for output `name`, or None where its shape or type is not known before the run."""
-        declared, dtype = self._outputs[name]
+        """An empty array for output `name`, or None where its shape or type is not known before the run
+        (or the name is unknown: ONNX Runtime then says so)."""
+        declared, dtype = self._outputs.get(name, ((None,), None))
         shape = [sizes.get(d) if isinstance(d, str) else d for d in declared]
         if dtype is None or any(d is None for d in shape):
             return None

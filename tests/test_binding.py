@@ -7,9 +7,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxcam
+from onnxcam.exporters import export_onnx
 from onnxcam.runtimes import create_session
 from onnxcam.runtimes.binding import BoundRunner
 
@@ -33,9 +34,48 @@ def test_bound_outputs_equal_a_plain_run_at_another_batch(small_onnx):
 
 def test_only_the_outputs_asked_for_are_fetched(small_onnx):
     session = create_session(small_onnx, "cpu")
+    bound, make_binding = [], session.io_binding
+
+    def spying_binding():
+        binding = make_binding()
+        bind_output = binding.bind_output
+        binding.bind_output = lambda name, *args: (bound.append(name), bind_output(name, *args))[1]
+        return binding
+
+    session.io_binding = spying_binding
     feeds = _feeds(session, 2, seed=1)
     (activation,) = BoundRunner(session).run(["onnxcam_activation_0"], feeds)
+    assert bound == ["onnxcam_activation_0"]
     np.testing.assert_array_equal(activation, session.run(["onnxcam_activation_0"], feeds)[0])
+
+
+def test_sizes_shape_inference_cannot_tell_are_left_open(tmp_path):
+    """Resize by scales computed at run time: the target's size is unknown to shape inference. The export
+    names only the batch (after the input's own name for it, here 'N'); the rest are fetched at run size."""
+    rng = np.random.default_rng(3)
+    weights = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "fc"),
+               numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales_source")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Abs", ["scales_source"], ["scales"]),
+             helper.make_node("Resize", ["conv", "", "scales"], ["up"], mode="nearest"),
+             helper.make_node("Relu", ["up"], ["target"]),
+             helper.make_node("GlobalAveragePool", ["target"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]), helper.make_node("MatMul", ["flat", "fc"], ["scores"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 5])], weights)
+    spec = export_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
+                       tmp_path / "resize.onnx", target_layers=["target"])
+    explainer = onnxcam.Explainer(tmp_path / "resize.onnx", provider="cpu")
+    declared = {o.name: o.shape for o in explainer.session.get_outputs()}
+    assert declared[spec.selected] == ["N"] and declared[spec.gradients[0]][0] == "N"
+    for batch in (3, 16):
+        x = rng.standard_normal((batch, 3, 8, 8)).astype(np.float32)
+        feeds = {"x": x, "onnxcam_class": np.full(batch, -1, np.int64)}
+        names = [spec.scores, *spec.activations, *spec.gradients]
+        for got, expected in zip(explainer.runner.run(names, feeds), explainer.session.run(names, feeds)):
+            np.testing.assert_array_equal(got, expected)
+        assert explainer.explain(x).heatmaps.shape == (batch, 8, 8)
 
 
 def test_outputs_of_open_shape_are_copied_out_once():
@@ -75,3 +115,5 @@ def test_tensors_of_the_wrong_kind_are_refused_clearly(small_onnx):
         explainer.explain("cat.jpg")
     with pytest.raises(onnxcam.ExplainError, match=r"contiguous tensors only.*tensor.contiguous\(\)"):
         explainer.explain(torch.zeros(2, 32, 32, 3).permute(0, 3, 1, 2))
+    with pytest.raises(onnxcam.ExplainError, match="detach"):
+        explainer.explain(torch.zeros(2, 3, 32, 32, requires_grad=True))
