@@ -78,7 +78,7 @@ def calls(args, configs: list[str]) -> dict:
             device = provider_of(config)
             model = build().to(device)
             inputs = torch.from_numpy(batch).to(device)
-            functions[config] = lambda: eager_gradcam(model, model.get_submodule(layer), inputs)
+            functions[config] = lambda m=model, t=inputs: eager_gradcam(m, m.get_submodule(layer), t)
         else:
             raise SystemExit(f"unknown configuration {config}")
     return functions
