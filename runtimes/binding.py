@@ -35,8 +35,8 @@ def as_ortvalue(value) -> ort.OrtValue:
     raise TypeError(f"cannot bind a {type(value).__name__}: give a numpy array, an OrtValue or a DLPack tensor")
 
 
-def shape_of(value) -> tuple[int, ...]:
-    return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(as_ortvalue(value).shape())
+def shape_of(value: np.ndarray | ort.OrtValue) -> tuple[int, ...]:
+    return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())
 
 
 class BoundRunner:
@@ -88,7 +88,9 @@ class BoundRunner:
     def _host_array(self, name: str, sizes: dict[str, int]) -> np.ndarray | None:
         """An empty array for output `name`, or None where its shape or type is not known before the run
         (or the name is unknown: ONNX Runtime then says so)."""
-        declared, dtype = self._outputs.get(name, ((None,), None))
+        if name not in self._outputs:
+            return None
+        declared, dtype = self._outputs[name]
         shape = [sizes.get(d) if isinstance(d, str) else d for d in declared]
         if dtype is None or any(d is None for d in shape):
             return None

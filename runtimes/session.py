@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from functools import cache
 
 import onnxruntime as ort
 
@@ -58,9 +59,11 @@ def create_session(path, provider: str = "auto", threads: int | None = None,
     return session or ort.InferenceSession(path, options, providers=[PROVIDERS["cpu"]])
 
 
+@cache
 def _preload_cuda_libraries():
     """Loads CUDA and cuDNN from PyPI's nvidia packages (`pip install "onnxruntime-gpu[cuda,cudnn]"`) where they
-    are installed, so that no system CUDA is needed; it prints what it cannot find, which is kept quiet here."""
+    are installed, so that no system CUDA is needed; it prints what it cannot find, which is kept quiet here.
+    Once per process: the libraries stay loaded."""
     if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             ort.preload_dlls()
