@@ -1,0 +1,323 @@
+"""Every gradient rule against central finite differences of the original graph (issue 9).
+
+CASES maps each operator of the rule table to small graphs built with onnx.helper that put that operator
+between a target tensor and the score. Each graph is exported with the target named, the explainable file
+runs at batch 3 (no static size in any graph is 3), and its gradient is compared with central differences
+of the original graph's selected score, the target fed from outside and everything else computed as
+usual, so that paths around an intermediate target still count. Graphs are float64 where ONNX Runtime
+runs the operator in double (tight tolerances), float32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+from onnxcam.exporters import export_onnx
+from onnxcam.exporters.autodiff import RULES
+
+BATCH = 3
+C, H, W, K = 2, 4, 5, 4  # image channels, height, width and classes: none equals BATCH
+DOUBLE, FLOAT = TensorProto.DOUBLE, TensorProto.FLOAT
+
+
+@dataclass
+class Case:
+    """A graph from the image `x` (N x C x H x W) through `nodes` to the tensor `out`, which a random linear
+    head turns into K scores; `constants` are initializers (float arrays take the case's element type)."""
+
+    nodes: list[onnx.NodeProto]
+    out: str
+    constants: dict[str, np.ndarray]
+    target: str = "x"
+    dtype: int = DOUBLE
+    opset: int = 18
+    head: bool = True  # False: `out` already is N x K
+
+    def model(self) -> onnx.ModelProto:
+        float_type = helper.tensor_dtype_to_np_dtype(self.dtype)
+        initializers = [numpy_helper.from_array(v.astype(float_type) if v.dtype.kind == "f" else v, name)
+                        for name, v in self.constants.items()]
+        nodes = list(self.nodes)
+        if self.head:
+            width = int(np.prod(_shapes(self, nodes, initializers)[self.out][1:]))
+            initializers.append(numpy_helper.from_array(random(width, K).astype(float_type), "head_w"))
+            nodes += [helper.make_node("Flatten", [self.out], ["head_flat"]),
+                      helper.make_node("MatMul", ["head_flat", "head_w"], ["scores"])]
+        graph = helper.make_graph(nodes, "case", [helper.make_tensor_value_info("x", self.dtype, ["N", C, H, W])],
+                                  [helper.make_tensor_value_info("scores" if self.head else self.out, self.dtype,
+                                                                 None)], initializers)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], ir_version=10)
+
+
+def _shapes(case: Case, nodes, initializers) -> dict[str, list]:
+    graph = helper.make_graph(nodes, "partial", [helper.make_tensor_value_info("x", case.dtype, ["N", C, H, W])],
+                              [], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)], ir_version=10)
+    inferred = shape_inference.infer_shapes(model, strict_mode=True).graph.value_info
+    return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred}
+
+
+_rng = np.random.default_rng(0)
+
+
+def random(*shape) -> np.ndarray:
+    return _rng.standard_normal(shape)
+
+
+def ints(*values) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def node(op_type: str, inputs, output: str = "y", **attrs) -> onnx.NodeProto:
+    outputs = [output] if isinstance(output, str) else output
+    return helper.make_node(op_type, inputs.split() if isinstance(inputs, str) else inputs, outputs, **attrs)
+
+
+def single(op_type: str, extra: str = "", constants=None, **options) -> Case:
+    """x -> op_type(x, *extra) -> y -> head; attributes are the options Case does not take."""
+    fields = {k: options.pop(k) for k in ("dtype", "opset", "target") if k in options}
+    return Case([node(op_type, ["x", *extra.split()], **options)], "y", constants or {}, **fields)
+
+
+CaseBuilder = Callable[[], Case]
+CASES: dict[str, dict[str, CaseBuilder]] = {}
+
+
+def cases(op_type: str, builder: CaseBuilder | None = None, **variants: CaseBuilder) -> None:
+    """Register the graphs that exercise `op_type`'s rule: one unnamed, or named variants."""
+    CASES.setdefault(op_type, {}).update({"": builder} if builder else variants)
+
+
+def batched(name: str, indices: np.ndarray) -> list[onnx.NodeProto]:
+    """Nodes making `name`: int64 `indices` (first dimension 1) repeated over the batch of x at run time."""
+    return [node("Shape", "x", f"{name}_shape", end=1),
+            node("Concat", [f"{name}_shape", f"{name}_rest"], f"{name}_dims", axis=0),
+            node("Expand", [f"{name}_const", f"{name}_dims"], name)], \
+        {f"{name}_rest": ints(*indices.shape[1:]), f"{name}_const": indices}
+
+
+# element-wise ---------------------------------------------------------------------------------------------
+for _op in ("Identity", "Dropout", "Neg", "Relu", "Sigmoid", "Tanh", "Exp", "Abs"):
+    cases(_op, lambda op=_op: single(op))
+cases("LeakyRelu", lambda: single("LeakyRelu", alpha=0.3))
+cases("Clip", both_bounds=lambda: single("Clip", "lo hi", {"lo": np.array(-0.5), "hi": np.array(0.8)}),
+      min_only=lambda: single("Clip", "lo", {"lo": np.array(-0.5)}),
+      max_only=lambda: Case([node("Clip", ["x", "", "hi"])], "y", {"hi": np.array(0.8)}))
+cases("HardSigmoid", lambda: single("HardSigmoid", alpha=0.5, beta=0.6, dtype=FLOAT))  # kinks at -1.2 and 0.8
+cases("HardSwish", lambda: Case([node("Mul", "x two", "x2"), node("HardSwish", "x2")], "y",
+                                {"two": np.array(2.0)}, dtype=FLOAT))  # kinks at +-3, 0.1 from any 2x
+cases("Sqrt", lambda: Case([node("Exp", "x", "e"), node("Sqrt", "e")], "y", {}))
+cases("Reciprocal", lambda: Case([node("Exp", "x", "e"), node("Reciprocal", "e")], "y", {}))
+cases("Log", lambda: Case([node("Sigmoid", "x", "s"), node("Log", "s")], "y", {}))
+cases("Erf", lambda: single("Erf", dtype=FLOAT))
+cases("Gelu", exact=lambda: single("Gelu", dtype=FLOAT, opset=20),
+      tanh=lambda: single("Gelu", approximate="tanh", dtype=FLOAT, opset=20))
+cases("Pow", float_exponent=lambda: Case([node("Exp", "x", "e"), node("Pow", "e p")], "y", {"p": np.array(1.5)}),
+      int_exponent=lambda: single("Pow", "p", {"p": np.array(3, np.int64)}))
+cases("Cast", lambda: Case([node("Cast", "x", "wide", to=DOUBLE), node("Mul", "wide wide", "square"),
+                            node("Cast", "square", to=FLOAT)], "y", {}, dtype=FLOAT))
+
+# arithmetic with broadcasting: the constant broadcast over x, and x's channel mean `m` broadcast over x
+MEAN = node("ReduceMean", "x one", "m", keepdims=1)
+for _op in ("Add", "Sub", "Mul"):
+    cases(_op, constant=lambda op=_op: single(op, "b", {"b": random(C, 1, 1)}),
+          broadcast_first=lambda op=_op: Case([MEAN, node(op, "m x")], "y", {"one": ints(1)}))
+cases("Mul", same_operand=lambda: single("Mul", "x"))
+cases("Div", constant_numerator=lambda: Case([node("Exp", "x", "e"), node("Div", "b e")], "y", {"b": random(1, W)}),
+      both_from_x=lambda: Case([MEAN, node("Exp", "m", "e"), node("Div", "x e")], "y", {"one": ints(1)}))
+cases("Where", lambda: Case([node("Greater", "x zero", "positive"), MEAN,
+                             node("Where", "positive m b")], "y", {"zero": np.array(0.0), "b": random(H, 1),
+                                                                   "one": ints(1)}))
+cases("Expand", lambda: Case([node("ReduceMean", "x three", "m", keepdims=1), node("Unsqueeze", "m one", "u"),
+                              node("Expand", "u shape")], "y",
+                             {"three": ints(3), "one": ints(1), "shape": ints(1, 2, 1, 1, W)}))
+
+# windows and linear algebra ------------------------------------------------------------------------------
+cases("Conv", groups_dilations_strides=lambda: single(
+          "Conv", "w b", {"w": random(4, 1, 2, 2), "b": random(4)}, group=2, dilations=[1, 2], strides=[2, 1],
+          pads=[1, 2, 0, 1], dtype=FLOAT),
+      same_upper=lambda: single("Conv", "w", {"w": random(C, C, 2, 2)}, auto_pad="SAME_UPPER", strides=[2, 1],
+                                dtype=FLOAT))
+cases("MaxPool", pads_ceil=lambda: single("MaxPool", kernel_shape=[2, 2], strides=[3, 1], pads=[0, 1, 0, 0],
+                                          ceil_mode=1),
+      with_indices=lambda: single("MaxPool", output=["y", "where"], kernel_shape=[2, 2], dilations=[2, 1]))
+cases("AveragePool",
+      exclude_pad_ceil=lambda: single("AveragePool", kernel_shape=[2, 2], strides=[3, 1], pads=[0, 1, 0, 0],
+                                      ceil_mode=1, count_include_pad=0, dtype=FLOAT),
+      include_pad=lambda: single("AveragePool", kernel_shape=[2, 2], strides=[1, 3], pads=[1, 1, 1, 1],
+                                 count_include_pad=1, dtype=FLOAT))
+cases("GlobalAveragePool", lambda: single("GlobalAveragePool", dtype=FLOAT))
+FLAT = node("Flatten", "x", "flat")
+FLAT_T = node("Transpose", "flat", "flat_t", perm=[1, 0])
+SIZE = C * H * W
+cases("Gemm",
+      a_plain=lambda: Case([FLAT, node("Gemm", "flat w c", alpha=0.7, beta=1.3)], "y",
+                           {"w": random(SIZE, K), "c": random(K)}),
+      a_both_transposed=lambda: Case([FLAT, FLAT_T, node("Gemm", "flat_t w", transA=1, transB=1)], "y",
+                                     {"w": random(K, SIZE)}),
+      b_transposed=lambda: Case([FLAT, node("Gemm", "w flat c", "kn", transB=1, beta=0.5),
+                                 node("Transpose", "kn", perm=[1, 0])], "y", {"w": random(K, SIZE), "c": random(K, 1)}),
+      b_a_transposed=lambda: Case([FLAT, FLAT_T, node("Gemm", "w flat_t", "kn", transA=1),
+                                   node("Transpose", "kn", perm=[1, 0])], "y", {"w": random(SIZE, K)}))
+cases("MatMul", constant_second=lambda: single("MatMul", "w", {"w": random(W, 6)}),
+      constant_first_broadcast=lambda: Case([node("MatMul", "w x")], "y", {"w": random(2, H)}),
+      both_from_x=lambda: Case([node("Transpose", "x", "xt", perm=[0, 1, 3, 2]), node("MatMul", "x xt")], "y", {}),
+      vector_second=lambda: single("MatMul", "v", {"v": random(W)}),
+      vector_first=lambda: Case([node("MatMul", "v x")], "y", {"v": random(H)}))
+
+# normalisation --------------------------------------------------------------------------------------------
+cases("BatchNormalization", lambda: single("BatchNormalization", "g b mean var", {
+    "g": random(C), "b": random(C), "mean": random(C), "var": np.exp(random(C))}, epsilon=1e-3))
+cases("LayerNormalization", last_axis=lambda: single("LayerNormalization", "g b", {"g": random(W), "b": random(W)}),
+      from_channels=lambda: single("LayerNormalization", "g", {"g": random(C, H, W)}, axis=1, epsilon=1e-3))
+cases("Softmax", channels=lambda: single("Softmax", axis=1), last=lambda: single("Softmax"))
+cases("LogSoftmax", lambda: single("LogSoftmax", axis=2))
+
+# reductions -----------------------------------------------------------------------------------------------
+cases("ReduceMean", keepdims_0=lambda: single("ReduceMean", "axes", {"axes": ints(2, 3)}, keepdims=0),
+      negative_axis=lambda: single("ReduceMean", "axes", {"axes": ints(-1)}),
+      opset_13_attribute=lambda: single("ReduceMean", axes=[2], keepdims=0, opset=13))
+cases("ReduceSum", keepdims_0=lambda: single("ReduceSum", "axes", {"axes": ints(1, 3)}, keepdims=0),
+      empty_axes_noop=lambda: single("ReduceSum", noop_with_empty_axes=1))
+
+# moving data ----------------------------------------------------------------------------------------------
+cases("Flatten", lambda: single("Flatten"))
+cases("Reshape", lambda: single("Reshape", "shape", {"shape": ints(0, 5, -1)}))
+cases("Squeeze", lambda: Case([node("Unsqueeze", "x axes", "u"), node("Squeeze", "u axes")], "y",
+                              {"axes": ints(2, -1)}))
+cases("Unsqueeze", lambda: single("Unsqueeze", "axes", {"axes": ints(1, -1)}))
+cases("Transpose", lambda: single("Transpose", perm=[0, 3, 1, 2]))
+cases("Concat", lambda: Case([node("Exp", "x", "e"), node("Concat", "x e x", axis=-2)], "y", {}))
+cases("Split", sizes_some_unused=lambda: Case([node("Split", "x sizes", ["a", "unused", "c"], axis=2),
+                                               node("Mul", "a c")], "y", {"sizes": ints(1, 2, 1)}),
+      num_outputs=lambda: Case([node("Split", "x", ["a", "b"], axis=-2, num_outputs=2), node("Sub", "b a")], "y", {}))
+cases("Slice", steps=lambda: single("Slice", "starts ends axes steps", {
+          "starts": ints(0, 1), "ends": ints(4, 5), "axes": ints(2, 3), "steps": ints(2, 2)}),
+      negative_start=lambda: single("Slice", "starts ends axes", {
+          "starts": ints(-4), "ends": ints(np.iinfo(np.int64).max), "axes": ints(-1)}),
+      default_axes=lambda: single("Slice", "starts ends", {
+          "starts": ints(0, 0, 1), "ends": ints(np.iinfo(np.int64).max, 1, -1)}))
+cases("Gather", negative_indices=lambda: single("Gather", "i", {"i": ints(-1, 0)}, axis=3),
+      scalar_index=lambda: single("Gather", "i", {"i": np.array(1, np.int64)}, axis=1),
+      matrix_indices=lambda: single("Gather", "i", {"i": ints([0, 1], [1, -1])}, axis=2))
+cases("Pad", constant_negative=lambda: single("Pad", "pads value", {
+          "pads": ints(0, 0, 1, -1, 0, 0, -1, 2), "value": np.array(0.5)}),
+      constant_axes=lambda: Case([node("Pad", ["x", "pads", "", "axes"])], "y",
+                                 {"pads": ints(2, 1, 0, 1), "axes": ints(1, -1)}))
+
+
+# the test -------------------------------------------------------------------------------------------------
+def images(dtype: int) -> np.ndarray:
+    """BATCH images of distinct values 0.1 apart (none within 0.05 of an integer multiple of 0.1), shuffled
+    per image: finite differences of piecewise operators stay on one piece, and maxima have no ties."""
+    count = C * H * W
+    values = (np.arange(count) - count / 2 + 0.5) * 0.1
+    batch = np.stack([np.random.default_rng(i).permutation(values) for i in range(BATCH)])
+    return batch.reshape(BATCH, C, H, W).astype(helper.tensor_dtype_to_np_dtype(dtype))
+
+
+def scored_in_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A float64 graph whose score leaves it in float32: the exporter's class selection (OneHot) has no
+    float64 kernel in ONNX Runtime. The gradient is still computed in float64 (the Cast rule), and the finite
+    differences read the float64 score before this last cast."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    score = model.graph.output[0]
+    if score.type.tensor_type.elem_type == DOUBLE:
+        model.graph.node.append(node("Cast", [score.name], "scores_float32", to=FLOAT))
+        model.graph.output[0].CopyFrom(helper.make_tensor_value_info("scores_float32", FLOAT, None))
+    return model
+
+
+def fed_from_outside(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
+    """The original graph with `target` as an extra input (its producer's output renamed away), everything
+    else computed as before; also outputs `target` itself when it is not the image."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    if target == "x":
+        return model
+    for n in model.graph.node:
+        n.output[:] = [f"{o}_cut" if o == target else o for o in n.output]
+    elem_type = model.graph.input[0].type.tensor_type.elem_type
+    model.graph.input.append(helper.make_tensor_value_info(target, elem_type, None))
+    return model
+
+
+def target_value(model: onnx.ModelProto, target: str, x: np.ndarray) -> np.ndarray:
+    if target == "x":
+        return x
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe.graph.output.append(helper.make_tensor_value_info(target, probe.graph.input[0].type.tensor_type.elem_type,
+                                                            None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run([target], {"x": x})[0]
+
+
+def finite_differences(model: onnx.ModelProto, target: str, x: np.ndarray, image: int, selected: int,
+                       eps: float) -> np.ndarray:
+    """d score[selected] / d target[image] by central differences, every element in one batched run."""
+    session = ort.InferenceSession(fed_from_outside(model, target).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    base = target_value(model, target, x)[image]
+    count = base.size
+    steps = (np.eye(count) * eps).astype(base.dtype).reshape(count, *base.shape)
+    feeds = {target: np.concatenate([base + steps, base - steps])}
+    if target != "x":
+        feeds["x"] = np.repeat(x[image:image + 1], 2 * count, axis=0)
+    scores = session.run([model.graph.output[0].name], feeds)[0].reshape(2 * count, -1)[:, selected]
+    return ((scores[:count].astype(np.float64) - scores[count:]) / (2 * eps)).reshape(base.shape)
+
+
+def _ids() -> list[tuple[str, str]]:
+    return [(op, variant) for op, variants in CASES.items() for variant in variants]
+
+
+@pytest.mark.parametrize(("op_type", "variant"), _ids(), ids=[f"{op}-{v}" if v else op for op, v in _ids()])
+def test_rule_matches_finite_differences(op_type: str, variant: str, tmp_path: Path):
+    global _rng
+    _rng = np.random.default_rng(zlib.crc32(f"{op_type}-{variant}".encode()))
+    case = CASES[op_type][variant]()
+    model = case.model()
+    assert any(n.op_type == op_type for n in model.graph.node), "the case must use the operator it tests"
+    static = {d for shape in _shapes(case, model.graph.node, model.graph.initializer).values() for d in shape}
+    assert BATCH not in static, "a static size equal to the batch could hide a rule that mixes the two up"
+    spec = export_onnx(scored_in_float32(model), tmp_path / "case.onnx", target_layers=[case.target], layouts=["nchw"])
+    session = ort.InferenceSession(str(tmp_path / "case.onnx"), providers=["CPUExecutionProvider"])
+    x = images(case.dtype)
+    requested = np.array([-1, 0, K - 1], np.int64)
+    scores, selected, gradient = session.run([spec.scores, spec.selected, spec.gradients[0]],
+                                             {"x": x, "onnxcam_class": requested})
+    assert selected[0] == scores.reshape(BATCH, -1)[0].argmax() and list(selected[1:]) == [0, K - 1]
+    double = case.dtype == DOUBLE
+    for image in range(BATCH):
+        expected = finite_differences(model, case.target, x, image, selected[image], 1e-6 if double else 1e-2)
+        assert np.abs(expected).max() > 0, "the score must depend on the target"
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(gradient[image], expected, rtol=1e-6 if double else 1e-2,
+                                   atol=(1e-7 if double else 1e-2) * scale, err_msg=f"image {image}")
+
+
+def covered_elsewhere() -> set[str]:
+    """Quantized operators' rules (exporters/autodiff/quantized.py, when present) that tests/test_quantized.py
+    names: those have their own finite-difference tests there."""
+    path = Path(__file__).with_name("test_quantized.py")
+    return set(re.findall(r"[\"'](\w+)[\"']", path.read_text())) if path.exists() else set()
+
+
+def test_every_rule_has_a_case():
+    try:
+        from onnxcam.exporters.autodiff.quantized import QUANTIZED_RULES
+    except ImportError:
+        QUANTIZED_RULES = {}  # noqa: N806
+    quantized = set(QUANTIZED_RULES)
+    rules = set(RULES) | quantized
+    assert sorted(rules - (quantized & covered_elsewhere()) - set(CASES)) == [], "rules without a case"
+    assert sorted(set(CASES) - rules) == [], "cases for operators without a rule"
