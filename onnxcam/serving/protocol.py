@@ -1,0 +1,167 @@
+"""Request and response shapes of the two inference protocols, checked before anything is allocated.
+
+- Open Inference Protocol (KServe V2, Triton): `{"inputs": [{"name", "shape", "datatype", "data"}]}` ->
+  `{"model_name", "model_version", "outputs": [...]}`.
+- KServe V1 (TensorFlow Serving's REST API plus `:explain`): `{"instances": [...]}` -> `{"predictions": [...]}`,
+  and for explain `{"predictions": [...], "explanations": [...]}`. An instance is a C x H x W nested list of
+  preprocessed numbers, or an encoded image as `{"b64": ...}` (TensorFlow Serving's binary convention, also
+  `{"image_bytes": {"b64": ...}}`).
+
+No web framework here: the embedded server and the KServe model (`onnxcam.kserve`) share it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..contract import ExplainSpec
+from ..core import top_classes
+
+MAX_IMAGES = 256  # per request: a claimed batch beyond this is refused before anything is read
+
+
+class HTTPError(Exception):
+    """A request the server refuses, with the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Request:
+    """What an inference request asks, in either protocol: a float32 batch, or encoded images to decode and
+    preprocess first (V1 `b64` instances); the method and target from its `parameters`."""
+
+    batch: np.ndarray | None
+    images: list[bytes]
+    method: str | None
+    target: object
+
+
+def _input_shape(spec: ExplainSpec) -> list[int]:
+    channels = len(spec.mean) if spec.mean else 3
+    return [channels, *spec.input_size]
+
+
+def _parameters(payload: dict) -> dict:
+    parameters = payload.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise HTTPError(400, "parameters must be an object")
+    return parameters
+
+
+def parse_v2(payload, spec: ExplainSpec) -> Request:
+    """The one input tensor of an Open Inference request, checked against the model's name, datatype and
+    shape; the claimed shape is checked against the data's length before any array is made."""
+    expected = f"expected {{'inputs': [{{'name': '{spec.input}', 'shape', 'datatype', 'data'}}]}}"
+    try:
+        inputs = payload["inputs"]
+        (tensor,) = [t for t in inputs if t.get("name") == spec.input] or inputs[:1]
+        shape, datatype, data = tensor["shape"], tensor["datatype"], tensor["data"]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise HTTPError(400, expected) from None
+    if datatype != "FP32":
+        raise HTTPError(400, f"input datatype must be FP32, got {datatype}")
+    image_shape = _input_shape(spec)
+    if not (isinstance(shape, list) and len(shape) == 4 and all(type(d) is int for d in shape)
+            and shape[1:] == image_shape and 1 <= shape[0] <= MAX_IMAGES):
+        raise HTTPError(400, f"input shape must be [N, {', '.join(map(str, image_shape))}] with 1 <= N <= "
+                             f"{MAX_IMAGES}, got {shape}")
+    needed = math.prod(shape)
+    if not isinstance(data, list) or len(data) != needed:
+        held = len(data) if isinstance(data, list) else "no list of"
+        raise HTTPError(400, f"input data holds {held} values, shape {shape} needs {needed} (a flat list)")
+    try:
+        array = np.asarray(data, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise HTTPError(400, "input data must be a flat list of numbers") from None
+    if array.shape != (needed,):
+        raise HTTPError(400, "input data must be a flat list of numbers")
+    parameters = _parameters(payload)
+    return Request(array.reshape(shape), [], parameters.get("method"), parameters.get("target"))
+
+
+def v2_tensor(name: str, array: np.ndarray, datatype: str) -> dict:
+    return {"name": name, "shape": list(array.shape), "datatype": datatype, "data": array.ravel().tolist()}
+
+
+def v2_response(name: str, spec: ExplainSpec, logits, heatmaps=None, targets=None) -> dict:
+    outputs = [v2_tensor(spec.scores, logits, "FP32")]
+    if heatmaps is not None:
+        outputs += [v2_tensor("heatmaps", heatmaps, "FP32"), v2_tensor("targets", targets, "INT64")]
+    return {"model_name": name, "model_version": "1", "outputs": outputs}
+
+
+def v2_metadata(name: str, spec: ExplainSpec, methods: list[str]) -> dict:
+    height, width = spec.input_size
+    return {
+        "name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
+        "inputs": [{"name": spec.input, "datatype": "FP32", "shape": [-1, *_input_shape(spec)]}],
+        "outputs": [{"name": spec.scores, "datatype": "FP32", "shape": [-1, spec.num_classes]},
+                    {"name": "heatmaps", "datatype": "FP32", "shape": [-1, height, width]},
+                    {"name": "targets", "datatype": "INT64", "shape": [-1]}],
+        "parameters": {"methods": methods, "labels": bool(spec.labels)},
+    }
+
+
+def _encoded(instance) -> bytes | None:
+    """The bytes of a `{"b64": ...}` or `{"image_bytes": {"b64": ...}}` instance, None for a tensor."""
+    if not isinstance(instance, dict):
+        return None
+    if isinstance(instance.get("image_bytes"), dict):
+        instance = instance["image_bytes"]
+    if not isinstance(instance.get("b64"), str):
+        raise HTTPError(400, "an instance object must be {'b64': <base64 image>} or {'image_bytes': {'b64': ...}}")
+    try:
+        return base64.b64decode(instance["b64"], validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPError(400, "an instance's b64 field is not base64") from None
+
+
+def _tensor_instance(instance, shape: list[int]) -> np.ndarray:
+    """A C x H x W nested list, its nesting checked level by level before numpy sees it."""
+    level = [instance]
+    for size in shape:
+        if not all(isinstance(row, list) and len(row) == size for row in level):
+            raise HTTPError(400, f"each instance must be a {' x '.join(map(str, shape))} nested list of numbers "
+                                 f"or {{'b64': <base64 image>}}")
+        level = [item for row in level for item in row]
+    try:
+        return np.asarray(instance, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise HTTPError(400, "instance values must be numbers") from None
+
+
+def parse_v1(payload, spec: ExplainSpec) -> Request:
+    """A KServe V1 request: all instances tensors, or all encoded images."""
+    instances = payload.get("instances") if isinstance(payload, dict) else None
+    if not isinstance(instances, list) or not 1 <= len(instances) <= MAX_IMAGES:
+        raise HTTPError(400, f"expected {{'instances': [...]}} with 1 to {MAX_IMAGES} instances")
+    encoded = [_encoded(instance) for instance in instances]
+    parameters = _parameters(payload)
+    if all(data is not None for data in encoded):
+        return Request(None, encoded, parameters.get("method"), parameters.get("target"))
+    if any(data is not None for data in encoded):
+        raise HTTPError(400, "instances must be all tensors or all encoded images, not a mix")
+    shape = _input_shape(spec)
+    batch = np.stack([_tensor_instance(instance, shape) for instance in instances])
+    return Request(batch, [], parameters.get("method"), parameters.get("target"))
+
+
+def v1_predictions(logits: np.ndarray, labels: list[str] | None, k: int = 5) -> list[dict]:
+    """Per instance: the scores, the top class and the top-k (TensorFlow Serving's one entry per instance)."""
+    tops = top_classes(logits, min(k, logits.shape[1]), labels)
+    return [{"scores": row.tolist(), "class": top[0]["class"], "label": top[0]["label"], "top": top}
+            for row, top in zip(logits, tops, strict=True)]
+
+
+def v1_explanations(heatmaps: np.ndarray, targets: np.ndarray, method: str, labels: list[str] | None) -> list[dict]:
+    """Per instance: the class explained and its H x W heatmap in [0, 1] at the model's input resolution."""
+    return [{"method": method, "target": int(target), "target_label": labels[int(target)] if labels else None,
+             "heatmap": heatmap.tolist()} for heatmap, target in zip(heatmaps, targets, strict=True)]

@@ -1,0 +1,182 @@
+"""The routes: health, the Open Inference (V2) and KServe V1 protocols, `POST /explain` for an encoded image,
+the web page and the metrics. Errors are raised (HTTPError, OnnxcamError) and answered by the app's
+exception handlers."""
+
+from __future__ import annotations
+
+import base64
+import json
+from importlib import resources
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from ..core import COLORMAPS, overlay, top_classes
+from ..errors import OnnxcamError
+from ..explainer import ALL_METHODS, ROLLOUT_METHODS, Explainer
+from ..files import decode_image, encode_png
+from . import protocol
+from .batcher import MicroBatcher
+from .middleware import Metrics
+from .protocol import HTTPError
+
+
+class Service:
+    """One explainable model behind the routes."""
+
+    def __init__(self, explainer: Explainer, name: str, batcher: MicroBatcher, metrics: Metrics, max_body: int,
+                 max_pixels: int):
+        self.explainer, self.spec, self.name = explainer, explainer.spec, name
+        self.batcher, self.metrics = batcher, metrics
+        self.max_body, self.max_pixels = max_body, max_pixels
+        self.draining = False  # set on SIGTERM: readiness turns false while accepted requests are answered
+        self.methods = [m for m in ALL_METHODS if self.spec.attentions or m not in ROLLOUT_METHODS]
+        self.page_html = resources.files(__package__).joinpath("page.html").read_text().replace(
+            "__CONFIG__", json.dumps({"methods": self.methods, "model": name}))
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/", self.page, name="/"),
+            Route("/v2/health/live", self.live, name="live"),
+            Route("/v2/health/ready", self.ready, name="ready"),
+            Route("/v2/models/{name}", self.metadata, name="metadata"),
+            Route("/v2/models/{name}/infer", self.infer_v2, methods=["POST"], name="infer"),
+            Route("/v2/models/{name}/explain", self.explain_v2, methods=["POST"], name="explain"),
+            Route("/v1/models", self.models_v1, name="v1 models"),
+            Route("/v1/models/{name}", self.model_v1, name="v1 model"),
+            Route("/v1/models/{name}:predict", self.predict_v1, methods=["POST"], name="v1 predict"),
+            Route("/v1/models/{name}:explain", self.explain_v1, methods=["POST"], name="v1 explain"),
+            Route("/explain", self.explain_image, methods=["POST"], name="/explain"),
+            Route("/metrics", self.metrics_route),
+        ]
+
+    # checks shared by the routes
+    def model_or_404(self, request: Request) -> None:
+        if request.path_params["name"] != self.name:
+            raise HTTPError(404, f"unknown model '{request.path_params['name']}'; this server has '{self.name}'")
+
+    def method_of(self, value) -> str:
+        method = value or "gradcam"
+        if method not in ALL_METHODS:
+            raise HTTPError(400, f"unknown method '{method}'; choose from {', '.join(ALL_METHODS)}")
+        return method
+
+    def classes_of(self, target, count: int) -> np.ndarray:
+        try:
+            return self.explainer.class_indices(None if target in (None, "") else target, count)
+        except (ValueError, TypeError) as error:
+            raise HTTPError(400, str(error)) from None
+
+    async def json_of(self, request: Request):
+        self.model_or_404(request)
+        try:
+            return json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise HTTPError(400, "the body is not JSON") from None
+
+    async def run(self, asked: protocol.Request, explain: bool):
+        """(method, logits, heatmaps, targets) for a parsed request, through the micro-batcher."""
+        batch = asked.batch
+        if batch is None:
+            images = [await run_in_threadpool(decode_image, data, f"instance {i}", self.max_pixels)
+                      for i, data in enumerate(asked.images)]
+            batch = await run_in_threadpool(self.explainer.prepare, images)
+        method = self.method_of(asked.method) if explain else "gradcam"
+        classes = self.classes_of(asked.target, len(batch))
+        return (method, *await self.batcher.submit(batch, classes, method))
+
+    # health, metadata, metrics, page
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ready = self.batcher.running and not self.draining
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    async def metadata(self, request: Request) -> Response:
+        self.model_or_404(request)
+        return JSONResponse(protocol.v2_metadata(self.name, self.spec, list(ALL_METHODS)))
+
+    async def metrics_route(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def page(self, request: Request) -> Response:
+        return HTMLResponse(self.page_html)
+
+    # Open Inference Protocol (V2)
+    async def infer_v2(self, request: Request) -> Response:
+        _, logits, _, _ = await self.run(protocol.parse_v2(await self.json_of(request), self.spec), explain=False)
+        return JSONResponse(protocol.v2_response(self.name, self.spec, logits))
+
+    async def explain_v2(self, request: Request) -> Response:
+        asked = protocol.parse_v2(await self.json_of(request), self.spec)
+        _, logits, heatmaps, targets = await self.run(asked, explain=True)
+        return JSONResponse(protocol.v2_response(self.name, self.spec, logits, heatmaps, targets))
+
+    # KServe V1
+    async def models_v1(self, request: Request) -> Response:
+        return JSONResponse({"models": [self.name]})
+
+    async def model_v1(self, request: Request) -> Response:
+        self.model_or_404(request)
+        return JSONResponse({"name": self.name, "ready": self.batcher.running and not self.draining})
+
+    async def predict_v1(self, request: Request) -> Response:
+        _, logits, _, _ = await self.run(protocol.parse_v1(await self.json_of(request), self.spec), explain=False)
+        return JSONResponse({"predictions": protocol.v1_predictions(logits, self.explainer.labels)})
+
+    async def explain_v1(self, request: Request) -> Response:
+        asked = protocol.parse_v1(await self.json_of(request), self.spec)
+        method, logits, heatmaps, targets = await self.run(asked, explain=True)
+        labels = self.explainer.labels
+        return JSONResponse({"predictions": protocol.v1_predictions(logits, labels),
+                             "explanations": protocol.v1_explanations(heatmaps, targets, method, labels)})
+
+    # an encoded image, for people and the page
+    async def image_of(self, request: Request) -> np.ndarray:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form(max_part_size=self.max_body)
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise HTTPError(400, "multipart body without a file field named 'file'")
+            data = await upload.read()
+        else:
+            data = await request.body()
+        return await run_in_threadpool(decode_image, data, "request body", self.max_pixels)
+
+    async def explain_image(self, request: Request) -> Response:
+        query = request.query_params
+        method = self.method_of(query.get("method"))
+        try:
+            alpha = float(query.get("alpha", 0.4))
+        except ValueError:
+            raise HTTPError(400, "alpha must be a number") from None
+        colormap = query.get("colormap", "jet")
+        if not 0 <= alpha <= 1 or colormap not in COLORMAPS:
+            raise HTTPError(400, f"alpha must lie in [0, 1] and colormap be one of {', '.join(COLORMAPS)}")
+        image = await self.image_of(request)
+        classes = self.classes_of(query.get("target"), 1)
+        # pixel work runs in worker threads (OpenCV releases the GIL): the event loop stays free
+        batch = await run_in_threadpool(self.explainer.prepare, image)
+        logits, heatmaps, targets = await self.batcher.submit(batch, classes, method)
+        picture = await run_in_threadpool(lambda: encode_png(overlay(image, heatmaps[0], alpha, colormap)))
+        if "image/png" in request.headers.get("accept", ""):
+            return Response(picture, media_type="image/png")
+        grey = np.repeat((heatmaps[0] * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+        heat = await run_in_threadpool(encode_png, grey)
+        target, labels = int(targets[0]), self.explainer.labels
+        return JSONResponse({"method": method, "target": target, "target_label": labels[target] if labels else None,
+                             "top5": top_classes(logits, 5, labels)[0],
+                             "overlay_png": base64.b64encode(picture).decode(),
+                             "heatmap_png": base64.b64encode(heat).decode()})
+
+
+async def http_error(request: Request, error: Exception) -> Response:
+    return JSONResponse({"error": str(error)}, status_code=getattr(error, "status", 400))
+
+
+EXCEPTION_HANDLERS = {HTTPError: http_error, OnnxcamError: http_error}  # OnnxcamError: the asker's mistake
