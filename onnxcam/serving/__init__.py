@@ -1,5 +1,5 @@
 """The embeddable explanation server (the `serve` extra): an ASGI application, its micro-batcher and web page."""
 
-from .app import create_app, serving
+from .app import create_app, run, serving
 
-__all__ = ["create_app", "serving"]
+__all__ = ["create_app", "run", "serving"]

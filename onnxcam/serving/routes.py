@@ -80,12 +80,12 @@ class Service:
 
     async def run(self, asked: protocol.Request, explain: bool):
         """(method, logits, heatmaps, targets) for a parsed request, through the micro-batcher."""
+        method = self.method_of(asked.method) if explain else "gradcam"
         batch = asked.batch
         if batch is None:
             images = [await run_in_threadpool(decode_image, data, f"instance {i}", self.max_pixels)
                       for i, data in enumerate(asked.images)]
             batch = await run_in_threadpool(self.explainer.prepare, images)
-        method = self.method_of(asked.method) if explain else "gradcam"
         classes = self.classes_of(asked.target, len(batch))
         return (method, *await self.batcher.submit(batch, classes, method))
 
