@@ -1,0 +1,416 @@
+"""How many timm architectures the ONNX front end explains with checked gradients (issue 10).
+
+One architecture per timm module (the smallest registered model by parameter count, random weights,
+10 classes) is exported by torch.onnx (dynamo at batch 2 with a dynamic batch; the legacy exporter
+where dynamo fails), made explainable by `onnxcam.exporters.export_onnx` with no names given, and then:
+  1. explained at batch 3 by `onnxcam.Explainer` (a random float batch);
+  2. its target must be a grid over the image: more than one cell, the image's aspect ratio within one
+     cell, no larger than the image;
+  3. its gradient must match central finite differences of the ORIGINAL file, with the target tensor cut
+     from its producer and fed from outside (residual paths that read it still count), along the
+     gradient's own direction and two random ones;
+  4. its heatmaps must be H x W of the image.
+Results: ok, wrong-target, wrong-gradient, wrong-heatmap (silently wrong), refused (an onnxcam error,
+one line), crashed (any other exception), torch-export-failed (left out of the share). Each module runs
+in its own subprocess with a timeout. Writes benchmarks/results/coverage.csv and coverage.md.
+
+Needs timm and torchvision, which must not enter the project's venv; a side venv:
+    python3.11 -m venv /work/venvs/timm && cd /work/venvs/timm
+    bin/pip install torch==2.13.0                       # first: the CPU build pinned everywhere
+    bin/pip install --no-deps torchvision==0.28.0      # the release built against torch 2.13.0
+    bin/pip install --no-deps timm
+    bin/pip install huggingface_hub safetensors pyyaml onnx onnxscript onnxruntime numpy pillow \
+        opencv-python-headless click threadpoolctl onnxruntime-extensions
+    bin/pip install --no-deps -e /work/main
+    bin/python /work/main/benchmarks/coverage.py            # restartable; --only MODULE, --force
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PICKS = Path.home() / ".cache" / "onnxcam" / "timm-picks.json"
+LOG = PICKS.with_name("coverage.log")  # the workers' stderr
+COLUMNS = ["module", "model", "params", "input", "exporter", "target", "target_op", "target_shape", "layout",
+           "grid", "result", "message", "seconds"]
+SILENTLY_WRONG = ("wrong-target", "wrong-gradient", "wrong-heatmap")
+CLASSES = 10
+EXPLAIN_BATCH = 3
+FD_STEPS = (1e-3, 1e-2, 1e-4)  # relative to the target's RMS; the best agreement counts (ReLU kinks, float32)
+FD_RTOL = 1e-2
+
+
+def import_timm():
+    """timm, with torchvision's compiled-operator registrations that fail against this torch build skipped."""
+    import torch
+
+    register_fake = torch.library.register_fake
+
+    def tolerant(*args, **kwargs):
+        try:
+            decorate = register_fake(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - a registration torchvision's binary cannot make
+            return lambda function: function
+
+        def apply(function):
+            try:
+                return decorate(function)
+            except Exception:  # noqa: BLE001
+                return function
+        return apply
+
+    torch.library.register_fake = tolerant
+    try:
+        import torchvision  # noqa: F401 - imported here so that its registrations meet the shim
+    finally:
+        torch.library.register_fake = register_fake
+    import timm
+    return timm
+
+
+# ---------------------------------------------------------------- picking one model per module
+
+def smallest_model(module: str) -> tuple[str, int]:
+    """The registered model of a timm module with the fewest parameters (counted on the meta device)."""
+    import torch
+    timm = import_timm()
+    sizes = []
+    for name in timm.list_models(module=module):
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, num_classes=CLASSES)
+            sizes.append((sum(p.numel() for p in model.parameters()), name))
+        except Exception:  # noqa: BLE001, S112 - a model that cannot be built on meta is not a candidate
+            continue
+    if not sizes:
+        raise RuntimeError(f"no model of {module} can be built")
+    params, name = min(sizes)
+    return name, params
+
+
+# ---------------------------------------------------------------- one module, in a subprocess
+
+def export_plain(model, size, path: Path) -> str:
+    """torch.onnx: dynamo at batch 2 with a dynamic batch, else the legacy exporter. Returns which ran."""
+    import torch
+    x = torch.randn(2, *size)
+    try:
+        torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+        return "dynamo"
+    except Exception as dynamo_error:  # noqa: BLE001
+        try:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            return "legacy"
+        except Exception as legacy_error:  # noqa: BLE001
+            raise ExportFailed(f"dynamo: {first_line(dynamo_error)} | legacy: {first_line(legacy_error)}") from None
+
+
+class ExportFailed(Exception):
+    """torch itself could not export the model (or its file does not run at another batch)."""
+
+
+class Wrong(Exception):
+    """onnxcam gave an answer, and it is wrong."""
+
+    def __init__(self, result: str, message: str):
+        super().__init__(message)
+        self.result = result
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+def session(model_or_path):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    source = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def check_plain(path: Path, model, batch) -> None:
+    """The exported file must run at a batch other than the export's and agree with torch."""
+    import numpy as np
+    import torch
+    try:
+        plain = session(path)
+        got = plain.run(None, {plain.get_inputs()[0].name: batch})[0]
+    except Exception as error:  # noqa: BLE001
+        raise ExportFailed(f"the exported file does not run at batch {len(batch)}: {first_line(error)}") from None
+    with torch.no_grad():
+        want = model(torch.from_numpy(batch)).numpy()
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max()):
+        raise ExportFailed(f"the exported file disagrees with torch at batch {len(batch)}")
+
+
+def grid_of(layout: str, shape) -> tuple[int, int]:
+    """(rows, columns) of the target's grid, read independently of onnxcam's code."""
+    if layout == "nchw":
+        return shape[2], shape[3]
+    if layout == "nhwc":
+        return shape[1], shape[2]
+    kind, prefix, grid = layout.split(":")
+    rows, columns = (int(v) for v in grid.split("x"))
+    if kind != "tokens" or len(shape) != 3 or shape[1] != int(prefix) + rows * columns:
+        raise Wrong("wrong-target", f"layout {layout} does not fit shape {list(shape)}")
+    return rows, columns
+
+
+def check_grid(layout: str, shape, image: tuple[int, int]) -> str:
+    rows, columns = grid_of(layout, shape)
+    height, width = image
+    fits = (rows * columns > 1 and rows <= height and columns <= width
+            and abs(columns - width * rows / height) <= 1 and abs(rows - height * columns / width) <= 1)
+    if not fits:
+        raise Wrong("wrong-target", f"grid {rows}x{columns} is not a grid over the {height}x{width} image")
+    return f"{rows}x{columns}"
+
+
+def cut_at(model, target: str, shape):
+    """A copy of the model that takes `target` as a graph input instead of computing it."""
+    import onnx
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    for node in cut.graph.node:
+        for i, name in enumerate(node.output):
+            if name == target:
+                node.output[i] = f"{target}__cut"
+    kept = [v for v in cut.graph.value_info if v.name != target]
+    del cut.graph.value_info[:]
+    cut.graph.value_info.extend(kept)
+    cut.graph.input.append(onnx.helper.make_tensor_value_info(target, onnx.TensorProto.FLOAT,
+                                                              ["batch", *shape[1:]]))
+    return cut
+
+
+def check_gradient(plain_path: Path, explainable: Path, spec, batch) -> str:
+    """Directional derivatives of the selected scores' sum: onnxcam's gradient vs central differences of the
+    original file with the target fed from outside; along the gradient itself and two random directions."""
+    import numpy as np
+    import onnx
+    rng = np.random.default_rng(1)
+    classes = rng.integers(0, spec.num_classes, size=len(batch)).astype(np.int64)
+    full = session(explainable)
+    scores, activation, gradient = full.run([spec.scores, spec.activations[0], spec.gradients[0]],
+                                            {spec.input: batch, spec.class_input: classes})
+    cut = session(cut_at(onnx.load(str(plain_path)), spec.layers[0], activation.shape))
+
+    def objective(target_value) -> float:
+        out = cut.run([spec.scores], {spec.input: batch, spec.layers[0]: target_value.astype(np.float32)})[0]
+        return float(out.reshape(len(batch), -1)[np.arange(len(batch)), classes].astype(np.float64).sum())
+
+    here = float(scores.reshape(len(batch), -1)[np.arange(len(batch)), classes].astype(np.float64).sum())
+    if abs(objective(activation) - here) > 1e-3 * (1 + abs(here)):
+        raise Wrong("wrong-gradient", "the cut file fed the exported activation does not give the same scores")
+    scale = float(np.sqrt(np.mean(activation.astype(np.float64) ** 2))) or 1.0
+    worst = 0.0
+    for direction in (gradient, rng.standard_normal(activation.shape), rng.standard_normal(activation.shape)):
+        direction = direction.astype(np.float64)
+        direction *= scale / (np.sqrt(np.mean(direction ** 2)) or 1.0)
+        analytic = float(np.sum(gradient.astype(np.float64) * direction))
+        bound = float(np.linalg.norm(gradient) * np.linalg.norm(direction))
+        errors = []
+        for step in FD_STEPS:
+            numeric = (objective(activation + step * direction) - objective(activation - step * direction)) / (2 * step)
+            errors.append(abs(analytic - numeric) / (max(abs(analytic), abs(numeric)) + 1e-5 * bound + 1e-12))
+        worst = max(worst, min(errors))
+    if worst > FD_RTOL:
+        raise Wrong("wrong-gradient", f"directional derivative off by {worst:.2g} (relative) from finite differences")
+    return f"gradient within {worst:.1g} of finite differences"
+
+
+def target_op(plain_path: Path, target: str) -> str:
+    import onnx
+    model = onnx.load(str(plain_path), load_external_data=False)
+    return next((n.op_type for n in model.graph.node if target in n.output), "?")
+
+
+def run_module(module: str, model_name: str, params: int) -> dict:
+    """Export, make explainable, explain and check one model; every outcome is a row."""
+    import torch
+    torch.set_num_threads(1)
+    row = dict.fromkeys(COLUMNS, "")
+    row.update(module=module, model=model_name, params=params)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            explain_and_check(row, model_name, Path(folder))
+        row["result"] = "ok"
+    except ExportFailed as error:
+        row.update(result="torch-export-failed", message=str(error))
+    except Wrong as error:
+        row.update(result=error.result, message=str(error))
+    except Exception as error:  # noqa: BLE001 - the sweep records every failure
+        from onnxcam.errors import OnnxcamError
+        refused = isinstance(error, OnnxcamError)
+        row.update(result="refused" if refused else "crashed", message=str(error) if refused else first_line(error))
+    return row
+
+
+def explain_and_check(row: dict, model_name: str, folder: Path) -> None:
+    import numpy as np
+    import torch
+    from onnxcam.exporters import export_onnx
+
+    import onnxcam
+    timm = import_timm()
+    model = timm.create_model(model_name, pretrained=False, num_classes=CLASSES).eval()
+    size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    row["input"] = "x".join(str(v) for v in size)
+    plain, explainable = folder / "plain.onnx", folder / "explainable.onnx"
+    row["exporter"] = export_plain(model, size, plain)
+    batch = np.random.default_rng(0).standard_normal((EXPLAIN_BATCH, *size)).astype(np.float32)
+    check_plain(plain, model, batch)
+    del model
+    torch.set_grad_enabled(False)
+
+    spec = export_onnx(plain, explainable)
+    shape = onnxcam_shape(explainable, spec, batch)
+    row.update(target=spec.layers[0], target_op=target_op(plain, spec.layers[0]), layout=spec.layouts[0],
+               target_shape="x".join(str(v) for v in shape))
+    result = onnxcam.Explainer(explainable, provider="cpu", threads=1).explain(batch, method="gradcam")
+    row["grid"] = check_grid(spec.layouts[0], shape, size[1:])
+    if result.heatmaps.shape != (EXPLAIN_BATCH, *size[1:]):
+        raise Wrong("wrong-heatmap", f"heatmaps {result.heatmaps.shape}, expected {(EXPLAIN_BATCH, *size[1:])}")
+    if not np.isfinite(result.heatmaps).all():
+        raise Wrong("wrong-heatmap", "heatmaps are not finite")
+    row["message"] = check_gradient(plain, explainable, spec, batch)
+
+
+def onnxcam_shape(explainable: Path, spec, batch) -> list:
+    """The target's shape at the explained batch (from one run, so symbolic sizes are resolved)."""
+    import numpy as np
+    classes = np.full(len(batch), -1, np.int64)
+    activation = session(explainable).run([spec.activations[0]], {spec.input: batch, spec.class_input: classes})[0]
+    return list(activation.shape)
+
+
+# ---------------------------------------------------------------- the sweep
+
+def read_rows(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    with path.open(newline="") as file:
+        return {row["module"]: row for row in csv.DictReader(file)}
+
+
+def write_tables(rows: dict[str, dict], csv_path: Path, md_path: Path) -> str:
+    ordered = [rows[m] for m in sorted(rows)]
+    with csv_path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, COLUMNS)
+        writer.writeheader()
+        writer.writerows(ordered)
+    summary = summarise(ordered)
+    lines = [f"# timm coverage of the ONNX front end\n\n{summary}\n",
+             "| module | model | exporter | target | op | target shape | layout | grid | result | message |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in ordered:
+        cells = [row[c] for c in ("module", "model", "exporter", "target", "target_op", "target_shape", "layout",
+                                  "grid", "result", "message")]
+        lines.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def summarise(rows: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["result"]] = counts.get(row["result"], 0) + 1
+    exportable = len(rows) - counts.get("torch-export-failed", 0)
+    ok = counts.get("ok", 0)
+    share = 100 * ok / exportable if exportable else 0.0
+    left_out = ", ".join(r["module"] for r in rows if r["result"] == "torch-export-failed") or "none"
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    return (f"Explained with checked gradients: {ok} of {exportable} architectures torch could export "
+            f"({share:.1f}%; goal >= 95%). Results: {detail}. Left out (torch could not export): {left_out}.")
+
+
+def load_picks() -> dict:
+    return json.loads(PICKS.read_text()) if PICKS.exists() else {}
+
+
+def pick(module: str, timeout: float) -> tuple[str, int]:
+    picks = load_picks()
+    if module not in picks:
+        out = subprocess.run([sys.executable, __file__, "--pick", module], capture_output=True, text=True,
+                             timeout=timeout, env=worker_env(), check=True)
+        picks = load_picks()
+        picks[module] = json.loads(out.stdout.strip().splitlines()[-1])
+        PICKS.parent.mkdir(parents=True, exist_ok=True)
+        PICKS.write_text(json.dumps(picks, indent=1))
+    return tuple(picks[module])
+
+
+def worker_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def sweep_one(module: str, timeout: float, log) -> dict:
+    start = time.perf_counter()
+    try:
+        name, params = pick(module, timeout)
+    except Exception as error:  # noqa: BLE001
+        return {**dict.fromkeys(COLUMNS, ""), "module": module, "result": "torch-export-failed",
+                "message": f"no model could be built: {first_line(error)}"}
+    try:
+        out = subprocess.run([sys.executable, __file__, "--worker", module, name, str(params)], capture_output=True,
+                             text=True, timeout=timeout, env=worker_env(), check=False)
+        log.write(f"===== {module} {name}\n{out.stderr[-4000:]}\n")
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        row = json.loads(lines[-1]) if lines else {
+            **dict.fromkeys(COLUMNS, ""), "module": module, "model": name, "params": params, "result": "crashed",
+            "message": f"worker died (exit {out.returncode}): {(out.stderr.strip().splitlines() or [''])[-1][:300]}"}
+    except subprocess.TimeoutExpired:
+        row = {**dict.fromkeys(COLUMNS, ""), "module": module, "model": name, "params": params, "result": "crashed",
+               "message": f"timed out after {timeout:.0f} s"}
+    row["seconds"] = f"{time.perf_counter() - start:.0f}"
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", help="modules to (re)run; repeatable")
+    parser.add_argument("--force", action="store_true", help="rerun modules already in the CSV")
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per module")
+    parser.add_argument("--worker", nargs=3, metavar=("MODULE", "MODEL", "PARAMS"), help=argparse.SUPPRESS)
+    parser.add_argument("--pick", metavar="MODULE", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.pick:
+        print(json.dumps(smallest_model(args.pick)))
+        return
+    if args.worker:
+        module, name, params = args.worker
+        print(json.dumps(run_module(module, name, int(params))))
+        return
+    csv_path, md_path = RESULTS / "coverage.csv", RESULTS / "coverage.md"
+    rows = read_rows(csv_path)
+    modules = args.only or import_timm().list_modules()
+    LOG.parent.mkdir(parents=True, exist_ok=True)
+    with LOG.open("a") as log:
+        for module in modules:
+            if module in rows and not (args.force or args.only):
+                continue
+            rows[module] = sweep_one(module, args.timeout, log)
+            log.flush()
+            print(f"{module:28s} {rows[module]['model']:36s} {rows[module]['result']:20s} "
+                  f"{rows[module]['message'][:100]}", flush=True)
+            write_tables(rows, csv_path, md_path)
+    print(write_tables(rows, csv_path, md_path))
+
+
+if __name__ == "__main__":
+    main()
