@@ -12,9 +12,9 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import random_images
 
 import onnxcam
-from conftest import random_images
 from onnxcam.files import decode_image, encode_png
 
 pytest.importorskip("kserve")
