@@ -83,7 +83,8 @@ def test_inspect_onnx_lists_tensors(exported):
 
 def test_explain_writes_good_images_and_reports_each_bad_one(exported, images, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("explain", exported, images, "-o", out, "--batch-size", "2", "--save-npy", "--provider", "cpu")
+    result = run_cli("explain", exported, images, "-o", out, "--batch-size", "2", "--save", "overlays,heatmaps",
+                     "--heatmap-format", "npy", "--provider", "cpu")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -96,8 +97,8 @@ def test_explain_writes_good_images_and_reports_each_bad_one(exported, images, t
         overlay = cv2.imread(str(out / f"{stem}.png"))
         original = cv2.imread(str(images / source))
         assert overlay.shape == original.shape
-        heatmap = np.load(out / f"{stem}.npy")
-        assert heatmap.shape == (32, 32) and heatmap.dtype == np.float32 and heatmap.max() == pytest.approx(1)
+        heatmap = np.load(out / f"{stem}.heatmap.npy")
+        assert heatmap.shape == (32, 32) and heatmap.dtype == np.float16 and heatmap.max() == pytest.approx(1)
     predictions = json.loads((out / "predictions.json").read_text())
     top = predictions[str(images / "a.png")]["top5"]
     assert len(top) == 4 and top[0]["label"] in {"ant", "bee", "cat", "dog"}

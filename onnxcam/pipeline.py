@@ -1,0 +1,645 @@
+"""Explaining image files into a folder, streamed: the job behind `onnxcam explain` and `onnxcam demo`.
+
+Three stages joined by bounded queues, so that memory stays flat whatever the number of files:
+a pool of threads reads, decodes and preprocesses; the caller's thread runs the session batch after
+batch; a pool of threads draws, encodes and writes, and one committer thread appends each finished batch
+to the record (JSON Lines, fsynced) in order. OpenCV and ONNX Runtime release the GIL, so threads suffice.
+
+Resuming after a crash (even `kill -9`): an image is done when its record line is; files are written whole
+(write, then rename) before their lines; the table's rows of a batch are staged in a file of their own before
+the batch's lines, and staged files are merged into Parquet parts named by the batches they hold. On resume,
+leftovers of an interrupted write are deleted, staged rows without record lines are dropped, staged rows
+already in a part are dropped, and only the images without a line are explained again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .core import overlay, preprocess
+from .core.scores import probabilities
+from .errors import ExplainError, ImageError
+from .explainer import Explainer, Explanation
+from .files import atomic_path, decode_image, read_image, write_atomic
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+RECORD = "record.jsonl"
+TABLE = "table"
+STAGING = ".staging"
+SAVE_CHOICES = ("overlays", "heatmaps", "table")
+
+
+@dataclass(frozen=True)
+class Source:
+    """An image to explain: `path` as given (a file path or a URI), `name` its output name without suffix."""
+
+    path: str
+    name: str
+
+
+def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
+    """Images in `folder` in sorted order, subfolders after the files when `recursive`."""
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+            yield Path(entry.path)
+    if recursive:
+        for entry in entries:
+            if entry.is_dir() and not entry.name.startswith("."):
+                yield from _walk(Path(entry.path), recursive)
+
+
+def iter_sources(items: Iterable[str | os.PathLike], recursive: bool = False) -> Iterator[Source]:
+    """Files as given, images inside given folders (nested ones too when `recursive`), URIs as given.
+
+    A folder's images are named by their path inside it, so that same-named files of two subfolders
+    do not overwrite each other's outputs.
+    """
+    for item in items:
+        text = os.fspath(item)
+        if "://" in text and not text.startswith("file://"):
+            yield Source(text, Path(text.rstrip("/").rsplit("/", 1)[-1]).stem or "image")
+            continue
+        path = Path(text.removeprefix("file://"))
+        if path.is_dir():
+            for found in _walk(path, recursive):
+                yield Source(str(found), str(found.relative_to(path).with_suffix("")))
+        else:
+            yield Source(text, path.stem)
+
+
+def read_list(path: str | os.PathLike) -> Iterator[str]:
+    """The paths or URIs of a list file, one per line; blank lines and lines starting with # are skipped."""
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip() and not line.lstrip().startswith("#"):
+                    yield line.strip()
+    except OSError as error:
+        raise ImageError(f"{path}: cannot be read ({error.strerror})") from None
+
+
+class Listing:
+    """The sources of a job, listed afresh at each pass (folders walked again, the list file read again):
+    a job counts them first, for its progress, without holding them in memory."""
+
+    def __init__(self, items: Iterable[str | os.PathLike] = (), recursive: bool = False,
+                 list_file: str | os.PathLike | None = None):
+        self.items, self.recursive, self.list_file = list(items), recursive, list_file
+
+    def __iter__(self) -> Iterator[Source]:
+        yield from iter_sources(self.items, self.recursive)
+        if self.list_file is not None:
+            yield from iter_sources(read_list(self.list_file), self.recursive)
+
+
+def collect_images(paths) -> list[Path]:
+    """Files as given, and the images inside given folders (sorted)."""
+    return [Path(source.path) for source in iter_sources(paths)]
+
+
+def load_image(source: str) -> np.ndarray:
+    """uint8 RGB from a file path, a file:// URI or, through fsspec, any URI it opens (s3://, gs://, http://)."""
+    if "://" not in source or source.startswith("file://"):
+        return read_image(source.removeprefix("file://"))
+    try:
+        import fsspec
+    except ImportError:
+        raise ImageError(f"{source}: reading URIs needs fsspec (pip install fsspec)") from None
+    try:
+        with fsspec.open(source, "rb") as handle:
+            data = handle.read()
+    except (OSError, ValueError, ImportError) as error:
+        raise ImageError(f"{source}: cannot be read ({error})") from None
+    return decode_image(data, source)
+
+
+@dataclass
+class FileBatch:
+    """One session run over files: the explanation of those that decoded, and the errors of those that did not."""
+
+    paths: list[str]  # the files explained, in the order of the explanation's images
+    explanation: Explanation | None  # None when no file of the batch could be decoded
+    images: list[np.ndarray] | None  # the decoded uint8 RGB images, when kept
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line message)
+
+
+def maps_per_image(explanation: Explanation) -> list[list[int]]:
+    """For each image of the batch, the indices of its heatmaps: by `image_index` where the explanation
+    has one (several targets per image), else one map per image."""
+    count = explanation.logits.shape[0]
+    index = getattr(explanation, "image_index", None)
+    if index is None:
+        return [[i] for i in range(count)]
+    grouped: list[list[int]] = [[] for _ in range(count)]
+    for position, image in enumerate(np.asarray(index).tolist()):
+        grouped[image].append(position)
+    return grouped
+
+
+def _decode(source: str, spec, keep_image: bool):
+    """(input tensor, image or None) for one file, or the ImageError's message."""
+    try:
+        image = load_image(source)
+    except ImageError as error:
+        return str(error)
+    tensor = preprocess([image], spec.input_size, spec.mean, spec.std)[0]
+    return tensor, image if keep_image else None
+
+
+def _decoded(paths: Iterable[str], spec, workers: int, ahead: int, keep_images: bool):
+    """(path, decoded or message) in order, at most `ahead` files in flight in a pool of `workers` threads."""
+    pending: deque[tuple[str, Future]] = deque()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="onnxcam-decode")
+    try:
+        for path in paths:
+            pending.append((path, pool.submit(_decode, path, spec, keep_images)))
+            if len(pending) >= ahead:
+                done_path, future = pending.popleft()
+                yield done_path, future.result()
+        while pending:
+            done_path, future = pending.popleft()
+            yield done_path, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def explain_batches(explainer: Explainer, paths: Iterable[str], *, method: str = "gradcam", targets=None,
+                    batch_size: int = 8, workers: int | None = None, keep_images: bool = False,
+                    **options) -> Iterator[FileBatch]:
+    """Explain files batch by batch, one session run each, while a pool of threads decodes the next ones.
+
+    A file that cannot be read or decoded is reported in its batch's `errors` and skipped.
+    `targets`: None (each image's top-1) or one class for all; `options` go to `Explainer.explain`.
+    """
+    workers = workers or os.cpu_count() or 1
+    batch: list[tuple[str, tuple]] = []
+    errors: list[tuple[str, str]] = []
+    for path, decoded in _decoded(paths, explainer.spec, workers, batch_size * (workers + 2), keep_images):
+        if isinstance(decoded, str):
+            errors.append((path, decoded))
+        else:
+            batch.append((path, decoded))
+        if len(batch) + len(errors) == batch_size:
+            yield _run(explainer, batch, errors, method, targets, keep_images, options)
+            batch, errors = [], []
+    if batch or errors:
+        yield _run(explainer, batch, errors, method, targets, keep_images, options)
+
+
+def _run(explainer, batch, errors, method, targets, keep_images, options) -> FileBatch:
+    if not batch:
+        return FileBatch([], None, None, errors)
+    tensors = np.stack([tensor for _, (tensor, _) in batch])
+    explanation = explainer.explain(tensors, method=method, targets=targets, **options)
+    images = [image for _, (_, image) in batch] if keep_images else None
+    return FileBatch([path for path, _ in batch], explanation, images, errors)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What the job writes: overlays (PNG or JPEG), heatmaps (8-bit PNG or float16 .npy), the Parquet table."""
+
+    overlays: bool = True
+    heatmaps: bool = False
+    table: bool = False
+    image_format: str = "png"
+    heatmap_format: str = "png"
+    alpha: float = 0.4
+    colormap: str = "jet"
+    rows_per_part: int = 10_000
+
+    @classmethod
+    def parse(cls, save: str, **options) -> Outputs:
+        """From a comma-separated list of overlays, heatmaps and table."""
+        chosen = {word.strip() for word in save.split(",") if word.strip()}
+        unknown = chosen - set(SAVE_CHOICES)
+        if unknown or not chosen:
+            raise ExplainError(f"cannot save '{save}': choose one or more of {', '.join(SAVE_CHOICES)}",
+                               option="save")
+        return cls(overlays="overlays" in chosen, heatmaps="heatmaps" in chosen, table="table" in chosen, **options)
+
+    @property
+    def files(self) -> bool:
+        return self.overlays or self.heatmaps
+
+
+@dataclass
+class Summary:
+    """How a job went: images explained and failed in this run, images skipped as already done."""
+
+    explained: int = 0
+    failed: int = 0
+    skipped: int = 0
+    outdir: Path = Path(".")
+    table: Path | None = None
+    record: Path = Path(RECORD)
+
+
+def uint8_map(heatmap: np.ndarray) -> np.ndarray:
+    """A [0, 1] heatmap as 8-bit levels (0-255, rounded)."""
+    return np.uint8(np.clip(heatmap, 0, 1) * 255 + 0.5)
+
+
+def _encode(image: np.ndarray, image_format: str) -> bytes:
+    extension = ".jpg" if image_format == "jpeg" else ".png"
+    ok, encoded = cv2.imencode(extension, np.ascontiguousarray(image[..., ::-1]))
+    if not ok:
+        raise ImageError(f"{image_format.upper()} encoding failed")
+    return encoded.tobytes()
+
+
+def _write_maps(outdir: Path, outputs: Outputs, names: list[str], image, heatmaps: np.ndarray) -> list[dict]:
+    """Write one image's overlays and heatmaps (whole files); per map, the files written."""
+    written = []
+    for name, heatmap in zip(names, heatmaps, strict=True):
+        files = {}
+        if outputs.overlays:
+            suffix = ".jpg" if outputs.image_format == "jpeg" else ".png"
+            picture = overlay(image, heatmap, alpha=outputs.alpha, colormap=outputs.colormap)
+            write_atomic(outdir / f"{name}{suffix}", _encode(picture, outputs.image_format))
+            files["overlay"] = f"{name}{suffix}"
+        if outputs.heatmaps and outputs.heatmap_format == "npy":
+            buffer = io.BytesIO()
+            np.save(buffer, heatmap.astype(np.float16))
+            write_atomic(outdir / f"{name}.heatmap.npy", buffer.getvalue())
+            files["heatmap"] = f"{name}.heatmap.npy"
+        elif outputs.heatmaps:
+            grey = cv2.imencode(".png", uint8_map(heatmap))[1]  # one channel, 8 bits
+            write_atomic(outdir / f"{name}.heatmap.png", grey.tobytes())
+            files["heatmap"] = f"{name}.heatmap.png"
+        written.append(files)
+    return written
+
+
+class Record:
+    """The JSON Lines record of finished images: one line per image, appended a batch at a time and fsynced.
+
+    Each line names its batch; the last line of a batch says so (`batch_end`). On resume, lines after the
+    last complete batch (a write cut short) are cut off, so a batch is recorded whole or not at all.
+    """
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        self.done: set[str] = set()
+        self.names: set[str] = set()
+        self.batches: set[int] = set()
+        if resume and path.exists():
+            self._load()
+        else:
+            path.write_bytes(b"")
+
+    def _load(self) -> None:
+        """Remember the lines of complete batches; cut off the rest."""
+        complete, offset, pending = 0, 0, []
+        with open(self.path, "rb") as lines:
+            for line in lines:
+                offset += len(line)
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    break
+                if not line.endswith(b"\n"):
+                    break
+                pending.append(entry)
+                if entry.get("batch_end"):
+                    for finished in pending:
+                        self.done.add(finished["path"])
+                        self.batches.add(finished["batch"])
+                        if finished.get("name"):
+                            self.names.add(finished["name"])
+                    pending, complete = [], offset
+        if complete < self.path.stat().st_size:
+            os.truncate(self.path, complete)
+
+    def append(self, entries: list[dict]) -> None:
+        """Write the lines of one batch, then flush them to the disk."""
+        entries[-1]["batch_end"] = True
+        with open(self.path, "ab") as handle:
+            handle.write(b"".join(json.dumps(entry).encode() + b"\n" for entry in entries))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def entries(self) -> Iterator[dict]:
+        with open(self.path, "rb") as lines:
+            for line in lines:
+                yield json.loads(line)
+
+
+def _table_schema(pa, size: tuple[int, int]):
+    top = pa.struct([("class", pa.int64()), ("label", pa.string()), ("score", pa.float32())])
+    return pa.schema([("path", pa.string()), ("method", pa.string()), ("class", pa.int64()), ("label", pa.string()),
+                      ("score", pa.float32()), ("top5", pa.list_(top)), ("heatmap", pa.list_(pa.uint8(), size[0] * size[1])),
+                      ("height", pa.int32()), ("width", pa.int32())])
+
+
+class Table:
+    """The results table, Parquet parts under OUT/table: a row per heatmap with the path, method, class
+    explained, its label and score, the top-5 classes, and the heatmap as uint8 (height x width, row-major).
+
+    A batch's rows are first staged in a file of their own (OUT/.staging), written before the batch's record
+    lines; staged files are merged into parts named by the first and last batch they hold, then deleted. On
+    resume a staged file is dropped if a part holds its batch, or if the record lacks its batch.
+    """
+
+    def __init__(self, outdir: Path, size: tuple[int, int], recorded: set[int], resume: bool, rows_per_part: int):
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ExplainError("writing the table needs pyarrow: pip install 'onnxcam[dataset]'") from None
+        self.pa, self.pq, self.rows_per_part = pa, pq, rows_per_part
+        self.schema = _table_schema(pa, size)
+        self.folder, self.staging = outdir / TABLE, outdir / STAGING
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(exist_ok=True)
+        merged = []
+        for part in self.folder.glob("part-*.parquet"):
+            if resume:
+                merged.append(tuple(int(n) for n in part.stem.split("-")[1:]))
+            else:
+                part.unlink()
+        self.staged: list[int] = []
+        self.rows = 0
+        for staged in sorted(self.staging.glob("batch-*.parquet")):
+            batch = int(staged.stem.split("-")[1])
+            if not resume or batch not in recorded or any(first <= batch <= last for first, last in merged):
+                staged.unlink()
+            else:
+                self.staged.append(batch)
+                self.rows += pq.read_metadata(staged).num_rows
+        self.last_batch = max([last for _, last in merged] + self.staged, default=-1)
+
+    def _staged_path(self, batch: int) -> Path:
+        return self.staging / f"batch-{batch:09d}.parquet"
+
+    def stage(self, batch: int, columns: dict) -> None:
+        """Write a batch's rows to their staging file, whole or not at all."""
+        table = self.pa.Table.from_pydict(columns, schema=self.schema)
+        with atomic_path(self._staged_path(batch)) as tmp:
+            self.pq.write_table(table, tmp, compression="snappy")
+        self.staged.append(batch)
+        self.rows += table.num_rows
+        if self.rows >= self.rows_per_part:
+            self.merge()
+
+    def merge(self) -> None:
+        """Merge the staged files into one part (streamed, row groups of about 1,024 rows), then delete them."""
+        if not self.staged:
+            return
+        first, last = self.staged[0], self.staged[-1]
+        part = self.folder / f"part-{first:09d}-{last:09d}.parquet"
+        with atomic_path(part) as tmp, self.pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
+            group = []
+            for batch in self.staged:
+                group.append(self.pq.read_table(self._staged_path(batch), schema=self.schema))
+                if sum(t.num_rows for t in group) >= 1024:
+                    writer.write_table(self.pa.concat_tables(group))
+                    group = []
+            if group:
+                writer.write_table(self.pa.concat_tables(group))
+        for batch in self.staged:
+            self._staged_path(batch).unlink()
+        self.staged, self.rows = [], 0
+        if not any(self.staging.iterdir()):
+            self.staging.rmdir()
+
+
+def _finish_image(outdir: Path, outputs: Outputs, names, image, heatmaps: np.ndarray):
+    """In the writing pool: one image's files, and its maps as 8-bit levels for the table."""
+    files = _write_maps(outdir, outputs, names, image, heatmaps) if outputs.files else [{} for _ in heatmaps]
+    levels = [uint8_map(heatmap) for heatmap in heatmaps] if outputs.table else None
+    return files, levels
+
+
+class _Committer(threading.Thread):
+    """Commits finished batches in order: waits for their writes, stages their table rows, appends their
+    record lines, then tells the callbacks. A bounded queue holds the batches in between."""
+
+    def __init__(self, job: _Job, depth: int = 2):
+        super().__init__(name="onnxcam-commit", daemon=True)
+        self.job, self.queue, self.error = job, queue.Queue(depth), None
+
+    def put(self, pending) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(pending, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Commit what is queued, stop, and raise the error a commit met, if one did."""
+        while self.is_alive():
+            try:
+                self.queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+    def run(self) -> None:
+        while (pending := self.queue.get()) is not None:
+            try:
+                self.job.commit(*pending)
+            except Exception as error:  # noqa: BLE001 - handed to the caller's thread, which raises it
+                self.error = error
+                return
+
+
+def _cleanup(outdir: Path) -> None:
+    """Delete the temporary files of writes cut short (by a crash) anywhere under `outdir`."""
+    for folder, _, names in os.walk(outdir):
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.unlink(os.path.join(folder, name))
+
+
+class _Job:
+    """The state of one `explain_files` run: the record, the table, output names taken, counts."""
+
+    def __init__(self, explainer: Explainer, outdir: Path, outputs: Outputs, method: str, resume: bool, callbacks):
+        outdir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _cleanup(outdir)
+        self.explainer, self.outdir, self.outputs, self.method = explainer, outdir, outputs, method
+        self.report, self.complain, self.progress = callbacks
+        self.record = Record(outdir / RECORD, resume)
+        self.table = Table(outdir, explainer.spec.input_size, self.record.batches, resume,
+                           outputs.rows_per_part) if outputs.table else None
+        last = max(self.record.batches | {self.table.last_batch if self.table else -1}, default=-1)
+        self.next_batch = last + 1
+        self.taken = set(self.record.names)
+        self.summary = Summary(outdir=outdir, table=outdir / TABLE if outputs.table else None,
+                               record=outdir / RECORD)
+        self.total: int | None = None
+
+    def unique_name(self, name: str) -> str:
+        candidate, n = name, 1
+        while candidate in self.taken:
+            n += 1
+            candidate = f"{name}_{n}"
+        self.taken.add(candidate)
+        return candidate
+
+    def prepare(self, batch: FileBatch, names: dict[str, str], pool: ThreadPoolExecutor) -> tuple:
+        """Record lines for a batch, the writes of its explained images submitted to `pool`."""
+        number, self.next_batch = self.next_batch, self.next_batch + 1
+        entries = [({"path": path, "batch": number, "error": message}, None, None) for path, message in batch.errors]
+        explanation, labels = batch.explanation, self.explainer.labels
+        if explanation is None:
+            return number, entries
+        tops = explanation.top_k(5, labels)
+        for i, (path, indices) in enumerate(zip(batch.paths, maps_per_image(explanation), strict=True)):
+            classes = [int(explanation.targets[m]) for m in indices]
+            maps = _map_entries(explanation, i, indices, labels)
+            line = {"path": path, "batch": number, "method": self.method, "top5": tops[i]}
+            files = None
+            if self.outputs.files:
+                line["name"] = self.unique_name(names.pop(path))
+                files = [line["name"]] if len(classes) == 1 else [f"{line['name']}.class{c}" for c in classes]
+            else:
+                names.pop(path)
+            image = batch.images[i] if batch.images is not None else None
+            future = pool.submit(_finish_image, self.outdir, self.outputs, files, image, explanation.heatmaps[indices])
+            entries.append((line, maps, future))
+        return number, entries
+
+    def commit(self, number: int, entries: list) -> None:
+        """In the committer thread: wait for a batch's writes, stage its rows, append its lines, tell."""
+        columns = {name: [] for name in ("path", "method", "class", "label", "score", "top5", "heatmap",
+                                         "height", "width")}
+        lines = []
+        for line, maps, future in entries:
+            if future is not None:
+                files, levels = future.result()
+                for entry, written in zip(maps, files, strict=True):
+                    entry.update(written)
+                if levels is not None:
+                    self._add_rows(columns, line, maps, levels)
+                if len(maps) == 1:
+                    line.update(maps[0])
+                else:
+                    line["maps"] = maps
+            lines.append(line)
+        if self.table is not None and columns["path"]:
+            self.table.stage(number, columns)
+        self.record.append(lines)
+        self._tell(lines)
+
+    def _add_rows(self, columns: dict, line: dict, maps: list[dict], levels: list[np.ndarray]) -> None:
+        for entry, level in zip(maps, levels, strict=True):
+            for key, value in (("path", line["path"]), ("method", line["method"]), ("class", entry["target"]),
+                               ("label", entry["label"]), ("score", entry["score"]), ("top5", line["top5"]),
+                               ("heatmap", level.reshape(-1)), ("height", level.shape[0]), ("width", level.shape[1])):
+                columns[key].append(value)
+
+    def _tell(self, lines: list[dict]) -> None:
+        for line in lines:
+            if "error" in line:
+                self.summary.failed += 1
+                self.complain(line["error"])
+                continue
+            self.summary.explained += 1
+            if self.report is not None:
+                self.report(_describe(line, self.outdir))
+        if self.progress is not None:
+            self.progress(self.summary.explained + self.summary.failed, self.total)
+
+
+def _map_entries(explanation: Explanation, image: int, indices: list[int], labels) -> list[dict]:
+    """Per map of one image: the class explained (-1 for a target that is not a class), its label and score
+    (the target's own score where the explanation has one, else the class probability)."""
+    probability = probabilities(explanation.logits[image:image + 1])[0]
+    own = getattr(explanation, "scores", None)
+    entries = []
+    for m in indices:
+        target = int(explanation.targets[m])
+        score = own[m] if own is not None else probability[target] if target >= 0 else None
+        entries.append({"target": target, "label": labels[target] if labels and target >= 0 else None,
+                        "score": None if score is None else float(score)})
+    return entries
+
+
+def _describe(line: dict, outdir: Path) -> str:
+    """One line for one image: its top classes, and the map(s) written."""
+    ranked = ", ".join(f"{p['label'] or p['class']} {p['score']:.3f}" for p in line["top5"])
+    maps = line.get("maps", [line])
+    where = "; ".join(f"map of class {m['target']} -> {outdir / m.get('overlay', m.get('heatmap', TABLE))}"
+                      for m in maps)
+    return f"{line['path']}: {ranked}; {where}"
+
+
+def _write_predictions(record: Record, path: Path) -> None:
+    """predictions.json, path -> record line, streamed from the record (whole or not at all)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        out.write("{")
+        for n, line in enumerate(record.entries()):
+            entry = {key: value for key, value in line.items() if key not in ("path", "batch", "batch_end")}
+            out.write(f"{',' if n else ''}\n  {json.dumps(line['path'])}: {json.dumps(entry)}")
+        out.write("\n}\n")
+
+
+def explain_files(explainer: Explainer, sources: Iterable[Source | str | os.PathLike], outdir: Path, *,
+                  method: str = "gradcam", target: int | None = None, batch_size: int = 8,
+                  outputs: Outputs = Outputs(), resume: bool = False, workers: int | None = None,
+                  report: Callable[[str], None] | None = None, complain: Callable[[str], None] = lambda line: None,
+                  progress: Callable[[int, int | None], None] | None = None, **options) -> Summary:
+    """Explain image files into `outdir`, streamed: overlays and heatmaps per image and/or the Parquet table
+    (`outputs`), the record `record.jsonl`, and at the end `predictions.json` (path -> record line).
+
+    Each explained image is told to `report` in one line, each bad one to `complain` (and skipped; the
+    others are still written), `progress(done, total)` after each batch (`total` is None when `sources` can
+    be iterated only once). With `resume`, images the record holds are skipped. A source listed twice is
+    explained once. Returns the counts.
+    """
+    job = _Job(explainer, outdir, outputs, method, resume, (report, complain, progress))
+    job.summary.skipped = len(job.record.done)
+    if iter(sources) is not sources:  # listed again rather than held in memory
+        job.total = sum(1 for source in _pending(sources, set(job.record.done)))
+    names: dict[str, str] = {}
+
+    def paths() -> Iterator[str]:
+        for source in _pending(sources, set(job.record.done)):
+            names[source.path] = source.name
+            yield source.path
+
+    workers = workers or os.cpu_count() or 1
+    committer = _Committer(job)
+    committer.start()
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="onnxcam-write") as pool:
+            for batch in explain_batches(explainer, paths(), method=method, targets=target, batch_size=batch_size,
+                                         workers=workers, keep_images=outputs.overlays, **options):
+                committer.put(job.prepare(batch, names, pool))
+    finally:
+        committer.close()
+    if job.table is not None:
+        job.table.merge()
+    _write_predictions(job.record, outdir / "predictions.json")
+    return job.summary
+
+
+def _pending(sources, done: set[str]) -> Iterator[Source]:
+    """The sources not done yet, each path once (later copies are skipped and remembered as done)."""
+    for item in sources:
+        source = item if isinstance(item, Source) else Source(os.fspath(item), Path(os.fspath(item)).stem)
+        if source.path not in done:
+            done.add(source.path)
+            yield source

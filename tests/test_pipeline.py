@@ -1,0 +1,229 @@
+"""The streaming job behind `onnxcam explain`: results against Explainer.explain on the same images, the table
+against the record, multi-target maps, and resuming after kill -9 with every image explained exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import random_images
+from onnxcam import Explainer
+from onnxcam.files import read_image
+from onnxcam.pipeline import RECORD, Listing, Outputs, Record, explain_files, iter_sources, uint8_map
+
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def _write_images(folder: Path, count: int, seed: int = 0, nested: bool = False) -> list[Path]:
+    """PNG and JPEG files of mixed sizes; with `nested`, every other one in a subfolder under the same name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(random_images(count, seed=seed, size=(37, 45))):
+        image = cv2.resize(image, (30 + 7 * (i % 5), 28 + 5 * (i % 3)))
+        sub = folder / "nested" if nested and i % 2 else folder
+        sub.mkdir(exist_ok=True)
+        path = sub / f"image{i // 2 if nested else i:04d}{'.jpg' if i % 3 == 0 else '.png'}"
+        cv2.imwrite(str(path), image[..., ::-1])
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def explainer(small_onnx):
+    return Explainer(small_onnx, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pictures")
+    _write_images(root, 11, nested=True)
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return root
+
+
+def test_streamed_batches_equal_explain_on_the_decoded_images(explainer, folder):
+    paths = [source.path for source in iter_sources([folder], recursive=True)]
+    assert len(paths) == 12 and any("nested" in p for p in paths)
+    seen, failed = [], []
+    for batch in explainer.explain_files(iter(paths), method="gradcam++", batch_size=4, workers=3, keep_images=True):
+        assert len(batch.paths) + len(batch.errors) <= 4
+        failed += [path for path, _ in batch.errors]
+        if batch.explanation is None:
+            continue
+        reference = explainer.explain([read_image(p) for p in batch.paths], method="gradcam++")
+        np.testing.assert_allclose(batch.explanation.heatmaps, reference.heatmaps, atol=1e-5)
+        np.testing.assert_array_equal(batch.explanation.targets, reference.targets)
+        for path, image in zip(batch.paths, batch.images, strict=True):
+            np.testing.assert_array_equal(image, read_image(path))
+        seen += batch.paths
+    assert failed == [str(folder / "broken.png")]
+    assert seen == [p for p in paths if not p.endswith("broken.png")]
+
+
+def _table(outdir: Path):
+    return pq.read_table(outdir / "table").to_pylist()
+
+
+def _record(outdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (outdir / RECORD).read_text().splitlines()]
+
+
+def test_every_output_against_explain(explainer, folder, tmp_path):
+    out = tmp_path / "out"
+    lines = []
+    summary = explain_files(explainer, Listing([folder], recursive=True), out, batch_size=3, method="layercam",
+                            outputs=Outputs.parse("overlays,heatmaps,table", rows_per_part=5),
+                            complain=lines.append, progress=lambda done, total: lines.append((done, total)))
+    assert (summary.explained, summary.failed) == (11, 1)
+    assert lines[-1] == (12, 12) and sum(isinstance(line, str) and "broken.png" in line for line in lines) == 1
+    rows = {row["path"]: row for row in _table(out)}
+    record = {line["path"]: line for line in _record(out)}
+    assert len(rows) == 11 and len(record) == 12 and "error" in record[str(folder / "broken.png")]
+    names = set()
+    for path, row in rows.items():
+        image = read_image(path)
+        reference = explainer.explain(image, method="layercam")
+        levels = np.array(row["heatmap"], np.uint8).reshape(row["height"], row["width"])
+        np.testing.assert_allclose(levels, uint8_map(reference.heatmaps[0]), atol=1)
+        assert row["class"] == reference.targets[0] == record[path]["target"]
+        assert row["top5"] == [{**p, "score": pytest.approx(p["score"], rel=1e-5)} for p in reference.top_k(5, explainer.labels)[0]]
+        assert row["label"] == f"class {row['class']}" and row["score"] == pytest.approx(row["top5"][0]["score"])
+        overlay = cv2.imread(str(out / record[path]["overlay"]))
+        assert overlay.shape == image.shape
+        grey = cv2.imread(str(out / record[path]["heatmap"]), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(grey, levels)
+        names.add(record[path]["overlay"])
+    assert len(names) == 11 and "nested/image0000.png" in names and "image0000.png" in names
+    assert len(list((out / "table").iterdir())) == 2  # batches of 3 files (one broken): parts of 6 and 5 rows
+    assert not (out / ".staging").exists() and not list(out.rglob("*.tmp"))
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions.keys() == record.keys()
+
+
+def test_table_only_run_writes_a_handful_of_files(explainer, tmp_path):
+    _write_images(tmp_path / "many", 60, seed=1)
+    out = tmp_path / "out"
+    summary = explain_files(explainer, Listing([tmp_path / "many"]), out, batch_size=7,
+                            outputs=Outputs.parse("heatmaps,table", heatmap_format="npy", rows_per_part=10_000))
+    assert summary.explained == 60
+    heatmaps = sorted(out.glob("*.heatmap.npy"))
+    assert len(heatmaps) == 60 and np.load(heatmaps[0]).dtype == np.float16
+    for path in heatmaps:
+        path.unlink()
+    assert sorted(p.name for p in out.rglob("*")) == ["part-000000000-000000008.parquet", "predictions.json",
+                                                      RECORD, "table"]
+    assert len(_table(out)) == 60
+
+
+class SeveralTargets:
+    """An explainer giving two maps per image, its top class and class 0, in one Explanation with image_index
+    (the shape of multi-target explanations)."""
+
+    def __init__(self, explainer):
+        self.explainer, self.spec, self.labels = explainer, explainer.spec, explainer.labels
+
+    def explain(self, batch, method, targets, **options):
+        top = self.explainer.explain(batch, method=method)
+        zero = self.explainer.explain(batch, method=method, targets=0)
+        count = len(top.targets)
+        result = top.__class__(np.concatenate([top.heatmaps, zero.heatmaps]), top.logits,
+                               np.concatenate([top.targets, zero.targets]), method)
+        result.image_index = np.concatenate([np.arange(count), np.arange(count)])
+        return result
+
+
+def test_several_maps_per_image_follow_image_index(explainer, tmp_path):
+    paths = _write_images(tmp_path / "two", 5, seed=2)
+    out = tmp_path / "out"
+    explain_files(SeveralTargets(explainer), Listing(paths), out, batch_size=2,
+                  outputs=Outputs.parse("overlays,table"))
+    rows = _table(out)
+    assert len(rows) == 10 and len(_record(out)) == 5
+    for path in paths:
+        mine = sorted((r for r in rows if r["path"] == str(path)), key=lambda r: r["class"])
+        reference = explainer.explain(read_image(path), targets=[mine[1]["class"]])
+        assert mine[0]["class"] == 0
+        levels = np.array(mine[1]["heatmap"], np.uint8).reshape(32, 32)
+        np.testing.assert_allclose(levels, uint8_map(reference.heatmaps[0]), atol=1)
+    line = next(line for line in _record(out) if line["path"] == str(paths[0]))
+    assert {m["overlay"] for m in line["maps"]} == {f"{paths[0].stem}.class{m['target']}.png" for m in line["maps"]}
+
+
+def test_a_record_cut_short_keeps_whole_batches_only(tmp_path):
+    path = tmp_path / RECORD
+    whole = [{"path": "a", "batch": 0}, {"path": "b", "batch": 0, "batch_end": True}]
+    cut = [{"path": "c", "batch": 1}, {"path": "d", "batch": 1, "batch_end": True}]
+    text = "".join(json.dumps(line) + "\n" for line in whole + cut)
+    path.write_text(text[:-30])  # the second batch's last line is half written
+    record = Record(path, resume=True)
+    assert record.done == {"a", "b"} and record.batches == {0}
+    assert path.read_text() == "".join(json.dumps(line) + "\n" for line in whole)
+
+
+def _run_cli(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "onnxcam", "explain", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_9_at_any_moment_then_resume_explains_each_image_once(small_onnx, tmp_path):
+    paths = _write_images(tmp_path / "images", 240, seed=3)
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{p}\n" for p in paths[120:]))
+    out = tmp_path / "out"
+    args = [small_onnx, *paths[:120], "--from-list", listed, "-o", out, "--save",
+            "overlays,table", "--rows-per-part", "24", "--batch-size", "4", "--provider", "cpu"]
+    rng, progress = random.Random(0), []
+    for attempt in range(4):
+        process = _run_cli(*args, *(["--resume"] if attempt else []))
+        deadline = time.monotonic() + 60
+        before = (out / RECORD).stat().st_size if attempt else 0
+        while time.monotonic() < deadline and process.poll() is None:  # wait for progress, then a random moment
+            if (out / RECORD).exists() and (out / RECORD).stat().st_size > before:
+                time.sleep(rng.uniform(0, 0.4))
+                break
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        progress.append((out / RECORD).read_bytes().count(b"\n"))
+    assert 0 < progress[0] < 240 and progress == sorted(progress), progress  # killed mid-run, never going back
+    finished = _run_cli(*args, "--resume")
+    stdout, stderr = finished.communicate(timeout=120)
+    assert finished.returncode == 0, stderr
+    assert f"explained {240 - progress[-1]} image(s), 0 failed ({progress[-1]} done before)" in stdout, progress
+    record = _record(out)
+    assert sorted(line["path"] for line in record) == sorted(map(str, paths))
+    rows = _table(out)
+    assert sorted(row["path"] for row in rows) == sorted(map(str, paths))
+    assert len(list((out / "table").iterdir())) >= 240 // 24
+    for line in record:
+        assert cv2.imread(str(out / line["overlay"])) is not None
+    assert not (out / ".staging").exists() and not list(out.rglob("*.tmp"))
+    assert len(list(out.glob("*.png"))) == 240
+
+
+def test_cli_progress_summary_and_verbose(small_onnx, folder, tmp_path):
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"# two files\n{folder / 'image0001.png'}\n\n{folder / 'nested' / 'image0000.png'}\n")
+    quiet = subprocess.run([sys.executable, "-m", "onnxcam", "explain", small_onnx, folder, "--from-list", listed,
+                            "-o", tmp_path / "out", "--provider", "cpu", "--save", "table"],
+                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    assert quiet.returncode == 1
+    assert quiet.stdout.strip().splitlines() == [f"explained 7 image(s), 1 failed; results in {tmp_path / 'out'}"]
+    assert [line for line in quiet.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {folder / 'broken.png'}: not a PNG, JPEG, BMP or WebP image", "error: 1 image(s) could not be explained"]
+    loud = subprocess.run([sys.executable, "-m", "onnxcam", "explain", small_onnx, folder / "image0001.png", "-v",
+                           "-o", tmp_path / "loud", "--provider", "cpu", "--format", "jpeg"], capture_output=True, text=True)
+    assert loud.returncode == 0, loud.stderr
+    first, summary = loud.stdout.strip().splitlines()
+    assert first.startswith(f"{folder / 'image0001.png'}: class ") and first.endswith("image0001.jpg")
+    assert cv2.imread(str(tmp_path / "loud" / "image0001.jpg")).shape == read_image(folder / "image0001.png").shape
