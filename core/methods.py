@@ -23,28 +23,43 @@ def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return np.divide(numerator, denominator, out=out, where=denominator != 0)
 
 
+def gradcam_weights(activations, gradients):
+    """Grad-CAM's channel weights (Selvaraju et al., arXiv 1610.02391, eq. 1): alpha_k = mean_ij dy/dA^k_ij."""
+    return gradients.mean(axis=(2, 3))
+
+
 def gradcam(activations, gradients):
     """Grad-CAM (Selvaraju et al., arXiv 1610.02391, eq. 1-2): alpha_k = mean_ij dy/dA^k_ij."""
-    return _weighted_sum(gradients.mean(axis=(2, 3)), activations)
+    return _weighted_sum(gradcam_weights(activations, gradients), activations)
 
 
-def gradcam_plus_plus(activations, gradients):
-    """Grad-CAM++ (Chattopadhay et al., arXiv 1710.11063, eq. 19 with the exponential output of eq. 17).
-
-    alpha_ij^k = g^2 / (2 g^2 + sum_ab A^k_ab g^3) with g = dy/dA^k_ij, and w_k = sum_ij alpha_ij^k ReLU(g).
-    Only exactly zero denominators are guarded (alpha = 0 there, where g = 0 too): an additive epsilon
-    would dominate alpha wherever gradients are small, as they are deep in a network.
+def gradcam_plus_plus_weights(activations, gradients):
+    """Grad-CAM++'s channel weights (Chattopadhay et al., arXiv 1710.11063, eq. 19 with the exponential
+    output of eq. 17): alpha_ij^k = g^2 / (2 g^2 + sum_ab A^k_ab g^3) with g = dy/dA^k_ij, and
+    w_k = sum_ij alpha_ij^k ReLU(g). Only exactly zero denominators are guarded (alpha = 0 there, where
+    g = 0 too): an additive epsilon would dominate alpha wherever gradients are small, as they are deep
+    in a network.
     """
     g2 = gradients * gradients
     denominator = 2 * g2 + activations.sum(axis=(2, 3), keepdims=True) * g2 * gradients
     alpha = _safe_divide(g2, denominator)
-    return _weighted_sum((alpha * _relu(gradients)).sum(axis=(2, 3)), activations)
+    return (alpha * _relu(gradients)).sum(axis=(2, 3))
+
+
+def gradcam_plus_plus(activations, gradients):
+    """Grad-CAM++ (Chattopadhay et al., arXiv 1710.11063, eq. 19): see gradcam_plus_plus_weights."""
+    return _weighted_sum(gradcam_plus_plus_weights(activations, gradients), activations)
+
+
+def xgradcam_weights(activations, gradients):
+    """XGrad-CAM's channel weights (Fu et al., arXiv 2008.02312, eq. 14): sum_ij (A^k_ij / sum_ab A^k_ab) dy/dA^k_ij."""
+    share = _safe_divide(activations, activations.sum(axis=(2, 3), keepdims=True))
+    return (share * gradients).sum(axis=(2, 3))
 
 
 def xgradcam(activations, gradients):
-    """XGrad-CAM (Fu et al., arXiv 2008.02312, eq. 14): w_k = sum_ij (A^k_ij / sum_ab A^k_ab) dy/dA^k_ij."""
-    share = _safe_divide(activations, activations.sum(axis=(2, 3), keepdims=True))
-    return _weighted_sum((share * gradients).sum(axis=(2, 3)), activations)
+    """XGrad-CAM (Fu et al., arXiv 2008.02312, eq. 14): see xgradcam_weights."""
+    return _weighted_sum(xgradcam_weights(activations, gradients), activations)
 
 
 def hirescam(activations, gradients):
@@ -106,3 +121,66 @@ METHODS = {
     "eigencam": (eigencam, False),
     "eigengradcam": (eigengradcam, True),
 }
+
+
+def class_activation_map(activations: np.ndarray, class_weights: np.ndarray) -> np.ndarray:
+    """CAM (Zhou et al., arXiv 1512.04150, eq. 2): M_c = ReLU(sum_k w^c_k A^k), with w^c the row of the linear
+    layer that follows global average pooling for each image's class c (B x K)."""
+    return _weighted_sum(class_weights, activations)
+
+
+def fem(activations: np.ndarray, gradients=None, k: float = 2.0) -> np.ndarray:
+    """FEM (Fuad et al., IPTA 2020, as pytorch-grad-cam computes it): per channel the binary mask
+    A^k > mean(A^k) + k std(A^k) (the k-sigma rule), its spatial mean as the channel weight w_k, and
+    ReLU(sum_k w_k A^k). Class-agnostic: it reads no gradient."""
+    means = activations.mean(axis=(2, 3), keepdims=True)
+    threshold = means + k * activations.std(axis=(2, 3), keepdims=True)
+    return _weighted_sum((activations > threshold).mean(axis=(2, 3)).astype(activations.dtype), activations)
+
+
+def kpcacam(activations: np.ndarray, gradients=None, kernel: str = "sigmoid", gamma: float | None = None) -> np.ndarray:
+    """KPCA-CAM (Karmani et al., arXiv 2410.00267, as pytorch-grad-cam computes it): the first kernel principal
+    component of each image's centred HW x K activations (scikit-learn's KernelPCA, sigmoid kernel by
+    default), then ReLU. Needs scikit-learn (the `kpca` extra)."""
+    try:
+        from sklearn.decomposition import KernelPCA
+    except ImportError:
+        from ..errors import ExplainError
+
+        raise ExplainError("kpcacam needs scikit-learn: pip install 'onnxcam[kpca]'") from None
+    _, channels, height, width = activations.shape
+    maps = []
+    for image in activations.astype(np.float64):
+        rows = image.reshape(channels, -1).T
+        projection = KernelPCA(n_components=1, kernel=kernel, gamma=gamma).fit_transform(rows - rows.mean(axis=0))
+        maps.append(projection.reshape(height, width))
+    return _relu(np.array(maps)).astype(activations.dtype)
+
+
+def _channel_weighted(weights):
+    return lambda activations, gradients: weights(activations, gradients)[:, :, None, None] * activations
+
+
+# name -> the per-channel terms whose sum over channels is the method's map before its ReLU
+# (pytorch-grad-cam's "weighted activations", which eigen_smooth projects instead of summing)
+WEIGHTED_ACTIVATIONS = {
+    "gradcam": _channel_weighted(gradcam_weights),
+    "gradcam++": _channel_weighted(gradcam_plus_plus_weights),
+    "xgradcam": _channel_weighted(xgradcam_weights),
+    "hirescam": lambda activations, gradients: gradients * activations,
+    "gradcam-elementwise": lambda activations, gradients: _relu(gradients * activations),
+    "layercam": lambda activations, gradients: _relu(gradients) * activations,
+}
+
+
+def eigen_smooth(weighted_activations: np.ndarray) -> np.ndarray:
+    """pytorch-grad-cam's eigen_smooth: the first principal component of the weighted activations w_k A^k
+    (or of the element-wise terms) instead of their sum over channels, then ReLU; the component's sign is
+    fixed as in first_principal_component (pytorch-grad-cam leaves it to the SVD)."""
+    return _relu(first_principal_component(weighted_activations))
+
+
+def refine(layer_heatmaps: list[np.ndarray]) -> np.ndarray:
+    """RefineCAM's combination (pytorch-grad-cam's RefineCAM): the product over layers of each layer's
+    map, each already upsampled and scaled to [0, 1]; the caller normalises the product again."""
+    return np.prod(np.stack(layer_heatmaps), axis=0)

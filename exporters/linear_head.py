@@ -1,0 +1,125 @@
+"""Reading the head of an explainable file for the methods that need it whole: CAM's linear-layer weights, and
+the forward head (target activations to scores) that Ablation-CAM runs on its ablated copies."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from ..contract import ExplainSpec
+from ..errors import ExplainError, ExportError
+from .head import SEED_INPUT, build_head, exposed_sources, slice_head
+
+PASS_THROUGH = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze")
+
+
+def _constant(model: onnx.ModelProto, name: str, producers: dict) -> np.ndarray | None:
+    """The value of `name` when it is an initializer, a Constant, or the Transpose of either; else None."""
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute:
+        return numpy_helper.to_array(node.attribute[0].t)
+    if node is not None and node.op_type == "Transpose":
+        value = _constant(model, node.input[0], producers)
+        perm = [a.ints for a in node.attribute if a.name == "perm"]
+        return None if value is None else value.transpose(*(perm[0] if perm else ()))
+    return None
+
+
+def _linear_weights(model: onnx.ModelProto, node: onnx.NodeProto, producers: dict):
+    """(classes x K weights, the linear layer's data input) of a Gemm, MatMul, or MatMul + bias node."""
+    if node.op_type == "Add":
+        linear = [producers.get(name) for name in node.input if _constant(model, name, producers) is None]
+        if len(linear) != 1 or linear[0] is None or linear[0].op_type != "MatMul":
+            return None, None
+        node = linear[0]
+    if node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weights = _constant(model, node.input[1], producers)
+        if weights is None or attrs.get("transA", 0):
+            return None, None
+        weights = weights * attrs.get("alpha", 1.0)
+        return (weights if attrs.get("transB", 0) else weights.T), node.input[0]
+    if node.op_type == "MatMul":
+        weights = _constant(model, node.input[1], producers)
+        return (None, None) if weights is None or weights.ndim != 2 else (weights.T, node.input[0])
+    return None, None
+
+
+def _is_global_average(model: onnx.ModelProto, node: onnx.NodeProto, producers: dict) -> bool:
+    if node.op_type == "GlobalAveragePool":
+        return True
+    if node.op_type != "ReduceMean":
+        return False
+    axes = [a.ints for a in node.attribute if a.name == "axes"]
+    axes = list(axes[0]) if axes else list(_constant(model, node.input[1], producers) if len(node.input) > 1 else [])
+    return sorted(a % 4 for a in axes) == [2, 3]
+
+
+def read_linear_head(path, spec: ExplainSpec) -> np.ndarray:
+    """num_classes x K: the rows of the linear layer after global average pooling of the target layer.
+
+    The nodes between the target and the scores must be global average pooling (GlobalAveragePool or ReduceMean
+    over H and W), reshapes, identities or dropout, then one linear layer (Gemm, MatMul with or without a bias).
+    """
+    if len(spec.activations) != 1 or spec.layouts[0] != "nchw":
+        raise ExplainError("cam needs one N x C x H x W target layer followed by global average pooling")
+    model = onnx.load(str(path))
+    producers = {output: node for node in model.graph.node for output in node.output}
+    target = exposed_sources(model, spec.activations)[0]
+    name = spec.scores
+    while name in producers and producers[name].op_type in ("Identity", "Dropout"):
+        name = producers[name].input[0]
+    weights, name = _linear_weights(model, producers[name], producers) if name in producers else (None, None)
+    while name in producers and producers[name].op_type in PASS_THROUGH:
+        name = producers[name].input[0]
+    pool = producers.get(name)
+    if weights is None or pool is None or not _is_global_average(model, pool, producers) or pool.input[0] != target:
+        raise ExplainError("cam needs global average pooling of the target layer followed by one linear layer "
+                           "that gives the scores; this model's head is not of that shape")
+    return weights.astype(np.float32)
+
+
+def forward_head_session(path, spec: ExplainSpec, session: ort.InferenceSession) -> HeadScores:
+    """A session computing the scores from the target activation and the cuts it reads (exporters.head)."""
+    model = onnx.load(str(path))
+    targets = exposed_sources(model, spec.activations)
+    sources = dict(zip(exposed_sources(model, spec.cuts), spec.cuts, strict=True))
+    try:
+        head = build_head(model, targets, slice_head(model, targets, [spec.scores])[1], spec.scores)
+    except ExportError as error:
+        raise ExplainError(f"cannot run the head alone: {error.message}") from None
+    for info in [*model.graph.output, *model.graph.value_info]:
+        if info.name == spec.scores:
+            scores = onnx.ValueInfoProto()
+            scores.CopyFrom(info)
+            scores.type.tensor_type.shape.dim[0].dim_param = "maps"
+            head.graph.output.append(scores)
+            break
+    del head.graph.value_info[:]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = session.get_session_options().intra_op_num_threads
+    head_session = ort.InferenceSession(head.SerializeToString(), options, providers=session.get_providers())
+    exposed = {**dict(zip(targets, spec.activations, strict=True)), **sources}
+    inputs = {i.name: exposed[i.name] for i in head_session.get_inputs() if i.name != SEED_INPUT}
+    return HeadScores(head_session, inputs)
+
+
+class HeadScores:
+    """Runs the forward head on tensors named as the explainable file exposes them (`inputs`: head input name ->
+    exposed name); the seed its backward pass takes is fed zeros, and its gradients are not fetched."""
+
+    def __init__(self, session: ort.InferenceSession, inputs: dict[str, str]):
+        self.session, self.inputs = session, inputs
+        self.seed_dims = next(i.shape for i in session.get_inputs() if i.name == SEED_INPUT)[1:]
+
+    def scores(self, output: str, exposed: dict[str, np.ndarray]) -> np.ndarray:
+        """`output` for the exposed tensors given (all with the same number of rows)."""
+        feeds = {name: exposed[source] for name, source in self.inputs.items()}
+        count = len(next(iter(feeds.values())))
+        seed = np.zeros([count, *[d if isinstance(d, int) else 1 for d in self.seed_dims]], np.float32)
+        return self.session.run([output], {**feeds, SEED_INPUT: seed})[0]
