@@ -1,0 +1,56 @@
+"""The head of an explainable file on ONNX Runtime: built from the file at load time (exporters.head), run on
+the target activations and cut tensors of each map's image, with each map's seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..contract import ExplainSpec
+from ..errors import ExplainError, ExportError
+from ..exporters.head import SEED_INPUT, build_head, exposed_sources
+from .binding import BoundRunner
+
+
+class HeadRunner:
+    """One session per output explained: the nodes between the targets and that output, and their backward pass."""
+
+    def __init__(self, path, session: ort.InferenceSession, spec: ExplainSpec):
+        self.path, self.session, self.spec = path, session, spec
+        self._model: onnx.ModelProto | None = None
+        self._runners: dict[str, BoundRunner] = {}
+        self.inputs: list[str] = []
+        self.cuts: list[str] = []
+
+    def _load(self) -> onnx.ModelProto:
+        if self._model is None:
+            self._model = onnx.load(str(self.path))
+            self.inputs = exposed_sources(self._model, self.spec.activations)
+            self.cuts = exposed_sources(self._model, self.spec.cuts)
+        return self._model
+
+    def runner(self, output: str) -> BoundRunner:
+        """The head session for `output`, built on first use."""
+        if output not in self._runners:
+            model = self._load()
+            try:
+                head = build_head(model, self.inputs, self.cuts, output)
+            except ExportError as error:
+                raise ExplainError(f"cannot explain output '{output}': {error.message}") from None
+            del head.graph.value_info[:]  # the forward graph's sizes name its batch; the head's batch is the maps
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.session.get_session_options().intra_op_num_threads
+            session = ort.InferenceSession(head.SerializeToString(), options, providers=self.session.get_providers())
+            self._runners[output] = BoundRunner(session)
+        return self._runners[output]
+
+    def gradients(self, output: str, activations: list[np.ndarray], cuts: list[np.ndarray],
+                  image_index: np.ndarray, seeds: np.ndarray) -> list[np.ndarray]:
+        """Per target layer, the gradient of each map's score (M rows): one head run for all the maps."""
+        runner = self.runner(output)
+        feeds = {name: np.ascontiguousarray(value[image_index])
+                 for name, value in zip([*self.inputs, *self.cuts], [*activations, *cuts], strict=True)}
+        feeds[SEED_INPUT] = np.ascontiguousarray(seeds, dtype=np.float32)
+        names = [o.name for o in runner.session.get_outputs()]
+        return runner.run(names, feeds)
