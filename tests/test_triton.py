@@ -81,3 +81,15 @@ def test_heatmaps_from_tritons_outputs_equal_the_explainers(small_onnx, tmp_path
     np.testing.assert_allclose(result.heatmaps, expected.heatmaps, atol=1e-5)
     np.testing.assert_array_equal(result.targets, expected.targets)
     np.testing.assert_allclose(result.logits, expected.logits, rtol=1e-5)
+
+
+def test_export_writes_the_repository_from_the_command_line(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("export", "conftest:small_net", "-o", tmp_path / "net.explain.onnx", "--input-size", 32,
+                     "--target-layer", "features.8", "--triton-repo", tmp_path / "models",
+                     cwd=Path(__file__).parent)
+    assert result.returncode == 0, result.stderr
+    config = _parse(tmp_path / "models" / "net" / "config.pbtxt")
+    assert config.name == "net" and config.max_batch_size == 8
+    assert (tmp_path / "models" / "net" / "1" / "model.onnx").stat().st_size > 0
