@@ -3,14 +3,10 @@ transformer. Random weights where no pretrained ones ship: timing does not depen
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from zoo_transformers import VisionTransformer  # noqa: E402
+from onnxcam.testing.zoo_transformers import VisionTransformer
 
 
 class Bottleneck(nn.Module):
@@ -66,7 +62,7 @@ def vit_b16():
 
 
 def efficientnet_lite0():
-    from onnxcam.efficientnet_lite import efficientnet_lite0_pretrained
+    from onnxcam.demo.efficientnet_lite import efficientnet_lite0_pretrained
 
     return efficientnet_lite0_pretrained()
 

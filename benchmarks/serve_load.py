@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from onnxcam.server import create_app, serving
+from onnxcam.serving import create_app, serving
 
 
 def load(url: str, body: bytes, clients: int, requests: int) -> dict:

@@ -8,7 +8,6 @@ with each method's pointing-game accuracy on held-out images (chance is about 22
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,14 +15,11 @@ import cv2
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import shapes  # noqa: E402
-from zoo_transformers import VisionTransformer  # noqa: E402
-
-import onnxcam  # noqa: E402
-from onnxcam.evaluation import pointing_game  # noqa: E402
-from onnxcam.exporters import export_torch  # noqa: E402
+import onnxcam
+from onnxcam.core.metrics import pointing_game
+from onnxcam.exporters import export_torch
+from onnxcam.testing import shapes
+from onnxcam.testing.zoo_transformers import VisionTransformer
 
 METHODS = ["gradcam", "rollout", "grad-rollout"]
 

@@ -1,7 +1,9 @@
-"""The numpy core: class activation map methods, map post-processing and overlays. No I/O."""
+"""The numpy core: class activation map methods, map post-processing, scores, metrics and overlays. No I/O."""
 
 from .images import COLORMAPS, overlay, preprocess
 from .maps import heatmaps, normalize, upsample
 from .methods import METHODS
+from .scores import softmax, top_classes
 
-__all__ = ["COLORMAPS", "METHODS", "heatmaps", "normalize", "overlay", "preprocess", "upsample"]
+__all__ = ["COLORMAPS", "METHODS", "heatmaps", "normalize", "overlay", "preprocess", "softmax", "top_classes",
+           "upsample"]

@@ -9,19 +9,27 @@ COLORMAPS = {"jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO, "inferno": cv
              "viridis": cv2.COLORMAP_VIRIDIS, "hot": cv2.COLORMAP_HOT}
 
 
-def preprocess(images: list[np.ndarray], size: tuple[int, int], mean=None, std=None) -> np.ndarray:
-    """uint8 RGB images (H x W x 3) -> float32 N x 3 x size, scaled to [0, 1] then (x - mean) / std."""
-    batch = np.empty((len(images), size[0], size[1], 3), dtype=np.float32)
+def preprocess(images: list[np.ndarray], size: tuple[int, int], mean=None, std=None, layout: str = "nchw",
+               dtype="float32") -> np.ndarray:
+    """uint8 RGB images (H x W x 3) -> a batch at `size` in `layout` (nchw or nhwc) of `dtype`.
+
+    Float batches are scaled to [0, 1], then (x - mean) / std. A uint8 batch is the resized pixels as they
+    are: a model that takes uint8 normalises inside its graph.
+    """
+    batch = np.empty((len(images), size[0], size[1], 3), dtype=np.uint8 if np.dtype(dtype) == np.uint8 else np.float32)
     for i, image in enumerate(images):
         shrinking = image.shape[0] > size[0] or image.shape[1] > size[1]
         interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
         batch[i] = cv2.resize(image, (size[1], size[0]), interpolation=interpolation)
-    batch /= 255.0
-    if mean is not None:
-        batch -= np.asarray(mean, dtype=np.float32)
-    if std is not None:
-        batch /= np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+    if batch.dtype != np.uint8:
+        batch /= 255.0
+        if mean is not None:
+            batch -= np.asarray(mean, dtype=np.float32)
+        if std is not None:
+            batch /= np.asarray(std, dtype=np.float32)
+    if layout == "nchw":
+        batch = batch.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(batch, dtype=dtype)
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, colormap: str = "jet") -> np.ndarray:
@@ -41,3 +49,28 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, colormap
     colours = cv2.applyColorMap(levels, COLORMAPS[colormap])[..., ::-1]
     blended = (1 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+def annotate(image: np.ndarray, box=None, label: str | None = None, mask: np.ndarray | None = None,
+             colour: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """An RGB uint8 image (an overlay) with a detection's box (x1 y1 x2 y2 in the image's pixels) and its label,
+    or the outline of a segment's mask (boolean, any resolution: resized to the image's); a copy."""
+    annotated = np.ascontiguousarray(image).copy()
+    height, width = annotated.shape[:2]
+    thickness = max(1, round(min(height, width) / 250))
+    if mask is not None:
+        resized = cv2.resize(np.asarray(mask, dtype=np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(resized, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(annotated, contours, -1, colour, thickness, cv2.LINE_AA)
+    if box is not None:
+        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        cv2.rectangle(annotated, (x1, y1), (x2, y2), colour, thickness, cv2.LINE_AA)
+        if label:
+            scale = thickness * 0.45
+            (text_width, text_height), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+            top = y1 - text_height - baseline - 2 if y1 - text_height - baseline - 2 >= 0 else y1
+            cv2.rectangle(annotated, (x1, top), (x1 + text_width + 2, top + text_height + baseline + 2), colour, -1)
+            ink = (0, 0, 0) if sum(colour) > 382 else (255, 255, 255)
+            cv2.putText(annotated, label, (x1 + 1, top + text_height + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, ink,
+                        thickness, cv2.LINE_AA)
+    return annotated

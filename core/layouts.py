@@ -14,18 +14,67 @@ import math
 import numpy as np
 
 
-def guess_layout(shape) -> str | None:
-    """The layout of an activation of static shape (batch first), or None when it cannot be guessed."""
+MAX_PREFIX = 8  # tokens before the patches: CLS, distillation, registers
+
+
+def guess_layout(shape, image_size: tuple[int, int] | None = None) -> str | None:
+    """The layout of an activation of static shape (batch first), or None when it cannot be guessed.
+
+    With the image's size, only layouts whose grid lies over the image (see `fits_image`) are
+    guessed, so that a tensor that merely has the right rank (attention B x heads x N x d, a flattened
+    map) is not taken for a grid. Without it, 4-D tensors are nchw unless they look channels-last, and
+    token sequences need a square grid after no or one prefix token.
+    """
+    for layout in _layouts_of(shape, image_size):
+        if image_size is None or fits_image(grid_of(layout, shape), image_size):
+            return layout
+    return None
+
+
+def _layouts_of(shape, image_size) -> list[str]:
+    """Plausible layouts of a shape, most likely first."""
     if len(shape) == 4:
         _, d1, d2, d3 = shape
-        return "nhwc" if d1 == d2 and d3 != d1 else "nchw"
-    if len(shape) == 3:
-        tokens = shape[1]
-        for prefix in (0, 1):
-            side = math.isqrt(max(tokens - prefix, 0))
-            if side > 1 and side * side == tokens - prefix:
-                return f"tokens:{prefix}:{side}x{side}"
-    return None
+        return ["nhwc", "nchw"] if d1 == d2 and d3 != d1 else ["nchw", "nhwc"]
+    if len(shape) != 3 or shape[1] is None:
+        return []
+    tokens, layouts = shape[1], []
+    for prefix in range(0, (MAX_PREFIX if image_size else 1) + 1):
+        patches = tokens - prefix
+        if image_size is None:
+            side = math.isqrt(max(patches, 0))
+            if side > 1 and side * side == patches:
+                layouts.append(f"tokens:{prefix}:{side}x{side}")
+            continue
+        height, width = image_size
+        rows = max(round(math.sqrt(patches * height / width)), 1) if patches > 0 else 0
+        for h in (rows - 1, rows, rows + 1):
+            if h > 0 and patches % h == 0:
+                layouts.append(f"tokens:{prefix}:{h}x{patches // h}")
+    return layouts
+
+
+def grid_of(layout: str, shape) -> tuple[int | None, int | None]:
+    """(rows, columns) of the grid a target of this layout and shape lies on."""
+    if layout == "nchw":
+        return shape[2], shape[3]
+    if layout == "nhwc":
+        return shape[1], shape[2]
+    _, height, width = parse_tokens(layout)
+    return height, width
+
+
+def fits_image(grid: tuple[int | None, int | None], image_size: tuple[int, int]) -> bool:
+    """Whether a grid can be a map over the image: more than one cell, no larger than the image, and the
+    image's aspect ratio within rounding (strided layers round each side to within one cell)."""
+    rows, columns = grid
+    height, width = image_size
+    if rows is None or columns is None or rows * columns <= 1 or rows > height or columns > width:
+        return False
+    # some stride s has each side within one cell of (image side) / s
+    low = max(height / (rows + 1), width / (columns + 1))
+    high = min(height / (rows - 1) if rows > 1 else math.inf, width / (columns - 1) if columns > 1 else math.inf)
+    return low <= high
 
 
 def parse_tokens(layout: str) -> tuple[int, int, int]:

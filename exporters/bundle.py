@@ -12,10 +12,9 @@ import numpy as np
 import onnx
 from onnx import helper, version_converter
 
+from ..contract import BYTES_INPUT, CLASS_INPUT, HEATMAP_OUTPUT, METADATA_KEY, ExplainSpec
 from ..core.layouts import parse_tokens
-from ..runtimes.bundle import BYTES_INPUT, HEATMAP_OUTPUT
-from ..runtimes.metadata import CLASS_INPUT, METADATA_KEY, ExplainSpec
-from .graph import GraphBuilder
+from .autodiff import GraphBuilder
 
 EXTENSIONS_DOMAIN = "com.microsoft.extensions"
 
@@ -28,27 +27,25 @@ def bundle(model: onnx.ModelProto, spec: ExplainSpec) -> onnx.ModelProto:
     g = GraphBuilder(model, prefix="onnxcam_bundle")
     height, width = spec.input_size
 
-    # bytes -> decoded BGR H x W x 3 -> RGB float 1 x 3 x H x W at the model's size -> normalised
+    # bytes -> decoded BGR H x W x 3 -> RGB 1 x H x W x 3 at the model's size -> its layout, type and normalisation
     bgr = g.op("DecodeImage", BYTES_INPUT, domain=EXTENSIONS_DOMAIN)
-    rgb = g.op("Gather", bgr, g.ints([2, 1, 0]), axis=2)
-    nchw = g.op("Transpose", g.op("Unsqueeze", g.op("Cast", rgb, to=onnx.TensorProto.FLOAT), g.ints([0])),
-                perm=[0, 3, 1, 2])
-    resized = g.op("Resize", nchw, "", "", g.ints([1, 3, height, width]), mode="linear", antialias=1,
+    rgb = g.op("Unsqueeze", g.op("Cast", g.op("Gather", bgr, g.ints([2, 1, 0]), axis=2), to=onnx.TensorProto.FLOAT),
+               g.ints([0]))
+    resized = g.op("Resize", rgb, "", "", g.ints([1, height, width, 3]), mode="linear", antialias=1,
                    coordinate_transformation_mode="half_pixel")
-    pixels = g.op("Div", resized, g.const(255.0))
-    if spec.mean:
-        pixels = g.op("Sub", pixels, g.const(np.reshape(spec.mean, (1, -1, 1, 1))))
-    if spec.std:
-        pixels = g.op("Div", pixels, g.const(np.reshape(spec.std, (1, -1, 1, 1))))
+    pixels = _normalised(g, resized, spec)
+    if spec.input_layout == "nchw":
+        pixels = g.op("Transpose", pixels, perm=[0, 3, 1, 2])
     preprocess = g.nodes
-    preprocess.append(helper.make_node("Identity", [pixels], [spec.input]))
+    preprocess.append(helper.make_node("Identity", [pixels.name], [spec.input]))
 
     # Grad-CAM (Selvaraju et al., eq. 1-2) per layer, upsampled and min-max scaled, then averaged
     g.nodes = []
-    maps = [_normalise(g, _upsample(g, _gradcam(g, _to_grid(g, a, layout), _to_grid(g, grad, layout)), height, width))
-            for a, grad, layout in zip(spec.activations, spec.gradients, spec.layouts)]
-    heat = maps[0] if len(maps) == 1 else _normalise(g, g.op("Div", g.op("Sum", *maps), g.const(float(len(maps)))))
-    g.nodes.append(helper.make_node("Squeeze", [heat, g.ints([1])], [HEATMAP_OUTPUT]))
+    maps = [_normalise(g, _upsample(g, _gradcam(g, _to_grid(g, g.value(a), layout), _to_grid(g, g.value(grad), layout)),
+                                    height, width))
+            for a, grad, layout in zip(spec.activations, spec.gradients, spec.layouts, strict=True)]
+    heat = maps[0] if len(maps) == 1 else _normalise(g, g.op("Sum", *maps) / g.const(float(len(maps))))
+    g.nodes.append(helper.make_node("Squeeze", [heat.name, g.ints([1]).name], [HEATMAP_OUTPUT]))
     postprocess = g.nodes
 
     image_input = next(i for i in graph.input if i.name == spec.input)
@@ -69,6 +66,21 @@ def bundle(model: onnx.ModelProto, spec: ExplainSpec) -> onnx.ModelProto:
     return model
 
 
+def _normalised(g: GraphBuilder, resized, spec: ExplainSpec):
+    """Resized float pixels (0-255) as the model takes them: rounded uint8 for a model that normalises inside its
+    graph, else scaled to [0, 1], then (x - mean) / std, in the model's float type."""
+    if spec.input_type == "uint8":
+        clipped = g.op("Clip", g.op("Round", resized), g.const(0.0), g.const(255.0))
+        return g.op("Cast", clipped, to=onnx.TensorProto.UINT8)
+    pixels = resized / g.const(255.0)
+    if spec.mean:
+        pixels = pixels - g.const(np.reshape(spec.mean, (1, 1, 1, -1)))
+    if spec.std:
+        pixels = pixels / g.const(np.reshape(spec.std, (1, 1, 1, -1)))
+    element = helper.np_dtype_to_tensor_dtype(np.dtype(spec.input_type))
+    return pixels if element == onnx.TensorProto.FLOAT else g.op("Cast", pixels, to=element)
+
+
 def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
@@ -87,7 +99,7 @@ def _to_grid(g, tensor, layout):
 
 def _gradcam(g, activation, gradient):
     weights = g.op("ReduceMean", gradient, g.ints([2, 3]), keepdims=1)
-    return g.op("Relu", g.op("ReduceSum", g.op("Mul", weights, activation), g.ints([1]), keepdims=1))
+    return g.op("Relu", g.op("ReduceSum", weights * activation, g.ints([1]), keepdims=1))
 
 
 def _upsample(g, cam, height, width):
@@ -99,8 +111,8 @@ def _normalise(g, heat):
     """(x - min) / (max - min) per image; a flat map becomes 1 if positive, else 0 (never NaN)."""
     low = g.op("ReduceMin", heat, g.ints([2, 3]), keepdims=1)
     high = g.op("ReduceMax", heat, g.ints([2, 3]), keepdims=1)
-    spread = g.op("Sub", high, low)
-    zero = g.const(0.0)
-    scaled = g.op("Div", g.op("Sub", heat, low), g.op("Where", g.op("Greater", spread, zero), spread, g.const(1.0)))
-    flat = g.op("Cast", g.op("Greater", high, zero), to=onnx.TensorProto.FLOAT)
-    return g.op("Where", g.op("Greater", spread, zero), scaled, g.op("Expand", flat, g.op("Shape", heat)))
+    spread = high - low
+    varies = spread > 0.0
+    scaled = (heat - low) / g.op("Where", varies, spread, g.const(1.0))
+    flat = g.op("Cast", high > 0.0, to=onnx.TensorProto.FLOAT)
+    return g.op("Where", varies, scaled, g.op("Expand", flat, g.op("Shape", heat)))

@@ -3,44 +3,59 @@
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, shape_inference, version_converter
+from onnx import helper, version_converter
 
+from ..contract import CLASS_INPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
 from ..core.layouts import attention_layout, check_layout, guess_layout
-from ..runtimes.metadata import CLASS_INPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
-from .autodiff import append_gradients, prune
+from ..errors import ExportError
+from ..files import atomic_path
+from .autodiff import (NON_DIFFERENTIABLE, QUANTIZED_RULES, RULES, GraphBuilder, Value, append_gradients,
+                       expose_dequantized, prune)
 from .bundle import bundle
-from .graph import ExportError, GraphBuilder
+from .discovery import (ImageInput, attention_probabilities, default_target, grid_candidates, image_input,
+                        one_hot_seed)
+from .functions import expand_functions
+from .head import head_cuts
+from .input_gradients import add_input_gradients
+from .shapes import infer_shapes, tensor_shapes
 
 MIN_OPSET = 17
+DIFFERENTIABLE = set(RULES) | set(QUANTIZED_RULES) | NON_DIFFERENTIABLE  # ops that are not expanded into functions
+EXTERNAL_DATA_OVER = 2**31 - 2**26  # bytes of weights past which a model is saved with external data
 
 
-def export_onnx(src, path, *, target_layers=None, output=None, mean=None, std=None, labels=None,
-                layer_names=None, layouts=None, attentions=None, attention_gradients=False,
-                bundled=False) -> ExplainSpec:
+def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, target_layers=None, output=None,
+                mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
+                attention_gradients=False, bundled=False, input_gradients=False) -> ExplainSpec:
     """Rewrite the classifier `src` (a path or ModelProto) into an explainable graph saved at `path`.
 
-    Targets are tensor names (default: the last 4-D activation before global pooling; in a ViT, the
-    LayerNorm output its last attention reads). The new graph
-    takes an extra int64 input `onnxcam_class` of shape [batch] (-1 selects the top-1 class) and also
-    outputs the selected class and, per target, its activation and the gradient of the selected
-    score with respect to it, all from one session run.
+    `input` names the image input (default: the one 4-D float or uint8 input), `input_layout` says whether it is
+    nchw or nhwc (default: nhwc when its last dimension is 1 or 3), `input_size` (H, W) fixes dynamic spatial
+    sizes. Targets are tensor names; by default, the tensor a user would pick (discovery.default_target): the
+    last map before global pooling, or in a transformer the normalised tokens its last attention reads. A
+    target must lie on a grid over the image unless its layout is given (`layouts`: nchw, nhwc, tokens:P:HxW;
+    see onnxcam.core.layouts). The new graph takes an extra int64 input `onnxcam_class` of shape [batch] (-1
+    selects the top-1 class) and also outputs the selected class and, per target, its activation and the
+    gradient of the selected score with respect to it, all from one session run.
 
-    `layouts` overrides the guessed layout of each target (nchw, nhwc, tokens:P:HxW; see
-    onnxcam.core.layouts). `attentions` names the per-block attention probabilities (B x heads x N x N)
-    exposed for attention rollout; by default every such Softmax output is. `attention_gradients` adds
-    their gradients, for gradient rollout: a backward pass through every block, so it is opt-in.
-    `bundled` writes a single
-    file that takes encoded image bytes and returns the logits and the Grad-CAM heatmap (exporters.bundle).
+    `attentions` names the per-block attention probabilities (B x heads x N x N) exposed for attention
+    rollout; by default every such Softmax output is. `attention_gradients` adds their gradients, for
+    gradient rollout: a backward pass through every block, so it is opt-in. `bundled` writes a single file
+    that takes encoded image bytes and returns the logits and the Grad-CAM heatmap (exporters.bundle).
+    `input_gradients` adds the gradient down to the image, with a switch for guided backpropagation
+    (exporters.input_gradients): a backward pass through the whole network on every run, so it is opt-in.
     """
-    model = make_explainable(load_model(src), target_layers=target_layers, output=output, mean=mean, std=std,
-                             labels=labels, layer_names=layer_names, layouts=layouts, attentions=attentions,
+    model = make_explainable(load_model(src), input=input, input_layout=input_layout, input_size=input_size,
+                             target_layers=target_layers, output=output, mean=mean, std=std, labels=labels,
+                             layer_names=layer_names, layouts=layouts, attentions=attentions,
                              attention_gradients=attention_gradients)
+    if input_gradients:
+        model = add_input_gradients(model)
     if bundled:
         model = bundle(model, read_spec(model))
     save_model(model, path)
@@ -48,99 +63,71 @@ def export_onnx(src, path, *, target_layers=None, output=None, mean=None, std=No
 
 
 def load_model(src) -> onnx.ModelProto:
+    """A model from a path (with its external data, if it has any, read from beside it) or as given."""
     if isinstance(src, onnx.ModelProto):
         return src
     try:
         return onnx.load(str(src))
-    except FileNotFoundError:
-        raise ExportError(f"{src}: no such file") from None
+    except FileNotFoundError as error:
+        missing = "" if str(error.filename) == str(src) else f" (its external data {error.filename} is missing)"
+        raise ExportError(f"{src}: no such file{missing}") from None
     except Exception as error:  # onnx raises DecodeError and friends for anything that is not a model
         raise ExportError(f"{src}: not a readable ONNX model ({type(error).__name__})") from None
 
 
-def save_model(model: onnx.ModelProto, path) -> None:
-    """Write the whole file or nothing: a temporary file renamed into place."""
+def save_model(model: onnx.ModelProto, path, limit: int = EXTERNAL_DATA_OVER) -> None:
+    """Write the whole file or nothing. A model over `limit` bytes (protobuf cannot hold 2 GB) gets its
+    weights in `<name>.data` beside it, written first, so that the model never names missing data."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if sum(len(t.raw_data) for t in model.graph.initializer) < limit:
+        with atomic_path(path) as tmp:
+            onnx.save(model, tmp)
+        return
+    data = path.with_name(path.name + ".data")
+    with atomic_path(path) as tmp_model, atomic_path(data) as tmp_data:
+        onnx.save(model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=tmp_data.name, size_threshold=1024)
+        _relocate_external_data(tmp_model, tmp_data.name, data.name)
+
+
+def _relocate_external_data(model_path: Path, written: str, final: str) -> None:
+    """Point the saved model's external tensors from the temporary data file to its final name."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == written:
+                entry.value = final
+    onnx.save(model, str(model_path))
 
 
 def read_spec(model: onnx.ModelProto) -> ExplainSpec | None:
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            return ExplainSpec.from_json(prop.value)
-    return None
+    return ExplainSpec.from_metadata({p.key: p.value for p in model.metadata_props})
 
 
-def tensor_shapes(model: onnx.ModelProto, builder: GraphBuilder) -> dict[str, list]:
-    """Every float tensor the graph computes, in node order, with its inferred shape (None: symbolic)."""
-    shapes = {}
-    for node in model.graph.node:
-        for name in node.output:
-            if builder.is_float(name):
-                try:
-                    shapes[name] = builder.shape(name)
-                except ExportError:
-                    shapes[name] = None
-    return shapes
+@dataclass
+class Survey:
+    """What `onnxcam inspect` shows of an ONNX file."""
+
+    rows: list[tuple[str, list | None, str | None]]  # tensor, shape, layout when it lies on a grid over the image
+    default: str | None  # the default target; None for a file that is already explainable
+    spec: ExplainSpec | None  # the metadata of an explainable file
 
 
-def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list]) -> str:
-    """The last 4-D activation with a spatial extent (H*W > 1) that feeds the score (attention excepted);
-    in a transformer with attention over a token grid, the normalised tokens that the last attention reads."""
-    attention = attention_tensors(model, shapes)
-    if attention:
-        return _norm_before(model, attention[-1], shapes)
-    feeds = {score}
-    for node in reversed(model.graph.node):
-        if any(o in feeds for o in node.output):
-            feeds.update(node.input)
-    candidates = [name for name, shape in shapes.items()
-                  if name in feeds and shape and len(shape) == 4 and None not in shape[2:]
-                  and shape[2] * shape[3] > 1]
-    if not candidates:
-        raise ExportError("no 4-D activation with a spatial grid feeds the output: name a target layer")
-    return candidates[-1]
-
-
-def _norm_before(model: onnx.ModelProto, attention: str, shapes: dict[str, list]) -> str:
-    """The nearest LayerNormalization upstream of an attention tensor whose output is a token sequence: in a
-    pre-norm ViT block, the first LayerNorm of the block (the torch front end's default too)."""
-    producers = {output: node for node in model.graph.node for output in node.output}
-    queue, seen = [attention], {attention}
-    while queue:
-        node = producers.get(queue.pop(0))
-        if node is None:
-            continue
-        shape = shapes.get(node.output[0])
-        if node.op_type == "LayerNormalization" and shape and len(shape) == 3 and None not in shape[1:] \
-                and guess_layout(shape):
-            return node.output[0]
-        for name in node.input:
-            if name and name not in seen:
-                seen.add(name)
-                queue.append(name)
-    raise ExportError(f"no LayerNormalization of tokens precedes attention '{attention}' (exports below opset 17 "
-                      f"split it into several operators): name a target layer")
-
-
-def attention_tensors(model: onnx.ModelProto, shapes: dict[str, list], layouts=()) -> list[str]:
-    """Softmax outputs shaped B x heads x N x N over a token grid with a CLS token: attention probabilities."""
-    return [node.output[0] for node in model.graph.node if node.op_type == "Softmax"
-            and _attention_layout(shapes.get(node.output[0]), layouts) is not None]
-
-
-def _attention_layout(shape, layouts) -> str | None:
-    if not shape or len(shape) != 4 or None in shape[1:] or shape[2] != shape[3]:
-        return None
-    return attention_layout(shape[2], layouts)
+def inspect_onnx(src, *, input=None, input_layout=None, input_size=None, output=None) -> Survey:
+    """Every float tensor of the model with its shape, the possible targets marked with their grid layout."""
+    model = load_model(src)
+    spec = read_spec(model)
+    if spec is None:
+        model = expose_dequantized(_upgraded(model))
+    image = image_input(model, input or (spec and spec.input), input_layout or (spec and spec.input_layout),
+                        input_size)
+    model = infer_shapes(model, image)
+    builder = GraphBuilder(model)
+    score = spec.scores if spec else _score_output(model, builder, output)[0]
+    shapes = tensor_shapes(model, builder)
+    grids = {c.name: c.layout for c in grid_candidates(model, score, shapes, image)}
+    default = None if spec else default_target(model, score, shapes, image).name
+    return Survey([(name, shape, grids.get(name)) for name, shape in shapes.items()], default, spec)
 
 
 def unknown_name_error(kind: str, name: str, known) -> ExportError:
@@ -149,117 +136,157 @@ def unknown_name_error(kind: str, name: str, known) -> ExportError:
     return ExportError(f"unknown {kind} '{name}'{hint}")
 
 
-def make_explainable(model: onnx.ModelProto, *, target_layers=None, output=None, mean=None, std=None,
-                     labels=None, layer_names=None, layouts=None, attentions=None,
+def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, input_size=None, target_layers=None,
+                     output=None, mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
                      attention_gradients=False) -> onnx.ModelProto:
-    if read_spec(model) is not None:
-        raise ExportError("the model is already explainable (it carries onnxcam metadata)")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < MIN_OPSET:
-        model = version_converter.convert_version(model, MIN_OPSET)
-    model = shape_inference.infer_shapes(model, data_prop=True)
-    graph = model.graph
-
-    initializers = {t.name for t in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise ExportError(f"expected one image input, found {len(inputs)}: {[i.name for i in inputs]}")
-    image = inputs[0]
+    """The model with the explanation outputs and the onnxcam metadata added (see export_onnx)."""
+    model = expand_functions(expose_dequantized(_upgraded(model)), DIFFERENTIABLE)
+    image = image_input(model, input, input_layout, input_size)
+    model = infer_shapes(model, image)
     builder = GraphBuilder(model)
-    image_shape = builder.shape(image.name)
-    if len(image_shape) != 4 or None in image_shape[1:]:
-        raise ExportError(f"input '{image.name}' must be N x C x H x W with static C, H, W; it is {image_shape}")
-
-    outputs = [o.name for o in graph.output]
-    score = output or outputs[0]
-    if score not in outputs:
-        raise unknown_name_error("output", score, outputs)
-    score_shape = builder.shape(score)
-    if None in score_shape[1:]:
-        raise ExportError(f"output '{score}' must have a static number of classes; its shape is {score_shape}")
-    num_classes = int(np.prod(score_shape[1:]))
-
-    known = tensor_shapes(model, builder)
-    targets = list(target_layers) if target_layers else [default_target(model, score, known)]
-    for target in targets:
-        if target not in known and target != image.name:
-            raise unknown_name_error("target tensor", target, known)
-    layouts = _layouts(builder, targets, layouts, layer_names or targets)
-    attentions = attention_tensors(model, known, layouts) if attentions is None else list(attentions)
-    attention_layouts = {_attention_layout(builder.shape(a), layouts) for a in attentions}
-    if None in attention_layouts or len(attention_layouts) > 1:
-        raise ExportError("attention tensors must all be B x heads x N x N over one token grid with a CLS token")
-
-    # The class whose score is explained, chosen in the graph: -1 means the top-1 class.
-    selected, seed = _select_class(builder, score, num_classes)
-    differentiated = targets + (attentions if attention_gradients else [])
-    gradients = append_gradients(model, differentiated, score, seed, builder)
-
-    builder.nodes.append(helper.make_node("Identity", [selected], [SELECTED_OUTPUT]))
-    # the batch keeps the image input's name for it, so that a runtime can size outputs from the input
-    batch = image_shape[0] or image.type.tensor_type.shape.dim[0].dim_param or "batch"
-    new_outputs = [helper.make_tensor_value_info(SELECTED_OUTPUT, onnx.TensorProto.INT64, [batch])]
-
-    def expose(kind: str, sources: list[str], like: list[str]) -> list[str]:
-        names = [f"onnxcam_{kind}_{i}" for i in range(len(sources))]
-        for name, source, tensor in zip(names, sources, like):
-            builder.nodes.append(helper.make_node("Identity", [source], [name]))
-            dims = builder.shape(tensor)  # batch first; other sizes that shape inference cannot tell stay unnamed
-            dims = [dims[0] or batch, *dims[1:]] if dims else dims
-            new_outputs.append(helper.make_tensor_value_info(name, builder.elem_type(tensor), dims))
-        return names
-
-    activations = expose("activation", targets, targets)
-    gradient_names = expose("gradient", gradients[:len(targets)], targets)
-    attention_names = expose("attention", attentions, attentions)
-    attention_gradient_names = expose("attention_gradient", gradients[len(targets):], attentions)
-    prune(builder, [SELECTED_OUTPUT, *activations, *gradient_names, *attention_names, *attention_gradient_names])
-
-    graph.input.append(helper.make_tensor_value_info(CLASS_INPUT, onnx.TensorProto.INT64, [batch]))
-    graph.node.extend(builder.nodes)
-    graph.initializer.extend(builder.initializers)
-    graph.output.extend(new_outputs)
-
+    score, num_classes = _score_output(model, builder, output)
+    shapes = tensor_shapes(model, builder)
+    targets, layouts = _targets(model, score, shapes, image, target_layers, layouts, layer_names)
+    attentions, attention_layout = _attentions(model, shapes, image, attentions, layouts)
+    names = _append_outputs(model, builder, image, score, num_classes, targets,
+                            attentions, attention_gradients)
     spec = ExplainSpec(
-        input=image.name, scores=score, num_classes=num_classes, input_size=(image_shape[2], image_shape[3]),
-        layers=list(layer_names or targets), activations=activations, gradients=gradient_names, layouts=layouts,
-        attentions=attention_names, attention_gradients=attention_gradient_names,
-        attention_layout=attention_layouts.pop() if attentions else None,
-        mean=_triple(mean, "mean", image_shape[1]), std=_triple(std, "std", image_shape[1]),
-        labels=_labels(labels, num_classes),
+        input=image.name, scores=score, num_classes=num_classes, input_size=image.size,
+        input_layout=image.layout, input_type=image.dtype, layers=list(layer_names or targets), layouts=layouts,
+        attention_layout=attention_layout, mean=_triple(mean, "mean", image.channels),
+        std=_triple(std, "std", image.channels), labels=_labels(labels, num_classes), **names,
     )
     helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: spec.to_json()})
-    onnx.checker.check_model(model)
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]  # what inlined functions left unread
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"the explainable graph fails ONNX's checker, an onnxcam bug worth reporting: "
+                          f"{str(error).splitlines()[0]}") from None
     return model
 
 
-def _select_class(builder: GraphBuilder, score: str, num_classes: int) -> tuple[str, str]:
-    """The selected class per image and the one-hot seed (shaped like the score) that picks its score."""
-    flat = builder.op("Flatten", score, axis=1)
-    top = builder.op("ArgMax", flat, axis=1, keepdims=0)
-    selected = builder.op("Where", builder.op("Less", CLASS_INPUT, builder.ints(0)), top, CLASS_INPUT)
-    values = builder.const(np.array([0.0, 1.0]), like=score)
-    one_hot = builder.op("OneHot", selected, builder.ints([num_classes]), values, axis=-1)
-    return selected, builder.reshape_like(one_hot, score)
+def _upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model at opset 17 at least, where LayerNormalization and the Reduce ops' axes inputs exist."""
+    if read_spec(model) is not None:
+        raise ExportError("the model is already explainable (it carries onnxcam metadata)")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= MIN_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, MIN_OPSET)
+    except Exception as error:  # the converter fails with several exception types on what it cannot convert
+        raise ExportError(f"the model's opset {opset} cannot be upgraded to {MIN_OPSET}: "
+                          f"{str(error).splitlines()[0]}") from None
 
 
-def _layouts(builder: GraphBuilder, targets: list[str], given, names: list[str]) -> list[str]:
-    """Each target's layout: as given, else guessed from its static shape; checked either way."""
-    given = list(given) if given else [None] * len(targets)
-    if len(given) != len(targets):
-        raise ExportError(f"{len(given)} layouts given for {len(targets)} targets")
-    layouts = []
-    for target, layout, name in zip(targets, given, names):
-        shape = builder.shape(target)
-        layout = layout or guess_layout(shape)
+def _score_output(model: onnx.ModelProto, builder: GraphBuilder, output: str | None) -> tuple[str, int]:
+    outputs = [o.name for o in model.graph.output]
+    score = output or outputs[0]
+    if score not in outputs:
+        raise unknown_name_error("output", score, outputs)
+    shape = builder.shape(score)
+    if None in shape[1:]:
+        raise ExportError(f"output '{score}' must have a static number of classes; its shape is {shape}",
+                          option="output")
+    return score, int(np.prod(shape[1:]))
+
+
+def _targets(model, score, shapes, image: ImageInput, given, layouts, names) -> tuple[list[str], list[str]]:
+    """The target tensors and their layouts: as given (each checked to lie on a grid over the image unless its
+    layout is given), or the default target found by discovery.default_target."""
+    if not given:
+        if layouts:
+            raise ExportError("layouts were given without target layers", option="target_layers")
+        target = default_target(model, score, shapes, image)
+        return [target.name], [target.layout]
+    given, names = list(given), list(names or given)
+    layouts = list(layouts) if layouts else [None] * len(given)
+    if len(layouts) != len(given):
+        raise ExportError(f"{len(layouts)} layouts given for {len(given)} targets", option="layouts")
+    checked, known = [], {**shapes, image.name: image.shape}
+    for target, layout, name in zip(given, layouts, names, strict=True):
+        shape = known.get(target, False)
+        if shape is False:
+            raise unknown_name_error("target tensor", target, shapes)
+        if not shape or None in shape[1:]:
+            raise ExportError(f"target '{name}' has unknown sizes {shape}: the gradient needs static ones")
+        checked.append(_checked_layout(name, shape, layout, image))
+    return given, checked
+
+
+def _checked_layout(name: str, shape, layout: str | None, image: ImageInput) -> str:
+    if layout is None:
+        layout = guess_layout(shape, image.size)
         if layout is None:
-            raise ExportError(f"cannot tell how target '{name}' of shape {shape} maps onto the image: "
-                              f"give its layout (nchw, nhwc or tokens:P:HxW)")
-        try:
-            layouts.append(check_layout(layout, shape))
-        except ValueError as error:
-            raise ExportError(f"target '{name}': {error}") from None
-    return layouts
+            raise ExportError(f"target '{name}' of shape {shape} does not lie on a grid over the {image.size[0]}x"
+                              f"{image.size[1]} image (one cell, another aspect ratio, or larger than the image); "
+                              f"give its layout if it does", option="layouts")
+    try:
+        return check_layout(layout, shape)
+    except ValueError as error:
+        raise ExportError(f"target '{name}': {error}") from None
+
+
+def _attentions(model, shapes, image: ImageInput, given, layouts) -> tuple[list[str], str | None]:
+    """Attention probabilities for rollout (given, or found by discovery) and their token layout."""
+    attentions = attention_probabilities(model, shapes, image) if given is None else list(given)
+    found = set()
+    for name in attentions:
+        shape = shapes.get(name)
+        layout = None if not shape or len(shape) != 4 or shape[2] != shape[3] else attention_layout(shape[3], layouts)
+        if layout is None:
+            raise ExportError(f"attention '{name}' of shape {shape} is not B x heads x N x N over one token grid "
+                              f"with a CLS token")
+        found.add(layout)
+    if len(found) > 1:
+        raise ExportError(f"the attention tensors lie on different token grids: {sorted(found)}")
+    return attentions, found.pop() if found else None
+
+
+def _append_outputs(model, builder: GraphBuilder, image: ImageInput, score: str, num_classes: int,
+                    targets: list[str], attentions: list[str], attention_gradients: bool) -> dict[str, list[str]]:
+    """Add the class input and the explanation outputs to the graph; their names, as ExplainSpec fields."""
+    graph = model.graph
+    selected, seed = _select_class(builder, score, num_classes)
+    cuts = head_cuts(model, targets, [o.name for o in graph.output if builder.is_float(o.name)])
+    gradients = append_gradients(model, targets + (attentions if attention_gradients else []), score, seed, builder)
+    builder.nodes.append(helper.make_node("Identity", [selected.name], [SELECTED_OUTPUT]))
+    # the batch keeps the image input's name for it, so that a runtime can size outputs from the input
+    new_outputs = [helper.make_tensor_value_info(SELECTED_OUTPUT, onnx.TensorProto.INT64, [image.batch])]
+
+    def expose(kind: str, sources: list, like: list[str]) -> list[str]:
+        names = [f"onnxcam_{kind}_{i}" for i in range(len(sources))]
+        for name, source, tensor in zip(names, sources, like, strict=True):
+            builder.nodes.append(helper.make_node("Identity", [getattr(source, "name", source)], [name]))
+            dims = builder.shape(tensor)  # batch first; other sizes that shape inference cannot tell stay unnamed
+            new_outputs.append(helper.make_tensor_value_info(name, builder.elem_type(tensor),
+                                                             [dims[0] or image.batch, *dims[1:]]))
+        return names
+
+    names = {"activations": expose("activation", targets, targets),
+             "gradients": expose("gradient", gradients[:len(targets)], targets),
+             "attentions": expose("attention", attentions, attentions),
+             "attention_gradients": expose("attention_gradient", gradients[len(targets):],
+                                           attentions if attention_gradients else []),
+             "cuts": expose("cut", cuts, cuts)}
+    prune(builder, [SELECTED_OUTPUT, *(n for group in names.values() for n in group)])
+    graph.input.append(helper.make_tensor_value_info(CLASS_INPUT, onnx.TensorProto.INT64, [image.batch]))
+    graph.node.extend(builder.nodes)
+    graph.initializer.extend(builder.initializers)
+    graph.output.extend(new_outputs)
+    return names
+
+
+def _select_class(builder: GraphBuilder, score: str, num_classes: int) -> tuple[Value, Value]:
+    """The selected class per image and the one-hot seed (shaped like the score) that picks its score."""
+    top = builder.op("ArgMax", builder.op("Flatten", score, axis=1), axis=1, keepdims=0)
+    requested = builder.value(CLASS_INPUT)
+    selected = builder.op("Where", requested < builder.ints(0), top, requested)
+    return selected, one_hot_seed(builder, score, selected)
 
 
 def _triple(values, what: str, channels: int):
@@ -267,7 +294,7 @@ def _triple(values, what: str, channels: int):
         return None
     values = [float(v) for v in values]
     if len(values) != channels:
-        raise ExportError(f"--{what} needs {channels} values, one per input channel; got {len(values)}")
+        raise ExportError(f"{what} needs {channels} values, one per input channel; got {len(values)}", option=what)
     return values
 
 

@@ -9,9 +9,9 @@ import warnings
 
 import torch
 
+from ..contract import ExplainSpec
 from ..core.layouts import attention_layout, guess_layout, to_grid
-from ..runtimes.metadata import ExplainSpec
-from .graph import ExportError
+from ..errors import ExportError
 from .onnx_frontend import export_onnx, unknown_name_error
 
 EXPORT_BATCH = 2  # tracing specialises sizes 0 and 1: a batch of 2 keeps the batch dimension symbolic
@@ -76,7 +76,8 @@ def _default_layer(probed) -> str:
     candidates = [(name, module, shape) for name, module, shape, reached in probed
                   if reached > 1 and name not in attention and (len(shape) == 3 or shape[2] * shape[3] > 1)]
     if not candidates:
-        raise ExportError("no module outputs a spatial activation that the score depends on: name a target layer")
+        raise ExportError("no module outputs a spatial activation that the score depends on: name a target layer",
+                          option="target_layers")
     name, _, shape = candidates[-1]
     if guess_layout(shape) == "nchw":
         return name
@@ -85,7 +86,8 @@ def _default_layer(probed) -> str:
 
 
 def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std=None, labels=None, layouts=None,
-                 attention_layers=None, attention_gradients=False, bundled=False) -> ExplainSpec:
+                 attention_layers=None, attention_gradients=False, bundled=False,
+                 input_gradients=False) -> ExplainSpec:
     """Export `model` (a torch.nn.Module) to an explainable ONNX file at `path`.
 
     `input_shape` is C x H x W (a leading batch size is ignored: the batch is dynamic).
@@ -93,8 +95,8 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
     each one's layout (nchw, nhwc, tokens:P:HxW), guessed otherwise. `attention_layers` are the modules
     whose outputs are a block's attention probabilities, for attention rollout (default: modules
     named `attn_drop` that return B x heads x N x N; where none runs, as with fused scaled dot-product
-    attention, the exported graph's Softmax outputs of that shape). `attention_gradients`, `bundled`:
-    see export_onnx.
+    attention, the exported graph's Softmax outputs of that shape). `attention_gradients`, `bundled`,
+    `input_gradients`: see export_onnx.
     """
     input_shape = tuple(int(d) for d in input_shape[-3:])
     model = model.eval()
@@ -132,7 +134,7 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
     attentions = names[len(layers):] if attention or attention_layers is not None else None
     return export_onnx(onnx_model, path, target_layers=names[:len(layers)], layer_names=layers, mean=mean, std=std,
                        labels=labels, layouts=layouts, attentions=attentions,
-                       attention_gradients=attention_gradients, bundled=bundled)
+                       attention_gradients=attention_gradients, bundled=bundled, input_gradients=input_gradients)
 
 
 class _WithActivations(torch.nn.Module):

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import logging
 import os
+import pkgutil
 import sys
 from pathlib import Path
 
 import click
 
 from .core import COLORMAPS
-from .batch import collect_images, explain_files
-from .exporters import ExportError, export_onnx
-from .explainer import ALL_METHODS, ExplainError, Explainer
-from .images import ImageError
-from .runtimes import ProviderError
+from .errors import ExplainError, ExportError, OnnxcamError
+from .explainer import ALL_METHODS, Explainer
+from .exporters import export_onnx
+from .pipeline import collect_images, explain_files
 
-USER_ERRORS = (ExportError, ExplainError, ImageError, ProviderError)
+# the flag of each keyword argument that errors name (OnnxcamError.option)
+FLAGS = {"save": "--save", "target_layers": "--target-layer", "layouts": "--layout", "mean": "--mean", "std": "--std",
+         "attention_gradients": "--grad-rollout", "input_gradients": "--input-gradients", "output": "--score-output", "input_size": "--input-size"}
 
 
 class Failed(click.ClickException):
@@ -25,6 +27,11 @@ class Failed(click.ClickException):
 
     def show(self, file=None):
         click.echo(f"error: {self.message}", err=True)
+
+    @classmethod
+    def of(cls, error: OnnxcamError) -> Failed:
+        """The error as the command line says it: the option that fixes it is named by its flag."""
+        return cls(error.describe(lambda option: FLAGS.get(option, option)))
 
 
 def _triple(text: str | None):
@@ -47,7 +54,11 @@ def main():
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Explainable ONNX file to write.")
 @click.option("--target-layer", "targets", multiple=True, help="Module name (PyTorch) or tensor name (ONNX); repeatable.")
-@click.option("--input-size", type=int, default=224, show_default=True, help="Square input side for PyTorch models.")
+@click.option("--input-size", "input_size", callback=lambda c, p, v: _size(v),
+              help="H x W (or one side) to explain at: fixes an ONNX file's dynamic sizes; PyTorch default 224.")
+@click.option("--input", "image_input", help="ONNX: the image input, where there are several.")
+@click.option("--input-layout", type=click.Choice(["nchw", "nhwc"]),
+              help="ONNX: the image input's layout (default: nhwc when its last dimension is 1 or 3).")
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict to load into a PyTorch model.")
 @click.option("--mean", help="Normalisation mean, R,G,B (recorded for `explain`).")
 @click.option("--std", help="Normalisation std, R,G,B.")
@@ -56,25 +67,56 @@ def main():
 @click.option("--layout", "layouts", multiple=True, help="Per target: nchw, nhwc or tokens:P:HxW (default: guessed).")
 @click.option("--grad-rollout", "attention_gradients", is_flag=True,
               help="Also export attention gradients, for method grad-rollout (a backward pass through every block).")
+@click.option("--input-gradients", "input_gradients", is_flag=True,
+              help="Also export the gradient down to the image, for guided-backprop, guided-gradcam, saliency, "
+                   "smoothgrad, integrated-gradients (a backward pass through the whole network).")
 @click.option("--bundle", "bundled", is_flag=True,
               help="One file taking encoded image bytes, returning logits and the Grad-CAM heatmap (onnxruntime-extensions).")
-def export(model, out, targets, input_size, weights, mean, std, labels, score_output, layouts, attention_gradients,
-           bundled):
+@click.option("--triton-repo", type=click.Path(file_okay=False),
+              help="Also write a Triton model repository for the file here (model.onnx and config.pbtxt).")
+def export(model, out, targets, input_size, image_input, input_layout, weights, mean, std, labels, score_output, layouts,
+           attention_gradients, input_gradients, bundled, triton_repo):
     """Make MODEL explainable: MODEL is package.module:callable returning a torch.nn.Module, or an .onnx file."""
     names = _read_labels(labels)
     options = dict(target_layers=list(targets) or None, mean=_triple(mean), std=_triple(std), labels=names,
-                   layouts=list(layouts) or None, attention_gradients=attention_gradients, bundled=bundled)
+                   layouts=list(layouts) or None, attention_gradients=attention_gradients, bundled=bundled,
+                   input_gradients=input_gradients)
     try:
         if model.endswith(".onnx"):
-            spec = export_onnx(model, out, output=score_output, **options)
+            spec = export_onnx(model, out, input=image_input, input_layout=input_layout, input_size=input_size,
+                               output=score_output, **options)
         else:
             from .exporters import export_torch
 
-            spec = export_torch(_load_module(model, weights), out, input_shape=(3, input_size, input_size), **options)
-    except USER_ERRORS as error:
-        raise Failed(str(error)) from None
-    click.echo(f"wrote {out}: targets {', '.join(spec.layers)}, {spec.num_classes} classes, "
-               f"input {spec.input_size[0]}x{spec.input_size[1]}")
+            spec = export_torch(_load_module(model, weights), out, input_shape=(3, *(input_size or (224, 224))),
+                                **options)
+    except OnnxcamError as error:
+        raise Failed.of(error) from None
+    height, width = spec.input_size
+    click.echo(f"wrote {out}: input '{spec.input}' {spec.input_layout} {height}x{width} {spec.input_type}, scores "
+               f"'{spec.scores}' ({spec.num_classes} classes), targets {', '.join(spec.layers)}")
+    if triton_repo:
+        from .triton import write_repository
+
+        click.echo(f"wrote {write_repository(out, triton_repo) / 'config.pbtxt'} and the model beside it")
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    """'HxW' or 'N' (a square side) as (H, W)."""
+    if text is None:
+        return None
+    try:
+        sides = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        raise click.BadParameter(f"'{text}' is not a size: give H x W such as 48x192, or one side")
+    return (sides[0], sides[-1])
+
+
+def _reporting() -> dict:
+    """Where the jobs tell their progress: a line per image on stdout, a line per bad image on stderr."""
+    return {"report": click.echo, "complain": lambda line: click.echo(f"error: {line}", err=True)}
 
 
 def _read_labels(path):
@@ -87,16 +129,13 @@ def _read_labels(path):
 
 
 def _load_module(spec: str, weights):
-    """Import package.module:callable (from the current folder too), call it, load a state dict."""
+    """Resolve package.module:callable (from the current folder too), call it, load a state dict."""
     if ":" not in spec:
         raise ExportError(f"'{spec}' is neither an .onnx file nor package.module:callable")
-    module_name, _, attribute = spec.partition(":")
     sys.path.insert(0, os.getcwd())
     try:
-        target = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as error:
+        target = pkgutil.resolve_name(spec)
+    except (ImportError, AttributeError, ValueError) as error:
         raise ExportError(f"cannot load {spec}: {error}") from None
     finally:
         sys.path.remove(os.getcwd())
@@ -116,65 +155,196 @@ def _load_module(spec: str, weights):
 
 @main.command()
 @click.argument("model")
-@click.option("--input-size", type=int, default=224, show_default=True)
-def inspect(model, input_size):
-    """List the layers (PyTorch) or tensors (ONNX) of MODEL with their shapes; * marks the default target."""
+@click.option("--input-size", "input_size", callback=lambda c, p, v: _size(v), help="H x W (or one side).")
+@click.option("--input", "image_input", help="ONNX: the image input, where there are several.")
+@click.option("--input-layout", type=click.Choice(["nchw", "nhwc"]), help="ONNX: the image input's layout.")
+def inspect(model, input_size, image_input, input_layout):
+    """List the layers (PyTorch) or tensors (ONNX) of MODEL with their shapes. Tensors that lie on a grid over the
+    image, the possible targets, show their layout; * marks the default target."""
     try:
         if model.endswith(".onnx"):
-            rows, default = _onnx_rows(model)
+            from .exporters.onnx_frontend import inspect_onnx
+
+            survey = inspect_onnx(model, input=image_input, input_layout=input_layout, input_size=input_size)
+            rows, default = survey.rows, survey.default
         else:
             from .exporters import default_layer, module_outputs
 
             module = _load_module(model, None)
-            rows = module_outputs(module, (3, input_size, input_size))
-            default = default_layer(module, (3, input_size, input_size))
-    except USER_ERRORS as error:
-        raise Failed(str(error)) from None
-    width = max(len(name) for name, _ in rows)
-    for name, shape in rows:
+            size = (3, *(input_size or (224, 224)))
+            rows = [(name, shape, None) for name, shape in module_outputs(module, size)]
+            default = default_layer(module, size)
+    except OnnxcamError as error:
+        raise Failed.of(error) from None
+    width = max(len(name) for name, _, _ in rows)
+    for name, shape, grid in rows:
         shape_text = "?" if shape is None else " x ".join("N" if d is None else str(d) for d in shape)
-        click.echo(f"{'*' if name == default else ' '} {name:<{width}}  {shape_text}")
+        click.echo(f"{'*' if name == default else ' '} {name:<{width}}  {shape_text}" + (f"  [{grid}]" if grid else ""))
 
 
-def _onnx_rows(path):
-    from onnx import shape_inference
+def _target_options(command):
+    """explain's options for targets beyond one class (onnxcam.targets)."""
+    options = [
+        click.option("--top", type=click.IntRange(min=1), help="Explain each image's K best classes."),
+        click.option("--task", type=click.Choice(["classify", "segment", "detect", "embed"]), default="classify",
+                     show_default=True, help="What the output holds: class scores, K x h x w maps, a detector's "
+                     "raw head (YOLOv5/v8) or its detections after NMS, an embedding."),
+        click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+                     help="--task detect: explain each detection scoring at least this."),
+        click.option("--concept", type=click.Path(dir_okay=False, exists=True),
+                     help="--task embed: a .npy vector; the map explains the cosine similarity to it."),
+        click.option("--score-output", "score_output",
+                     help="The output holding the scores (default: the exported one)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
-    from .exporters.graph import GraphBuilder
-    from .exporters.onnx_frontend import default_target, load_model, read_spec, tensor_shapes
 
-    model = load_model(path)
-    spec = read_spec(model)
-    if spec is not None:
-        click.echo(f"explainable: targets {', '.join(spec.layers)}, {spec.num_classes} classes")
-    model = shape_inference.infer_shapes(model, data_prop=True)
-    shapes = tensor_shapes(model, GraphBuilder(model))
-    return list(shapes.items()), default_target(model, model.graph.output[0].name, shapes) if spec is None else None
+def _target_of(classes: tuple[int, ...], top: int | None, task: str, score_threshold: float, concept: str | None,
+               score_output: str | None):
+    """The `targets` for Explainer.explain that explain's options ask for: None (top-1), a class, or a Target."""
+    from .targets import Classes, Detection, Segmentation, Similarity
+
+    if task == "detect":
+        return Detection(score_threshold=score_threshold, classes=list(classes) or None, output=score_output)
+    if task == "segment":
+        if len(classes) != 1:
+            raise ExplainError("--task segment explains one class: give it with --target")
+        return Segmentation(classes[0], output=score_output)
+    if task == "embed":
+        if concept is None:
+            raise ExplainError("--task embed needs --concept FILE.npy, the vector to compare embeddings with")
+        import numpy as np
+
+        return Similarity(np.load(concept), output=score_output)
+    if top is not None:
+        if classes:
+            raise ExplainError("give --target or --top, not both")
+        return Classes(top=top, output=score_output)
+    if len(classes) > 1 or score_output:
+        return Classes(*classes, output=score_output) if classes else Classes(top=1, output=score_output)
+    return classes[0] if classes else None
 
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.argument("images", nargs=-1, required=True)
-@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Folder for the overlays.")
+@click.argument("images", nargs=-1)
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Folder for the results.")
+@click.option("-r", "--recursive", is_flag=True, help="Also the images in the folders inside the folders given.")
+@click.option("--from-list", "list_file", type=click.Path(dir_okay=False), help="File with one image path or URI per line.")
 @click.option("--method", default="gradcam", show_default=True, type=click.Choice(ALL_METHODS))
-@click.option("--target", type=int, help="Class index to explain for every image (default: each image's top-1).")
+@click.option("--target", type=int, multiple=True,
+              help="Class index to explain for every image; repeatable (default: each image's top-1).")
+@_target_options
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--save-npy", is_flag=True, help="Also write each heatmap as a float32 .npy at the model's resolution.")
+@click.option("--save", default="overlays", show_default=True,
+              help="What to write, comma-separated: overlays, heatmaps, table (Parquet).")
+@click.option("--format", "image_format", default="png", show_default=True, type=click.Choice(["png", "jpeg"]),
+              help="Overlay file format.")
+@click.option("--heatmap-format", default="png", show_default=True, type=click.Choice(["png", "npy"]),
+              help="Heatmap files: 8-bit PNG or float16 .npy, at the model's resolution.")
 @click.option("--alpha", default=0.4, show_default=True, type=click.FloatRange(0, 1), help="Heatmap opacity.")
 @click.option("--colormap", default="jet", show_default=True, type=click.Choice(list(COLORMAPS)))
-def explain(model, images, outdir, method, target, provider, batch_size, save_npy, alpha, colormap):
-    """Write an overlay PNG per image (files or folders) and predictions.json with the top-5 classes."""
+@click.option("--workers", type=click.IntRange(min=1), help="Threads decoding, and threads writing (default: cores).")
+@click.option("--rows-per-part", default=10_000, show_default=True, type=click.IntRange(min=1),
+              help="Table rows per Parquet file.")
+@click.option("--resume", is_flag=True, help="Skip the images the record in the output folder holds.")
+@click.option("-v", "--verbose", is_flag=True, help="A line per image instead of the progress bar.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None,
+              help="Run on a Ray cluster: its ADDRESS, or alone for RAY_ADDRESS's or a new local one (table only).")
+@click.option("--actors", default=1, show_default=True, type=click.IntRange(min=1),
+              help="With --ray: actors, each holding one session (one GPU each where the cluster has GPUs).")
+def explain(model, images, outdir, recursive, list_file, method, target, provider, batch_size, save, image_format,
+            heatmap_format, alpha, colormap, workers, rows_per_part, resume, verbose, ray_address, actors, **targeting):
+    """Explain images (files, folders, a list): overlays, heatmaps and/or a Parquet table in OUTPUT, with a
+    record of finished images (record.jsonl) that --resume continues from, and predictions.json."""
+    from .pipeline import Listing, Outputs
+
+    if not images and not list_file:
+        raise Failed("no images given: name files or folders, or --from-list FILE")
+    sources = Listing(images, recursive, list_file)
+    try:
+        outputs = Outputs.parse(save, image_format=image_format, heatmap_format=heatmap_format, alpha=alpha,
+                                colormap=colormap, rows_per_part=rows_per_part)
+    except OnnxcamError as error:
+        raise Failed.of(error) from None
+    try:
+        target = _target_of(target, **targeting)
+    except OnnxcamError as error:
+        raise Failed.of(error) from None
+    if ray_address is not None:
+        return _explain_on_ray(model, sources, Path(outdir), outputs, ray_address, actors, resume, method=method,
+                               target=target, batch_size=batch_size, provider=provider)
     try:
         explainer = Explainer(model, provider=provider)
-        explainer.class_indices(target, 1)
-    except USER_ERRORS as error:
-        raise Failed(str(error)) from None
-    except Exception as error:  # onnxruntime refuses files that are not models with its own exception types
+        if isinstance(target, int):
+            explainer.class_indices(target, 1)
+    except OnnxcamError as error:
+        raise Failed.of(error) from None
+    except Exception as error:  # noqa: BLE001 - onnxruntime refuses non-models with its own exception types
         raise Failed(f"{model}: cannot be loaded by ONNX Runtime ({str(error).splitlines()[0]})") from None
-    failures = explain_files(explainer, collect_images(images), Path(outdir), method=method, target=target,
-                              batch_size=batch_size, save_npy=save_npy, alpha=alpha, colormap=colormap)
-    if failures:
-        raise Failed(f"{failures} image(s) could not be explained")
+    with _progress(verbose) as reporting:
+        try:
+            summary = explain_files(explainer, sources, Path(outdir), method=method, target=target,
+                                    batch_size=batch_size, outputs=outputs, resume=resume, workers=workers,
+                                    **reporting)
+        except OnnxcamError as error:
+            raise Failed.of(error) from None
+    _summarise(summary.explained, summary.failed, summary.skipped, outdir)
+
+
+def _summarise(explained: int, failed: int, skipped: int, outdir) -> None:
+    """The one line that ends a run, and exit status 1 when images failed."""
+    before = f" ({skipped:,} done before)" if skipped else ""
+    click.echo(f"explained {explained:,} image(s), {failed:,} failed{before}; results in {outdir}")
+    if failed:
+        raise Failed(f"{failed} image(s) could not be explained")
+
+
+@contextlib.contextmanager
+def _progress(verbose: bool):
+    """Callbacks for a job: a progress bar on a terminal (tqdm, images/s and time left), or a line per image
+    with --verbose; errors on stderr, one line each."""
+    bar = None
+    if not verbose and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
+        except ImportError:
+            pass
+
+    def advance(done: int, total: int | None) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    def complain(line: str) -> None:
+        (bar.write if bar is not None else click.echo)(f"error: {line}", file=sys.stderr)
+
+    try:
+        yield {"report": click.echo if verbose else None, "complain": complain, "progress": advance}
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _explain_on_ray(model, sources, outdir: Path, outputs, address: str, actors: int, resume: bool, **options):
+    """`explain --ray`: the same job on Ray Data (onnxcam.ray), writing the table only."""
+    if resume or outputs.files or not outputs.table:
+        raise Failed("with --ray the job writes the table only, and starts over: use --save table, without --resume")
+    try:
+        from .ray import explain_on_ray
+    except ImportError as error:
+        raise Failed(f"--ray needs its extra: pip install 'onnxcam[ray]' ({error})") from None
+    try:
+        summary = explain_on_ray(model, sources, outdir, address=None if address == "auto" else address,
+                                 actors=actors, **options)
+    except OnnxcamError as error:
+        raise Failed.of(error) from None
+    _summarise(summary.explained, summary.failed, 0, outdir)
 
 
 @main.command()
@@ -188,9 +358,9 @@ def demo(outdir, method, provider):
     except ImportError as error:
         raise Failed(f"the demo needs its extra: pip install 'onnxcam[demo]' ({error})") from None
     try:
-        run_demo(Path(outdir), method=method, provider=provider)
-    except USER_ERRORS as error:
-        raise Failed(str(error)) from None
+        run_demo(Path(outdir), method=method, provider=provider, **_reporting())
+    except OnnxcamError as error:
+        raise Failed.of(error) from None
 
 
 @main.command()
@@ -204,20 +374,25 @@ def demo(outdir, method, provider):
               help="How long the first request of a batch waits for others.")
 @click.option("--queue-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-body", default=32 * 2 ** 20, show_default=True, type=click.IntRange(min=1), help="Bytes.")
-def serve(model, host, port, name, provider, max_batch, max_wait_ms, queue_size, max_body):
-    """Serve MODEL over HTTP: Open Inference Protocol routes, POST /explain, a web page at /, /metrics."""
+@click.option("--api-key", envvar="ONNXCAM_API_KEY", help="Bearer token every route but health and metrics needs "
+              "(also read from ONNXCAM_API_KEY).")
+@click.option("--request-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds within which each request is answered (408/504 otherwise).")
+@click.option("--drain-delay", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGTERM: seconds to keep serving with readiness false before closing (Kubernetes rollouts).")
+def serve(model, host, port, name, provider, max_batch, max_wait_ms, queue_size, max_body, api_key, request_timeout,
+          drain_delay):
+    """Serve MODEL over HTTP: Open Inference and KServe V1 routes, POST /explain, a web page at /, /metrics."""
     try:
-        import uvicorn
-
-        from .server import create_app
+        from .serving import create_app, run
     except ImportError as error:
         raise Failed(f"serving needs its extra: pip install 'onnxcam[serve]' ({error})") from None
     try:
         app = create_app(model, name=name, provider=provider, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                         queue_size=queue_size, max_body=max_body)
-    except USER_ERRORS as error:
-        raise Failed(str(error)) from None
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+                         queue_size=queue_size, max_body=max_body, api_key=api_key, request_timeout=request_timeout)
+    except OnnxcamError as error:
+        raise Failed.of(error) from None
+    run(app, host=host, port=port, drain_delay=drain_delay, api_key=bool(api_key))
 
 
 @main.command()
@@ -230,13 +405,14 @@ def serve(model, host, port, name, provider, max_batch, max_wait_ms, queue_size,
 @click.option("--tolerance", default=15, show_default=True, type=click.IntRange(min=0),
               help="Pointing game tolerance, in the model's input pixels.")
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-def evaluate(model, images, method, boxes, steps, tolerance, provider):
+@click.option("--road", "with_road", is_flag=True, help="Also ROAD (MoRF and LeRF; seconds per image).")
+def evaluate(model, images, method, boxes, steps, tolerance, provider, with_road):
     """Faithfulness of METHOD's maps: Average Drop, Increase in Confidence, deletion and insertion AUC,
     pointing game. Prints a JSON report."""
     import json
 
     from .evaluation import evaluate as run_evaluation
-    from .images import read_image
+    from .files import read_image
 
     try:
         explainer = Explainer(model, provider=provider)
@@ -253,8 +429,11 @@ def evaluate(model, images, method, boxes, steps, tolerance, provider):
                 x0, y0, x1, y1 = given[path.name]
                 sy, sx = height / picture.shape[0], width / picture.shape[1]
                 scaled.append((x0 * sx, y0 * sy, x1 * sx, y1 * sy))
-        report = run_evaluation(explainer, pictures, method=method, boxes=scaled, steps=steps, tolerance=tolerance)
-    except (*USER_ERRORS, OSError, ValueError) as error:
+        report = run_evaluation(explainer, pictures, method=method, boxes=scaled, steps=steps, tolerance=tolerance,
+                                with_road=with_road)
+    except OnnxcamError as error:
+        raise Failed.of(error) from None
+    except (OSError, ValueError) as error:
         raise Failed(str(error)) from None
     click.echo(json.dumps({"model": model, "method": method, "images": len(pictures), **vars(report)}, indent=2))
 
@@ -276,8 +455,8 @@ def bench(model, batches, methods, provider, threads, repeats):
 
     try:
         explainer = Explainer(model, provider=provider, threads=threads)
-    except USER_ERRORS as error:
-        raise Failed(str(error)) from None
+    except OnnxcamError as error:
+        raise Failed.of(error) from None
     spec = explainer.spec
     height, width = spec.input_size
     channels = len(spec.mean) if spec.mean else 3

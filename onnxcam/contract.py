@@ -1,27 +1,41 @@
-"""The contract between an explainable ONNX file and the runtime: what `onnxcam export` records."""
+"""The contract between an explainable ONNX file and the runtimes: the names `onnxcam export` adds to the
+graph and the facts it records as JSON under the metadata key `onnxcam`. Exporters write it, runtimes
+read it; neither imports the other.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import ContractError
 
 METADATA_KEY = "onnxcam"
+VERSION = 1  # raised when a field changes meaning; new fields with defaults keep it
+
+# names in the explainable graph
 CLASS_INPUT = "onnxcam_class"
 SELECTED_OUTPUT = "onnxcam_selected"
+# names in a bundle (exporters.bundle, runtimes.Bundle)
+BYTES_INPUT = "image_bytes"
+HEATMAP_OUTPUT = "heatmap"
 
 
 @dataclass
 class ExplainSpec:
-    """Names and facts `explain` needs, stored as JSON under the metadata key `onnxcam`."""
+    """Names and facts `explain` needs."""
 
     input: str
     scores: str
     num_classes: int
-    input_size: tuple[int, int]
+    input_size: tuple[int, int]  # H x W
     layers: list[str]
     activations: list[str]
     gradients: list[str]
     layouts: list[str]  # per layer: nchw, nhwc or tokens:P:HxW (see onnxcam.core.layouts)
+    input_layout: str = "nchw"  # the image input's layout: nchw or nhwc
+    input_type: str = "float32"  # its numpy element type: float32, float16, float64 or uint8 (normalised inside)
     class_input: str = CLASS_INPUT
     selected: str = SELECTED_OUTPUT
     mean: list[float] | None = None
@@ -30,14 +44,45 @@ class ExplainSpec:
     attentions: list[str] = field(default_factory=list)  # per block: attention probabilities, B x heads x N x N
     attention_gradients: list[str] = field(default_factory=list)
     attention_layout: str | None = None  # tokens:P:HxW of the attention's N tokens
+    # float tensors the head (the nodes between the targets and the outputs) reads besides the targets,
+    # exposed so that it can run alone on them (exporters.head)
+    cuts: list[str] = field(default_factory=list)
+    # the gradient of the score w.r.t. the input image (export option input_gradients), and the boolean
+    # initializer that switches its ReLUs to guided backpropagation's rule (False in the file)
+    input_gradient: str | None = None
+    guided_input: str | None = None
     bundled: bool = False  # input is encoded image bytes, output a Grad-CAM heatmap (exporters.bundle)
-    version: int = 1
+    version: int = VERSION
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "ExplainSpec":
-        data = json.loads(text)
-        data["input_size"] = tuple(data["input_size"])
-        return cls(**data)
+    def from_json(cls, text: str) -> ExplainSpec:
+        """The spec a file records; a file of another contract version gets one line saying what to do."""
+        try:
+            data = json.loads(text)
+            version = int(data.get("version", 0))
+        except (ValueError, TypeError, AttributeError):
+            raise ContractError("the onnxcam metadata of this file is not valid JSON") from None
+        if version > VERSION:
+            raise ContractError(f"this file was written by a newer onnxcam (contract version {version}; this one "
+                                f"reads {VERSION}): upgrade onnxcam")
+        if version < VERSION:
+            raise ContractError(f"this file was written by an older onnxcam (contract version {version}; this one "
+                                f"reads {VERSION}): export the model again")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ContractError(f"this file records fields this onnxcam does not know ({', '.join(unknown)}): "
+                                f"upgrade onnxcam")
+        try:
+            spec = cls(**data)
+        except TypeError as error:
+            raise ContractError(f"the onnxcam metadata of this file is incomplete ({error})") from None
+        spec.input_size = tuple(spec.input_size)
+        return spec
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> ExplainSpec | None:
+        """The spec in a model's metadata map, or None for a file that is not explainable."""
+        return cls.from_json(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None

@@ -1,73 +1,15 @@
-"""How faithful a map is: metrics that perturb the input as the map says and watch the class score.
-
-All take `predict`, a function from a float32 N x C x H x W batch to class probabilities N x K, and
-send their perturbed images in batches (one session run per batch on ONNX Runtime). Perturbations
-happen in the model's input space: there, 0 is the normalisation mean, the usual "grey" baseline.
-"""
+"""How faithful an explainer's maps are: the metrics of core.metrics run on an explainable file, one
+session run per batch of perturbed images."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
+from .core.metrics import average_drop_increase, confidence_change, deletion_insertion, pointing_game, road
+from .core.scores import probabilities as as_probabilities
 from .explainer import Explainer
-
-
-def average_drop_increase(predict, inputs, heatmaps, classes) -> tuple[float, float]:
-    """Average Drop and Increase in Confidence (Chattopadhay et al., arXiv 1710.11063, sec. 5.1.1).
-
-    Y = p_c(image), O = p_c(image (.) map): Average Drop = 100 * mean(max(0, Y - O) / Y), in %;
-    Increase in Confidence = 100 * mean(O > Y), in %. Lower drop and higher increase are better.
-    """
-    rows = np.arange(len(inputs))
-    full = predict(inputs)[rows, classes]
-    masked = predict(inputs * heatmaps[:, None].astype(inputs.dtype))[rows, classes]
-    drop = np.maximum(full - masked, 0) / np.maximum(full, np.finfo(np.float32).tiny)
-    return float(100 * drop.mean()), float(100 * (masked > full).mean())
-
-
-def _auc(curve: np.ndarray) -> np.ndarray:
-    """Area under curves sampled at evenly spaced fractions 0..1 (trapezoidal rule), per row."""
-    return (curve[:, 1:] + curve[:, :-1]).sum(axis=1) / (2 * (curve.shape[1] - 1))
-
-
-def deletion_insertion(predict, inputs, heatmaps, classes, steps: int = 32, blur_sigma: float = 5.0):
-    """Deletion and insertion curves and their areas (Petsiuk et al., RISE, arXiv 1806.07421, sec. 4.1).
-
-    Pixels are ranked by the map. Deletion replaces the top fraction k/steps of them with 0 (the
-    mean) and tracks p_c: a faithful map makes it fall fast (low area). Insertion starts from a
-    blurred image and restores the top pixels: p_c should rise fast (high area). One batched
-    prediction per image, steps + 1 images each. Returns (deletion areas, insertion areas,
-    deletion curves, insertion curves), per image.
-    """
-    count = inputs.shape[2] * inputs.shape[3]
-    fractions = np.linspace(0, 1, steps + 1)
-    deletions, insertions = [], []
-    for image, heatmap, target in zip(inputs, heatmaps, classes):
-        order = np.argsort(-heatmap.ravel(), kind="stable")
-        rank = np.empty(count, np.int64)
-        rank[order] = np.arange(count)
-        shown = (rank[None, :] < np.round(fractions * count)[:, None]).reshape(len(fractions), 1, *heatmap.shape)
-        blurred = np.stack([cv2.GaussianBlur(channel, (0, 0), blur_sigma) for channel in image])
-        deleted = np.where(shown, 0, image[None]).astype(inputs.dtype)
-        inserted = np.where(shown, image[None], blurred[None]).astype(inputs.dtype)
-        scores = predict(np.concatenate([deleted, inserted]))[:, target]
-        deletions.append(scores[:len(fractions)])
-        insertions.append(scores[len(fractions):])
-    deletions, insertions = np.array(deletions), np.array(insertions)
-    return _auc(deletions), _auc(insertions), deletions, insertions
-
-
-def pointing_game(heatmaps, boxes, tolerance: int = 15) -> np.ndarray:
-    """Pointing game (Zhang et al., arXiv 1608.00507, sec. 5.1): a hit when the map's maximum falls
-    in the object's box (x0, y0, x1, y1, in map pixels, inclusive) grown by `tolerance` pixels."""
-    hits = []
-    for heatmap, (x0, y0, x1, y1) in zip(heatmaps, boxes):
-        y, x = np.unravel_index(np.argmax(heatmap), heatmap.shape)
-        hits.append(x0 - tolerance <= x <= x1 + tolerance and y0 - tolerance <= y <= y1 + tolerance)
-    return np.array(hits)
 
 
 @dataclass
@@ -77,31 +19,32 @@ class Faithfulness:
     deletion_auc: float
     insertion_auc: float
     pointing_accuracy: float | None
+    confidence_change: float | None = None  # pytorch-grad-cam's CamMultImageConfidenceChange, mean
+    road_morf: float | None = None  # ROAD, most relevant first (lower is better), mean over images
+    road_lerf: float | None = None  # ROAD, least relevant first (nearer 0 is better)
 
 
-def probabilities(explainer: Explainer):
+def predictor(explainer: Explainer):
     """`predict` for the metrics: the explainable session's scores (softmax for several classes)."""
     spec = explainer.spec
 
     def predict(batch: np.ndarray) -> np.ndarray:
         classes = np.full(len(batch), -1, np.int64)  # any class: only the scores are fetched
         (scores,) = explainer.session.run([spec.scores], {spec.input: batch, spec.class_input: classes})
-        scores = scores.reshape(len(batch), -1)
-        if scores.shape[1] == 1:
-            return scores
-        shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
-        return shifted / shifted.sum(axis=1, keepdims=True)
+        return as_probabilities(scores.reshape(len(batch), -1))
 
     return predict
 
 
 def evaluate(explainer: Explainer, inputs, method: str = "gradcam", targets=None, boxes=None, steps: int = 32,
-             batch_size: int = 16, tolerance: int = 15) -> Faithfulness:
+             batch_size: int = 16, tolerance: int = 15, with_road: bool = False) -> Faithfulness:
     """All metrics for `inputs` (uint8 RGB images or a float32 batch), explained with `method`;
-    `boxes` (x0, y0, x1, y1 per image, in the model's input pixels) add the pointing game."""
+    `boxes` (x0, y0, x1, y1 per image, in the model's input pixels) add the pointing game. `with_road` adds ROAD
+    (18 sparse linear solves per image, seconds each at 224 x 224: opt-in)."""
     batch = explainer.prepare(inputs)
-    predict = probabilities(explainer)
+    predict = predictor(explainer)
     drops, increases, deletions, insertions, maps, classes = [], [], [], [], [], []
+    changes, morf, lerf = [], [], []
     for start in range(0, len(batch), batch_size):
         part = batch[start:start + batch_size]
         wanted = None if targets is None else np.asarray(targets).reshape(-1)[start:start + batch_size]
@@ -111,9 +54,14 @@ def evaluate(explainer: Explainer, inputs, method: str = "gradcam", targets=None
         drops.append(drop * len(part))
         increases.append(increase * len(part))
         deletions += list(deletion)
+        changes += list(confidence_change(predict, part, result.heatmaps, result.targets))
+        if with_road:
+            part_morf, part_lerf = road(predict, part, result.heatmaps, result.targets)
+            morf, lerf = morf + list(part_morf), lerf + list(part_lerf)
         insertions += list(insertion)
         maps.append(result.heatmaps)
         classes.append(result.targets)
     pointing = None if boxes is None else float(pointing_game(np.concatenate(maps), boxes, tolerance).mean())
     return Faithfulness(sum(drops) / len(batch), sum(increases) / len(batch), float(np.mean(deletions)),
-                        float(np.mean(insertions)), pointing)
+                        float(np.mean(insertions)), pointing, float(np.mean(changes)),
+                        float(np.mean(morf)) if with_road else None, float(np.mean(lerf)) if with_road else None)

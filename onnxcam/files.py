@@ -1,19 +1,22 @@
-"""Reading images safely: the header is checked before any pixel is decoded."""
+"""Image files in and out: reading safely (the header is checked before any pixel is decoded) and writing
+whole or not at all."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import struct
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .errors import ImageError
+
 MAX_PIXELS = 100_000_000  # larger images are refused unread: decoding them would take gigabytes
 _JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-class ImageError(ValueError):
-    """An input that is not a usable image; the message names the file."""
 
 
 def _jpeg_size(data: bytes):
@@ -33,8 +36,28 @@ def _jpeg_size(data: bytes):
     return None
 
 
+def _tiff_size(data: bytes):
+    """(width, height) from the first image directory of a classic TIFF, or None."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 8:
+        return None
+    magic, offset = struct.unpack(order + "HI", data[2:8])
+    if magic != 42 or offset + 2 > len(data):
+        return None
+    (count,) = struct.unpack(order + "H", data[offset:offset + 2])
+    sizes = {}
+    for entry in range(offset + 2, offset + 2 + 12 * count, 12):
+        if entry + 12 > len(data):
+            return None
+        tag, kind = struct.unpack(order + "HH", data[entry:entry + 4])
+        if tag in (256, 257) and kind in (3, 4):  # ImageWidth, ImageLength as SHORT or LONG
+            value_format, end = ("H", entry + 10) if kind == 3 else ("I", entry + 12)
+            sizes[tag] = struct.unpack(order + value_format, data[entry + 8:end])[0]
+    return (sizes[256], sizes[257]) if len(sizes) == 2 else None
+
+
 def probe(data: bytes) -> tuple[str, int, int] | None:
-    """(format, width, height) read from the header of a PNG, JPEG, BMP or WebP, or None."""
+    """(format, width, height) read from the header of a PNG, JPEG, BMP, WebP, GIF or TIFF, or None."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         return ("png", *struct.unpack(">II", data[16:24]))
     if data[:3] == b"\xff\xd8\xff":
@@ -53,15 +76,33 @@ def probe(data: bytes) -> tuple[str, int, int] | None:
         if chunk == b"VP8 ":
             width, height = struct.unpack("<HH", data[26:30])
             return "webp", width & 0x3FFF, height & 0x3FFF
-    return None
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return ("gif", *struct.unpack("<HH", data[6:10]))
+    size = _tiff_size(data)
+    return ("tiff", *size) if size else None
+
+
+def _png_chunks_fit(data: bytes) -> bool:
+    """Every chunk up to IEND lies inside the file. A chunk claiming more than the file holds is refused here:
+    OpenCV's reader would allocate the claimed length first (a 2 KB file asking for 2 GB)."""
+    offset = 8
+    while offset + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[offset:offset + 4])
+        kind = data[offset + 4:offset + 8]
+        offset += 12 + length
+        if offset > len(data):
+            return False
+        if kind == b"IEND":
+            return True
+    return False
 
 
 def _complete(kind: str, data: bytes) -> bool:
     if kind == "png":
-        return b"IEND" in data[-16:]
+        return _png_chunks_fit(data)
     if kind == "jpeg":
         return b"\xff\xd9" in data[-64:]
-    return True  # BMP and WebP decoders reject short files themselves
+    return True  # the other decoders reject short files themselves
 
 
 def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -105,8 +146,23 @@ def write_png(path, image_rgb: np.ndarray) -> None:
     write_atomic(path, encode_png(image_rgb))
 
 
-def write_atomic(path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """A temporary path in the target's folder to write to; renamed onto `path` when the block ends
+    without an error, removed otherwise. Readers see the old file or the whole new one, never a part."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

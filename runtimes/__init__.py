@@ -1,7 +1,7 @@
-"""Sessions, providers, and the contract an explainable file carries."""
+"""Sessions, providers, I/O binding and bundles: running explainable files on ONNX Runtime."""
 
+from ..errors import ProviderError
 from .bundle import Bundle
-from .metadata import ExplainSpec
-from .session import ProviderError, create_session
+from .session import create_session
 
-__all__ = ["Bundle", "ExplainSpec", "ProviderError", "create_session"]
+__all__ = ["Bundle", "ProviderError", "create_session"]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metadata import CLASS_INPUT, METADATA_KEY, ExplainSpec
+from ..contract import BYTES_INPUT, CLASS_INPUT, HEATMAP_OUTPUT, ExplainSpec
 from .session import create_session
-
-BYTES_INPUT, HEATMAP_OUTPUT = "image_bytes", "heatmap"
 
 
 class Bundle:
@@ -15,7 +13,7 @@ class Bundle:
 
     def __init__(self, path, provider: str = "auto"):
         self.session = create_session(path, provider, extensions=True)
-        self.spec = ExplainSpec.from_json(self.session.get_modelmeta().custom_metadata_map[METADATA_KEY])
+        self.spec = ExplainSpec.from_metadata(self.session.get_modelmeta().custom_metadata_map)
 
     def explain(self, data: bytes, target: int = -1) -> tuple[np.ndarray, int, np.ndarray]:
         """(logits [num_classes], explained class, heatmap H x W in [0, 1]) for one encoded image."""

@@ -9,14 +9,12 @@ from functools import cache
 
 import onnxruntime as ort
 
+from ..errors import ProviderError
+
 log = logging.getLogger("onnxcam")
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _QUIET, _DEFAULT = 4, 2  # ORT logger severities: fatal only, and ORT's own default (warning)
-
-
-class ProviderError(RuntimeError):
-    """The requested execution provider cannot run here."""
 
 
 def create_session(path, provider: str = "auto", threads: int | None = None,

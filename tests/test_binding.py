@@ -4,6 +4,7 @@ fetches only what it is asked for, and takes batches that live outside numpy (Or
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -49,26 +50,28 @@ def test_only_the_outputs_asked_for_are_fetched(small_onnx):
     np.testing.assert_array_equal(activation, session.run(["onnxcam_activation_0"], feeds)[0])
 
 
-def test_sizes_shape_inference_cannot_tell_are_left_open(tmp_path):
-    """Resize by scales computed at run time: the target's size is unknown to shape inference. The export
-    names only the batch (after the input's own name for it, here 'N'); the rest are fetched at run size."""
+def test_sizes_shape_inference_cannot_tell_are_measured(tmp_path):
+    """Resize by scales computed at run time: the target's size is unknown to shape inference, so the export
+    runs the model at two batch sizes to measure it. The batch keeps the input's own name for it ('N')."""
     rng = np.random.default_rng(3)
     weights = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
                numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "fc"),
-               numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales_source")]
+               numpy_helper.from_array(np.array([1, 1, 0.5, 0.5], np.float32), "scales_source")]
     nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
              helper.make_node("Abs", ["scales_source"], ["scales"]),
-             helper.make_node("Resize", ["conv", "", "scales"], ["up"], mode="nearest"),
-             helper.make_node("Relu", ["up"], ["target"]),
+             helper.make_node("Resize", ["conv", "", "scales"], ["down"], mode="nearest"),
+             helper.make_node("Relu", ["down"], ["target"]),
              helper.make_node("GlobalAveragePool", ["target"], ["pooled"]),
              helper.make_node("Flatten", ["pooled"], ["flat"]), helper.make_node("MatMul", ["flat", "fc"], ["scores"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                               [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 5])], weights)
-    spec = export_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
-                       tmp_path / "resize.onnx", target_layers=["target"])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    assert "target" not in inferred or not inferred["target"].type.tensor_type.shape.dim[2].dim_value
+    spec = export_onnx(model, tmp_path / "resize.onnx", target_layers=["target"])
     explainer = onnxcam.Explainer(tmp_path / "resize.onnx", provider="cpu")
     declared = {o.name: o.shape for o in explainer.session.get_outputs()}
-    assert declared[spec.selected] == ["N"] and declared[spec.gradients[0]][0] == "N"
+    assert declared[spec.selected] == ["N"] and declared[spec.gradients[0]] == ["N", 4, 4, 4]
     for batch in (3, 16):
         x = rng.standard_normal((batch, 3, 8, 8)).astype(np.float32)
         feeds = {"x": x, "onnxcam_class": np.full(batch, -1, np.int64)}

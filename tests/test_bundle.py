@@ -9,10 +9,10 @@ import pytest
 
 import onnxcam
 from onnxcam.exporters import export_torch
-from onnxcam.images import decode_image, encode_png
+from onnxcam.files import decode_image, encode_png
 from onnxcam.runtimes import Bundle, create_session
 from conftest import random_images, run_cli
-from zoo_transformers import swin, vit
+from onnxcam.testing.zoo_transformers import swin, vit
 
 OPTIONS = dict(input_shape=(3, 32, 32), target_layers=["features.6", "features.8"], mean=[0.5] * 3, std=[0.25] * 3)
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import onnxcam
-import shapes
+from onnxcam.testing import shapes
 from conftest import run_cli
-from onnxcam.evaluation import average_drop_increase, deletion_insertion, evaluate, pointing_game, probabilities
+from onnxcam.core.metrics import average_drop_increase, deletion_insertion, pointing_game
+from onnxcam.evaluation import evaluate, predictor
 from onnxcam.exporters import export_torch
 
 
@@ -45,7 +46,7 @@ def test_metrics_prefer_the_map_to_its_inverse(localisation):
     _, explainer, images, _, boxes, _ = localisation
     batch = explainer.prepare(list(images[:32]))
     result = explainer.explain(batch)
-    predict = probabilities(explainer)
+    predict = predictor(explainer)
     inverse = 1 - result.heatmaps
     drop, _ = average_drop_increase(predict, batch, result.heatmaps, result.targets)
     drop_inverse, _ = average_drop_increase(predict, batch, inverse, result.targets)
@@ -68,10 +69,10 @@ def test_metric_arithmetic_against_references(localisation):
         masked = torch.softmax(model(torch.from_numpy(batch * result.heatmaps[:, None])), 1)
     rows = np.arange(6)
     y, o = full.numpy()[rows, result.targets], masked.numpy()[rows, result.targets]
-    drop, increase = average_drop_increase(probabilities(explainer), batch, result.heatmaps, result.targets)
+    drop, increase = average_drop_increase(predictor(explainer), batch, result.heatmaps, result.targets)
     assert drop == pytest.approx(100 * np.mean(np.maximum(y - o, 0) / y), rel=1e-4)
     assert increase == pytest.approx(100 * np.mean(o > y))
-    deletion, _, curves, inserted = deletion_insertion(probabilities(explainer), batch, result.heatmaps,
+    deletion, _, curves, inserted = deletion_insertion(predictor(explainer), batch, result.heatmaps,
                                                        result.targets, steps=4)
     np.testing.assert_allclose(inserted[:, -1], y, rtol=1e-4)  # everything inserted: the full image again
     image, heat, target = batch[0], result.heatmaps[0], result.targets[0]

@@ -13,7 +13,7 @@ import onnxcam
 from onnxcam.core.rollout import grad_rollout, rollout
 from onnxcam.exporters import ExportError, default_layer, export_onnx, export_torch
 from test_methods import reference_cam
-from zoo_transformers import deit, swin, vit
+from onnxcam.testing.zoo_transformers import deit, swin, vit
 
 BATCH = 3  # the export traces at 2
 
@@ -226,11 +226,15 @@ def test_swin_channels_last_gradcam(swin_onnx):
         onnxcam.Explainer(path, provider="cpu").explain(_inputs(5).numpy(), method="rollout")
 
 
-def test_distillation_tokens_need_a_layout(tmp_path):
-    """DeiT puts two tokens before the patches: 18 tokens fit no guess, and the override says how."""
+def test_distillation_tokens_are_found_from_the_image_grid(tmp_path):
+    """DeiT puts two tokens before the patches: 18 tokens are 2 + a 4 x 4 grid over the 32 x 32 image, and the
+    override says the same. A layout that fits no grid over the image is refused."""
     model = deit()
-    with pytest.raises(ExportError, match="cannot tell how target 'blocks.2.norm1' of shape \\[None, 18, 32\\]"):
-        export_torch(model, tmp_path / "deit.onnx", input_shape=(3, 32, 32), target_layers=["blocks.2.norm1"])
+    guessed = export_torch(model, tmp_path / "guessed.onnx", input_shape=(3, 32, 32), target_layers=["blocks.2.norm1"])
+    assert guessed.layouts == ["tokens:2:4x4"]
+    with pytest.raises(ExportError, match="layout tokens:1:4x4 does not fit an activation of shape"):
+        export_torch(model, tmp_path / "deit.onnx", input_shape=(3, 32, 32), target_layers=["blocks.2.norm1"],
+                     layouts=["tokens:1:4x4"])
     spec = export_torch(model, tmp_path / "deit.onnx", input_shape=(3, 32, 32), target_layers=["blocks.2.norm1"],
                         layouts=["tokens:2:4x4"])
     assert spec.attention_layout == "tokens:2:4x4" and len(spec.attentions) == 3

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from onnxcam.exporters import export_torch
-from zoo import ZOO
+from onnxcam.testing.zoo import ZOO
 
 BATCH = 3
 RTOL = 1e-4

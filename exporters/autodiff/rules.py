@@ -1,41 +1,300 @@
-"""Vector-Jacobian product rules, one small function per ONNX operator.
+"""Vector-Jacobian product rules, one per ONNX operator.
 
-Each rule takes the builder `g`, the forward node `n` and `dy`, the gradient of the node's first
-output, and returns one gradient tensor name (or None) per input of `n`. Rules may return
-gradients nobody needs: the walk drops the nodes that feed no output. Operator semantics follow
-the ONNX operator specification (onnx.ai/onnx/operators), opset 17 and later.
+A rule is called as `rule(g, n, dys)`: the builder `g`, the forward `Node` `n`, and `dys`, the
+gradients of every output of `n` (a `Value`, or None where nothing downstream needs it). It returns
+exactly one entry per input of `n`: the gradient with respect to that input, or None. Rules are pure:
+they emit new nodes and never edit the forward graph. They may return gradients nobody needs; the
+walk drops the nodes that feed no output. Semantics follow the ONNX operator specification
+(onnx.ai/onnx/operators), opset 17 and later. The table comes first; the longer rules follow it.
 """
 
 from __future__ import annotations
 
 import math
+import string
+from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from .graph import INT64_MAX, ExportError, GraphBuilder
+from .graph import INT64_MAX, GraphBuilder, Node, Value
 
-
-def attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _axis(g: GraphBuilder, tensor: str, axis: int) -> int:
-    return axis % g.rank(tensor)
+Grads = list[Value | None]
+Rule = Callable[[GraphBuilder, Node, Grads], Grads]
 
 
-# windows: Conv, AveragePool ---------------------------------------------------------------------
-def _explicit_pads(a: dict, spatial, kernel, strides, dilations) -> list[int]:
+def unary(slope: Callable[[Value, Value, Value], Value]) -> Rule:
+    """An element-wise operator y = f(x): the rule is dx = slope(x, y, dy), other inputs get none."""
+    return lambda g, n, dys: [slope(n.inputs[0], n.outputs[0], dys[0])] + [None] * (len(n.inputs) - 1)
+
+
+def reduction(slope: Callable[[Value, Value, list[int]], Value]) -> Rule:
+    """A reduction y = reduce(x): dx = dy slope(x, y, axes), dy and y with their reduced axes kept. (A no-op
+    reduction is the identity: its slope is 1 at y = x.)"""
+    def rule(g: GraphBuilder, n: Node, dys: Grads) -> Grads:
+        x, axes = n.inputs[0], reduced_axes(n)
+        return [kept(n, dys[0], axes) * slope(x, kept(n, n.outputs[0], axes), axes), None][:len(n.inputs)]
+    return rule
+
+
+def share_of_extremum(x: Value, y: Value, axes) -> Value:
+    """d max(x) / dx: 1 at the position of the maximum (or minimum); tied positions share it evenly."""
+    attains = x.g.op("Cast", x.g.op("Equal", x, y), to=x.elem_type)
+    return attains / reduce_sum(attains, axes) if axes else attains
+
+
+RULES: dict[str, Rule] = {
+    # element-wise
+    "Identity": unary(lambda x, y, dy: dy),
+    "Dropout": unary(lambda x, y, dy: dy),  # inference: the identity
+    "Neg": unary(lambda x, y, dy: -dy),
+    "Relu": unary(lambda x, y, dy: mask(dy, y > 0)),
+    "LeakyRelu": lambda g, n, dys: [dys[0] * where(n.inputs[0] > 0, 1.0, n.attrs["alpha"], like=n.inputs[0])],
+    "Clip": lambda g, n, dys: clip(n, dys[0]),
+    "Sigmoid": unary(lambda x, y, dy: dy * y * (1 - y)),
+    "HardSigmoid": lambda g, n, dys: [hard_sigmoid(n, dys[0])],
+    "HardSwish": unary(lambda x, y, dy: mask(dy * where(x > 3, 1.0, x / 3 + 0.5, like=x), x > -3)),
+    "Tanh": unary(lambda x, y, dy: dy * (1 - y * y)),
+    "Exp": unary(lambda x, y, dy: dy * y),
+    "Sqrt": unary(lambda x, y, dy: dy * 0.5 / y),
+    "Reciprocal": unary(lambda x, y, dy: -dy * y * y),
+    "Erf": unary(lambda x, y, dy: dy * (2 / math.sqrt(math.pi)) * x.g.op("Exp", -(x * x))),
+    "Gelu": lambda g, n, dys: [gelu(n, dys[0])],
+    "Pow": lambda g, n, dys: [power(n, dys[0]), None],
+    "Cast": lambda g, n, dys: [g.op("Cast", dys[0], to=n.inputs[0].elem_type)],
+    "CastLike": lambda g, n, dys: [g.op("Cast", dys[0], to=n.inputs[0].elem_type), None],
+    "Abs": unary(lambda x, y, dy: dy * x.g.op("Sign", x)),
+    "Log": unary(lambda x, y, dy: dy / x),
+    "Softplus": unary(lambda x, y, dy: dy * x.g.op("Sigmoid", x)),
+    "Softsign": unary(lambda x, y, dy: dy / (1 + x.g.op("Abs", x)) ** 2),
+    "Mish": unary(lambda x, y, dy: dy * mish_slope(x)),
+    # y = x above 0; below, Elu's y = alpha (e^x - 1), Selu's gamma alpha (e^x - 1), Celu's alpha (e^(x/alpha) - 1)
+    "Elu": lambda g, n, dys: [dys[0] * below_zero(n, 1.0, n.outputs[0] + n.attrs["alpha"])],
+    "Selu": lambda g, n, dys: [dys[0] * below_zero(n, n.attrs["gamma"],
+                                                   n.outputs[0] + n.attrs["gamma"] * n.attrs["alpha"])],
+    "Celu": lambda g, n, dys: [dys[0] * below_zero(n, 1.0, n.outputs[0] / n.attrs["alpha"] + 1)],
+    "ThresholdedRelu": lambda g, n, dys: [mask(dys[0], n.inputs[0] > n.attrs["alpha"])],
+    "PRelu": lambda g, n, dys: [dys[0] * where(n.inputs[0] < 0, n.inputs[1], 1.0, like=n.inputs[0]), None],
+    # arithmetic, with numpy broadcasting
+    "Add": lambda g, n, dys: [unbroadcast(dys[0], x, n.outputs[0]) for x in n.inputs],
+    "Sub": lambda g, n, dys: [unbroadcast(dys[0], n.inputs[0], n.outputs[0]),
+                              unbroadcast(-dys[0], n.inputs[1], n.outputs[0])],
+    "Mul": lambda g, n, dys: [unbroadcast(dys[0] * n.inputs[1], n.inputs[0], n.outputs[0]),
+                              unbroadcast(dys[0] * n.inputs[0], n.inputs[1], n.outputs[0])],
+    "Div": lambda g, n, dys: [unbroadcast(dys[0] / n.inputs[1], n.inputs[0], n.outputs[0]),
+                              unbroadcast(-dys[0] * n.outputs[0] / n.inputs[1], n.inputs[1], n.outputs[0])],
+    "Where": lambda g, n, dys: [None, unbroadcast(mask(dys[0], n.inputs[0]), n.inputs[1], n.outputs[0]),
+                                unbroadcast(mask(dys[0], ~n.inputs[0]), n.inputs[2], n.outputs[0])],
+    "Expand": lambda g, n, dys: [unbroadcast(dys[0], n.inputs[0], n.outputs[0]), None],
+    "Sum": lambda g, n, dys: [unbroadcast(dys[0], x, n.outputs[0]) for x in n.inputs],
+    "Mean": lambda g, n, dys: [unbroadcast(dys[0] / len(n.inputs), x, n.outputs[0]) for x in n.inputs],
+    "Max": lambda g, n, dys: extremum(n, dys[0]),
+    "Min": lambda g, n, dys: extremum(n, dys[0]),
+    # windows and linear algebra
+    "Conv": lambda g, n, dys: [conv(g, n, dys[0])] + [None] * (len(n.inputs) - 1),
+    "MaxPool": lambda g, n, dys: [max_pool(g, n, dys[0])],
+    "AveragePool": lambda g, n, dys: [average_pool(g, n, dys[0])],
+    "GlobalAveragePool": lambda g, n, dys: [expand_like(dys[0], n.inputs[0]) / count_ratio(n.inputs[0], n.outputs[0])],
+    "GlobalMaxPool": lambda g, n, dys: [dys[0] * share_of_extremum(n.inputs[0], n.outputs[0], spatial_axes(n))],
+    "Resize": lambda g, n, dys: [resize(g, n, dys[0])] + [None] * (len(n.inputs) - 1),
+    "Gemm": lambda g, n, dys: gemm(g, n, dys[0]),
+    "MatMul": lambda g, n, dys: matmul(g, n, dys[0]),
+    "Einsum": lambda g, n, dys: einsum(g, n, dys[0]),
+    # normalisation
+    "BatchNormalization": lambda g, n, dys: [batch_norm(g, n, dys[0])] + [None] * 4,
+    "LayerNormalization": lambda g, n, dys: [layer_norm(n, dys[0])] + [None] * (len(n.inputs) - 1),
+    "InstanceNormalization": lambda g, n, dys: [instance_norm(g, n, dys[0]), None, None],
+    "GroupNormalization": lambda g, n, dys: [group_norm(g, n, dys[0]), None, None],
+    "Softmax": lambda g, n, dys: [softmax(n, dys[0])],
+    "LogSoftmax": lambda g, n, dys: [log_softmax(g, n, dys[0])],
+    # reductions
+    "ReduceMean": lambda g, n, dys: [reduce(g, n, dys[0], mean=True), None][:len(n.inputs)],
+    "ReduceSum": lambda g, n, dys: [reduce(g, n, dys[0], mean=False), None][:len(n.inputs)],
+    "ReduceMax": reduction(share_of_extremum),
+    "ReduceMin": reduction(share_of_extremum),
+    "ReduceL2": reduction(lambda x, y, axes: x / y),
+    "ReduceLogSumExp": reduction(lambda x, y, axes: x.g.op("Exp", x - y)),
+    "ReduceSumSquare": reduction(lambda x, y, axes: x * 2),
+    "ReduceL1": reduction(lambda x, y, axes: x.g.op("Sign", x)),
+    # moving data
+    "Flatten": lambda g, n, dys: [reshape_like(dys[0], n.inputs[0])],
+    "Reshape": lambda g, n, dys: [reshape_like(dys[0], n.inputs[0]), None],
+    "Squeeze": lambda g, n, dys: [reshape_like(dys[0], n.inputs[0])] + [None] * (len(n.inputs) - 1),
+    "Unsqueeze": lambda g, n, dys: [reshape_like(dys[0], n.inputs[0]), None],
+    "Transpose": lambda g, n, dys: [g.op("Transpose", dys[0], perm=[int(i) for i in np.argsort(transpose_perm(n))])],
+    "Concat": lambda g, n, dys: concat(g, n, dys[0]),
+    "Split": lambda g, n, dys: split(g, n, dys),  # noqa: PLW0108 (split is defined after the table)
+    "Slice": lambda g, n, dys: [slice_(g, n, dys[0])] + [None] * (len(n.inputs) - 1),
+    "Gather": lambda g, n, dys: [gather(g, n, dys[0]), None],
+    "GatherND": lambda g, n, dys: [gather_nd(g, n, dys[0]), None],
+    "GatherElements": lambda g, n, dys: [gather_elements(g, n, dys[0]), None],
+    "Pad": lambda g, n, dys: [pad(g, n, dys[0])] + [None] * (len(n.inputs) - 1),
+    "Tile": lambda g, n, dys: [tile(g, n, dys[0]), None],
+    "DepthToSpace": lambda g, n, dys: [depth_to_space(g, n, dys[0])],
+    "SpaceToDepth": lambda g, n, dys: [g.op("DepthToSpace", dys[0], blocksize=n.attrs["blocksize"], mode="DCR")],
+}
+
+# Rules that differentiate every output; for the others the walk refuses a gradient on outputs past the first.
+MULTI_OUTPUT = {"Split"}
+
+# Operators whose outputs carry no gradient, whatever their inputs (shapes, indices, masks).
+NON_DIFFERENTIABLE = {"Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "GreaterOrEqual", "Less",
+                      "LessOrEqual", "Not", "And", "Or", "NonZero", "ConstantOfShape", "Range", "OneHot"}
+
+
+# shared compositions --------------------------------------------------------------------------------
+def where(condition: Value, a, b, like: Value) -> Value:
+    """Where(condition, a, b) with Python numbers as constants of `like`'s type."""
+    as_value = lambda v: v if isinstance(v, Value) else like.const(v)  # noqa: E731
+    return condition.g.op("Where", condition, as_value(a), as_value(b))
+
+
+def mask(grad: Value, condition: Value) -> Value:
+    """grad where condition holds, zero elsewhere."""
+    return where(condition, grad, 0.0, like=grad)
+
+
+def reduce_sum(x: Value, axes, keepdims: int = 1) -> Value:
+    return x.g.op("ReduceSum", x, x.g.ints(list(axes)), keepdims=keepdims)
+
+
+def reduce_mean(x: Value, axes) -> Value:
+    """Mean over `axes`, keeping them; the count is read at run time so symbolic dims work."""
+    total = reduce_sum(x, axes)
+    return total / count_ratio(x, total)
+
+
+def count_ratio(big: Value, small: Value) -> Value:
+    """size(big) / size(small), the number of elements averaged, as a scalar of `big`'s float type."""
+    g, to = big.g, big.elem_type
+    return g.op("Cast", g.op("Size", big), to=to) / g.op("Cast", g.op("Size", small), to=to)
+
+
+def expand_like(grad: Value, x: Value) -> Value:
+    return grad.g.op("Expand", grad, grad.g.op("Shape", x))
+
+
+def reshape_like(grad: Value, x: Value) -> Value:
+    return grad.g.op("Reshape", grad, grad.g.op("Shape", x))
+
+
+def zeros_like(x: Value) -> Value:
+    zero = numpy_helper.from_array(np.zeros(1, helper.tensor_dtype_to_np_dtype(x.elem_type)), "value")
+    return x.g.op("ConstantOfShape", x.g.op("Shape", x), value=zero)
+
+
+def unbroadcast(grad: Value, x: Value, y: Value) -> Value:
+    """Sum `grad` (shaped like y) over the axes numpy broadcasting stretched x along."""
+    return sum_to(grad, x.shape, y.shape)
+
+
+def sum_to(grad: Value, x_shape, y_shape) -> Value:
+    """Sum `grad` (shaped y_shape) down to x_shape: over the axes broadcasting added or stretched."""
+    lead = len(y_shape) - len(x_shape)
+    stretched = [lead + i for i, d in enumerate(x_shape) if d == 1 and y_shape[lead + i] != 1]
+    if stretched:
+        grad = reduce_sum(grad, stretched)
+    return reduce_sum(grad, range(lead), keepdims=0) if lead else grad
+
+
+def axis_of(n: Node, tensor: Value, name: str = "axis") -> int:
+    return int(n.attrs[name]) % tensor.rank
+
+
+def spatial_axes(n: Node) -> range:
+    return range(2, n.inputs[0].rank)
+
+
+def along_axis(t: Value, rank: int, axis: int, matrix: np.ndarray, like: Value) -> Value:
+    """t with its axis `axis` multiplied by `matrix`: out[..., j, ...] = sum_i t[..., i, ...] matrix[i, j]."""
+    if rank > 25:
+        raise ValueError("along_axis spells axes with letters: rank 25 at most")
+    letters = string.ascii_lowercase[:rank]
+    equation = f"{letters},{letters[axis]}z->{letters.replace(letters[axis], 'z')}"
+    return t.g.op("Einsum", t, like.const(matrix), equation=equation)
+
+
+def nonnegative(indices: Value, data: Value, axis: int) -> Value:
+    """Indices with the negative ones (counting from the end, as Gather allows) made positive."""
+    g = indices.g
+    size = g.op("Gather", g.op("Shape", data), g.ints(axis))
+    return g.op("Where", indices < 0, indices + size, indices)
+
+
+# element-wise ----------------------------------------------------------------------------------------
+def clip(n: Node, dy: Value) -> Grads:
+    """The gradient passes strictly inside the bounds."""
+    x = n.inputs[0]
+    lower, upper = [*n.inputs[1:], None, None][:2]
+    bounds = ([x > lower] if lower is not None else []) + ([x < upper] if upper is not None else [])
+    inside = bounds[0] & bounds[1] if len(bounds) == 2 else bounds[0] if bounds else None
+    return [dy if inside is None else mask(dy, inside)] + [None] * (len(n.inputs) - 1)
+
+
+def hard_sigmoid(n: Node, dy: Value) -> Value:
+    """y = max(0, min(1, alpha x + beta)): slope alpha where 0 < alpha x + beta < 1."""
+    x, alpha = n.inputs[0], n.attrs["alpha"]
+    z = x * alpha + n.attrs["beta"]
+    return mask(dy * alpha, (z > 0.0) & (z < 1.0))
+
+
+def gelu(n: Node, dy: Value) -> Value:
+    """Exact: d/dx x Phi(x) = Phi(x) + x phi(x). Tanh form (Hendrycks & Gimpel, sec. 2), y = x/2 (1 + t),
+    t = tanh(c (x + a x^3)): dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2)."""
+    x = n.inputs[0]
+    g = x.g
+    if n.attrs["approximate"] == "tanh":
+        c, a = math.sqrt(2 / math.pi), 0.044715
+        t = g.op("Tanh", (x + x * x * x * a) * c)
+        return dy * ((1 + t) + x * (1 - t * t) * ((1 + x * x * (3 * a)) * c)) * 0.5
+    cdf = (g.op("Erf", x / math.sqrt(2)) + 1) * 0.5
+    pdf = g.op("Exp", x * x * -0.5) * (1 / math.sqrt(2 * math.pi))
+    return dy * (cdf + x * pdf)
+
+
+def mish_slope(x: Value) -> Value:
+    """Mish (Misra 2019), y = x tanh(softplus(x)): dy/dx = t + x sigmoid(x) (1 - t^2), t = tanh(softplus(x)).
+    Softplus is written log(1 + e^x): ONNX Runtime has no float64 Softplus, and e^x = inf still gives t = 1."""
+    g = x.g
+    t = g.op("Tanh", g.op("Log", 1 + g.op("Exp", x)))
+    return t + x * g.op("Sigmoid", x) * (1 - t * t)
+
+
+def below_zero(n: Node, slope_above, slope_below: Value) -> Value:
+    """The slope of a unit that is linear above zero: `slope_above` where x > 0, `slope_below` elsewhere."""
+    return where(n.inputs[0] > 0, slope_above, slope_below, like=n.inputs[0])
+
+
+def extremum(n: Node, dy: Value) -> Grads:
+    """Element-wise Max/Min: each output element's gradient goes to the input that attains it; on a tie, to the
+    first input that does (a subgradient; torch.maximum splits ties evenly instead)."""
+    y, taken, grads = n.outputs[0], None, []
+    for x in n.inputs:
+        attains = y.g.op("Equal", x, y)
+        chosen = attains if taken is None else attains & ~taken
+        taken = attains if taken is None else y.g.op("Or", taken, attains)
+        grads.append(unbroadcast(mask(dy, chosen), x, y))
+    return grads
+
+
+def power(n: Node, dy: Value) -> Value:
+    """d/dx x^p = p x^(p - 1), the exponent cast to x's type."""
+    x, p = n.inputs
+    exponent = x.g.op("Cast", p, to=x.elem_type)
+    return dy * exponent * x.g.op("Pow", x, exponent - 1)
+
+
+# windows: Conv, pools -------------------------------------------------------------------------------
+def explicit_pads(n: Node, spatial, kernel, strides, dilations) -> list[int]:
     """Begin pads then end pads, with auto_pad resolved as the Conv spec defines it."""
-    auto = a.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = n.attrs["auto_pad"]
     if auto in ("NOTSET", ""):
-        return list(a.get("pads", [0] * (2 * len(kernel))))
+        return list(n.attrs["pads"] or [0] * (2 * len(kernel)))
     if auto == "VALID":
         return [0] * (2 * len(kernel))
     begin, end = [], []
-    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+    for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
         total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
         small, large = total // 2, total - total // 2
         begin.append(small if auto == "SAME_UPPER" else large)
@@ -43,16 +302,17 @@ def _explicit_pads(a: dict, spatial, kernel, strides, dilations) -> list[int]:
     return begin + end
 
 
-def _window_transpose(g, dy, weight, n, a, kernel, group) -> str:
+def window_transpose(g: GraphBuilder, n: Node, dy: Value, weight: Value, kernel, group: int,
+                     dilations=None) -> Value:
     """The adjoint of a strided window operator: ConvTranspose, sized back to the input exactly."""
-    x, y = n.input[0], n.output[0]
-    spatial, out_spatial = g.shape(x)[2:], g.shape(y)[2:]
+    x, y = n.inputs[0], n.outputs[0]
+    spatial, out_spatial = x.shape[2:], y.shape[2:]
     if None in spatial or None in out_spatial:
-        raise ExportError(f"{n.op_type} node '{n.name}' needs static spatial sizes to be differentiated")
+        raise n.fail("needs static spatial sizes to be differentiated")
     rank = len(kernel)
-    strides = list(a.get("strides", [1] * rank))
-    dilations = list(a.get("dilations", [1] * rank))
-    pads = _explicit_pads(a, spatial, kernel, strides, dilations)
+    strides = list(n.attrs["strides"] or [1] * rank)
+    dilations = list(dilations or [1] * rank)
+    pads = explicit_pads(n, spatial, kernel, strides, dilations)
     output_padding = []
     for i in range(rank):
         covered = strides[i] * (out_spatial[i] - 1) + (kernel[i] - 1) * dilations[i] + 1 - pads[i] - pads[rank + i]
@@ -62,257 +322,242 @@ def _window_transpose(g, dy, weight, n, a, kernel, group) -> str:
                 output_padding=output_padding)
 
 
-def _conv(g, n, dy):
-    a = attrs(n)
-    kernel = g.shape(n.input[1])[2:]
-    return [_window_transpose(g, dy, n.input[1], n, a, kernel, a.get("group", 1))]
+def conv(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    weight = n.inputs[1]
+    return window_transpose(g, n, dy, weight, weight.shape[2:], n.attrs["group"], n.attrs["dilations"])
 
 
-def _average_pool(g, n, dy):
+def average_pool(g: GraphBuilder, n: Node, dy: Value) -> Value:
     """Each output spreads its gradient evenly over the cells its divisor counted."""
-    a = attrs(n)
-    x, kernel = n.input[0], list(a["kernel_shape"])
-    spatial, out_spatial = g.shape(x)[2:], g.shape(n.output[0])[2:]
-    strides = list(a.get("strides", [1] * len(kernel)))
-    pads = _explicit_pads(a, spatial, kernel, strides, [1] * len(kernel))
-    include_pad = a.get("count_include_pad", 0)
+    x, kernel = n.inputs[0], list(n.attrs["kernel_shape"])
+    if any(d != 1 for d in n.attrs.get("dilations") or []):
+        raise n.fail("has dilations, which have no gradient rule")
+    spatial, out_spatial = x.shape[2:], n.outputs[0].shape[2:]
+    strides = list(n.attrs["strides"] or [1] * len(kernel))
+    pads = explicit_pads(n, spatial, kernel, strides, [1] * len(kernel))
     counts = np.ones([1, 1], dtype=np.float64)
-    for i, (size, out, k, s) in enumerate(zip(spatial, out_spatial, kernel, strides)):
-        lo, hi = (-pads[i], size + pads[len(kernel) + i]) if include_pad else (0, size)
+    for i, (size, out, k, s) in enumerate(zip(spatial, out_spatial, kernel, strides, strict=True)):
+        lo, hi = (-pads[i], size + pads[len(kernel) + i]) if n.attrs["count_include_pad"] else (0, size)
         start = np.arange(out) * s - pads[i]
-        per_axis = np.minimum(start + k, hi) - np.maximum(start, lo)
-        counts = counts[..., None] * per_axis
-    channels = g.shape(x)[1]
-    weight = g.const(np.ones([channels, 1, *kernel]), like=x)
-    scaled = g.op("Div", dy, g.const(counts, like=x))
-    return [_window_transpose(g, scaled, weight, n, a, kernel, channels)]
+        counts = counts[..., None] * (np.minimum(start + k, hi) - np.maximum(start, lo))
+    weight = x.const(np.ones([x.shape[1], 1, *kernel]))
+    return window_transpose(g, n, dy / x.const(counts), weight, kernel, x.shape[1])
 
 
-def _max_pool(g, n, dy):
-    """Routes each output's gradient to its argmax, read from the node's Indices output."""
-    if len(n.output) < 2 or not n.output[1]:
-        del n.output[1:]
-        n.output.append(g.fresh("argmax"))
-    x = n.input[0]
+def max_pool(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    """Routes each output's gradient to its argmax. The indices are the node's own Indices output when it has
+    one, else those of a twin MaxPool on the same input that also returns them (the forward node is left as it is)."""
+    x = n.inputs[0]
+    indices = n.outputs[1] if len(n.outputs) > 1 and n.outputs[1] is not None else \
+        g.op_multi("MaxPool", x, outputs=2, **{a.name: helper.get_attribute_value(a) for a in n.proto.attribute})[1]
     flat = lambda t: g.op("Reshape", t, g.ints([-1]))  # noqa: E731
-    summed = g.op("ScatterElements", flat(g.zeros_like(x)), flat(n.output[1]), flat(dy), axis=0, reduction="add")
-    return [g.reshape_like(summed, x)]
+    summed = g.op("ScatterElements", flat(zeros_like(x)), flat(indices), flat(dy), axis=0, reduction="add")
+    return reshape_like(summed, x)
 
 
-# normalisations ---------------------------------------------------------------------------------
-def _batch_norm(g, n, dy):
-    x, scale, _, _, var = n.input[:5]
-    factor = g.op("Div", scale, g.op("Sqrt", g.op("Add", var, g.const(attrs(n).get("epsilon", 1e-5), like=x))))
-    per_channel = g.op("Reshape", factor, g.ints([-1] + [1] * (g.rank(x) - 2)))
-    return [g.op("Mul", dy, per_channel)]
+# normalisation ----------------------------------------------------------------------------------------
+def batch_norm(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    """Inference form: y = scale (x - mean) / sqrt(var + eps) + bias, so dx = dy scale / sqrt(var + eps)."""
+    x, scale, _, _, var = n.inputs[:5]
+    factor = scale / g.op("Sqrt", var + n.attrs["epsilon"])
+    return dy * g.op("Reshape", factor, g.ints([-1] + [1] * (x.rank - 2)))
 
 
-def _layer_norm(g, n, dy):
-    """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * scale."""
-    a = attrs(n)
-    x, scale = n.input[:2]
-    axes = list(range(_axis(g, x, a.get("axis", -1)), g.rank(x)))
-    mean = lambda t: g.reduce_mean(t, axes, like=x)  # noqa: E731
-    centred = g.op("Sub", x, mean(x))
-    variance = mean(g.op("Mul", centred, centred))
-    rstd = g.op("Reciprocal", g.op("Sqrt", g.op("Add", variance, g.const(a.get("epsilon", 1e-5), like=x))))
-    xhat = g.op("Mul", centred, rstd)
-    dxhat = g.op("Mul", dy, scale)
-    inner = g.op("Sub", g.op("Sub", dxhat, mean(dxhat)), g.op("Mul", xhat, mean(g.op("Mul", dxhat, xhat))))
-    return [g.op("Mul", rstd, inner)]
+def standardised(x: Value, dxhat: Value, axes, epsilon: float) -> Value:
+    """The gradient through xhat = (x - mean) / sqrt(var + eps) over `axes`, given dxhat:
+    dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))."""
+    centred = x - reduce_mean(x, axes)
+    rstd = 1 / x.g.op("Sqrt", reduce_mean(centred * centred, axes) + epsilon)
+    xhat = centred * rstd
+    return rstd * (dxhat - reduce_mean(dxhat, axes) - xhat * reduce_mean(dxhat * xhat, axes))
 
 
-def _softmax(g, n, dy):
-    y = n.output[0]
-    axis = _axis(g, y, attrs(n).get("axis", -1))
-    return [g.op("Mul", y, g.op("Sub", dy, g.reduce_sum(g.op("Mul", dy, y), [axis])))]
+def layer_norm(n: Node, dy: Value) -> Value:
+    """y = scale xhat + bias over the axes from `axis` on."""
+    x, scale = n.inputs[:2]
+    return standardised(x, dy * scale, list(range(axis_of(n, x), x.rank)), n.attrs["epsilon"])
 
 
-def _log_softmax(g, n, dy):
-    y = n.output[0]
-    axis = _axis(g, y, attrs(n).get("axis", -1))
-    return [g.op("Sub", dy, g.op("Mul", g.op("Exp", y), g.reduce_sum(dy, [axis])))]
+def per_channel(g: GraphBuilder, values: Value, rank: int) -> Value:
+    """A vector of one value per channel, shaped to broadcast over N x C x ... tensors."""
+    return g.op("Reshape", values, g.ints([-1] + [1] * (rank - 2)))
 
 
-# element-wise activations ------------------------------------------------------------------------
-def _clip(g, n, dy):
-    x = n.input[0]
-    bounds = [g.op(op, x, n.input[i]) for i, op in ((1, "Greater"), (2, "Less")) if i < len(n.input) and n.input[i]]
-    if not bounds:
-        return [dy]
-    inside = bounds[0] if len(bounds) == 1 else g.op("And", *bounds)
-    return [g.mask(dy, inside, x)]
+def instance_norm(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    """y = scale[c] xhat + bias[c], standardised over the spatial axes of each image and channel."""
+    x, scale = n.inputs[:2]
+    return standardised(x, dy * per_channel(g, scale, x.rank), list(spatial_axes(n)), n.attrs["epsilon"])
 
 
-def _leaky_relu(g, n, dy):
-    x = n.input[0]
-    slope = g.op("Where", g.op("Greater", x, g.const(0.0, like=x)), g.const(1.0, like=x),
-                 g.const(attrs(n).get("alpha", 0.01), like=x))
-    return [g.op("Mul", dy, slope)]
+def group_norm(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    """Standardised over each group of channels (all their positions), then scaled per channel (opset 21; the
+    deprecated opset-18 form scales per group, onnx.ai/onnx/operators/onnx__GroupNormalization.html)."""
+    if g.opset < 21:
+        raise n.fail("is the deprecated opset-18 form (one scale per group): convert the model to opset 21")
+    x, scale = n.inputs[:2]
+    grouped = lambda t: g.op("Reshape", t, g.ints([0, n.attrs["num_groups"], -1]))  # noqa: E731
+    dxhat = grouped(dy * per_channel(g, scale, x.rank))
+    return reshape_like(standardised(grouped(x), dxhat, [2], n.attrs["epsilon"]), x)
 
 
-def _hard_sigmoid(g, n, dy):
-    a, x = attrs(n), n.input[0]
-    alpha, beta = a.get("alpha", 0.2), a.get("beta", 0.5)
-    z = g.op("Add", g.op("Mul", x, g.const(alpha, like=x)), g.const(beta, like=x))
-    inside = g.op("And", g.op("Greater", z, g.const(0.0, like=x)), g.op("Less", z, g.const(1.0, like=x)))
-    return [g.mask(g.op("Mul", dy, g.const(alpha, like=x)), inside, x)]
+def softmax(n: Node, dy: Value) -> Value:
+    """dx = y (dy - sum(dy y))."""
+    y = n.outputs[0]
+    return y * (dy - reduce_sum(dy * y, [axis_of(n, y)]))
 
 
-def _hard_swish(g, n, dy):
-    """y = x * clip(x/6 + 1/2, 0, 1): slope 0 below -3, x/3 + 1/2 up to 3, 1 above."""
-    x = n.input[0]
-    slope = g.op("Add", g.op("Div", x, g.const(3.0, like=x)), g.const(0.5, like=x))
-    slope = g.op("Where", g.op("Greater", x, g.const(3.0, like=x)), g.const(1.0, like=x), slope)
-    return [g.mask(g.op("Mul", dy, slope), g.op("Greater", x, g.const(-3.0, like=x)), x)]
+def log_softmax(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    """dx = dy - exp(y) sum(dy)."""
+    y = n.outputs[0]
+    return dy - g.op("Exp", y) * reduce_sum(dy, [axis_of(n, y)])
 
 
-def _gelu(g, n, dy):
-    """Exact GELU: d/dx x*Phi(x) = Phi(x) + x*phi(x). Tanh form (Hendrycks & Gimpel, eq. in sec. 2),
-    y = x/2 (1 + t), t = tanh(c (x + a x^3)): dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2)."""
-    x = n.input[0]
-    if attrs(n).get("approximate", b"none") in (b"tanh", "tanh"):
-        c, a = math.sqrt(2 / math.pi), 0.044715
-        cube = g.op("Mul", g.op("Mul", x, x), x)
-        t = g.op("Tanh", g.op("Mul", g.op("Add", x, g.op("Mul", cube, g.const(a, like=x))), g.const(c, like=x)))
-        one = g.const(1.0, like=x)
-        inner = g.op("Mul", g.op("Add", one, g.op("Mul", g.op("Mul", x, x), g.const(3 * a, like=x))), g.const(c, like=x))
-        slope = g.op("Add", g.op("Add", one, t), g.op("Mul", g.op("Mul", x, g.op("Sub", one, g.op("Mul", t, t))), inner))
-        return [g.op("Mul", dy, g.op("Mul", slope, g.const(0.5, like=x)))]
-    cdf = g.op("Mul", g.op("Add", g.op("Erf", g.op("Div", x, g.const(math.sqrt(2), like=x))), g.const(1.0, like=x)),
-               g.const(0.5, like=x))
-    pdf = g.op("Mul", g.op("Exp", g.op("Mul", g.op("Mul", x, x), g.const(-0.5, like=x))),
-               g.const(1 / math.sqrt(2 * math.pi), like=x))
-    return [g.op("Mul", dy, g.op("Add", cdf, g.op("Mul", x, pdf)))]
+# linear algebra ---------------------------------------------------------------------------------------
+def gemm(g: GraphBuilder, n: Node, dy: Value) -> Grads:
+    """Y = alpha A' B' + beta C, where A' is A or A^T by transA (B' likewise)."""
+    alpha, ta, tb = n.attrs["alpha"], n.attrs["transA"], n.attrs["transB"]
+    A, B = n.inputs[:2]
+    if ta:
+        dA = g.op("Gemm", B, dy, alpha=alpha, transA=tb, transB=1)
+    else:
+        dA = g.op("Gemm", dy, B, alpha=alpha, transB=1 - tb)
+    if tb:
+        dB = g.op("Gemm", dy, A, alpha=alpha, transA=1, transB=ta)
+    else:
+        dB = g.op("Gemm", A, dy, alpha=alpha, transA=1 - ta)
+    C = n.inputs[2] if len(n.inputs) > 2 else None
+    dC = None if C is None else unbroadcast(dy * n.attrs["beta"], C, n.outputs[0])
+    return [dA, dB, dC][:len(n.inputs)]
 
 
-def _erf(g, n, dy):
-    x = n.input[0]
-    slope = g.op("Mul", g.op("Exp", g.op("Neg", g.op("Mul", x, x))), g.const(2 / math.sqrt(math.pi), like=x))
-    return [g.op("Mul", dy, slope)]
+def matmul(g: GraphBuilder, n: Node, dy: Value) -> Grads:
+    """dA = dy B^T, dB = A^T dy, summed over broadcast batch axes. A 1-D operand is promoted as numpy does (A to
+    a row, B to a column), and dy gets the axis the product then drops."""
+    A, B = n.inputs
+    a_shape = [1, *A.shape] if A.rank == 1 else A.shape
+    b_shape = [*B.shape, 1] if B.rank == 1 else B.shape
+    y_shape = list(n.outputs[0].shape) + [1] * (B.rank == 1)
+    if A.rank == 1:
+        y_shape.insert(len(y_shape) - 1, 1)
+    dropped = [len(y_shape) - 2] * (A.rank == 1) + [len(y_shape) - 1] * (B.rank == 1)
+    dy = g.op("Unsqueeze", dy, g.ints(dropped)) if dropped else dy
+    a = g.op("Unsqueeze", A, g.ints([0])) if A.rank == 1 else A
+    b = g.op("Unsqueeze", B, g.ints([1])) if B.rank == 1 else B
+    swap = lambda t, rank: g.op("Transpose", t, perm=[*range(rank - 2), rank - 1, rank - 2])  # noqa: E731
+    dA = sum_to(g.op("MatMul", dy, swap(b, len(b_shape))), a_shape, y_shape)
+    dB = sum_to(g.op("MatMul", swap(a, len(a_shape)), dy), b_shape, y_shape)
+    return [dA if A.rank > 1 else reshape_like(dA, A), dB if B.rank > 1 else reshape_like(dB, B)]
 
 
-def _pow(g, n, dy):
-    x, p = n.input
-    exponent = g.op("Cast", p, to=g.elem_type(x))
-    return [g.op("Mul", dy, g.op("Mul", exponent, g.op("Pow", x, g.op("Sub", exponent, g.const(1.0, like=x))))), None]
+def einsum(g: GraphBuilder, n: Node, dy: Value) -> Grads:
+    """Each operand's gradient is the einsum of dy with all the other operands, written to that operand's
+    subscripts; letters only that operand sums over are broadcast back (Unsqueeze, Expand)."""
+    terms, output = einsum_subscripts(n)
+    grads = []
+    for i, (term, x) in enumerate(zip(terms, n.inputs, strict=True)):
+        if len(set(term)) < len(term):
+            raise n.fail(f"takes a diagonal ('{term}'), which has no gradient rule")
+        others = [t for j, t in enumerate(terms) if j != i]
+        known = set(output).union(*others)
+        reached = "".join(c for c in term if c in known)
+        grad = g.op("Einsum", dy, *[v for j, v in enumerate(n.inputs) if j != i],
+                    equation=f"{','.join([output, *others])}->{reached}")
+        if reached != term:
+            grad = expand_like(g.op("Unsqueeze", grad, g.ints([k for k, c in enumerate(term) if c not in known])), x)
+        grads.append(grad)
+    return grads
 
 
-# arithmetic with broadcasting --------------------------------------------------------------------
-def _mul(g, n, dy):
-    a, b = n.input
-    y = n.output[0]
-    return [g.unbroadcast(g.op("Mul", dy, b), a, y), g.unbroadcast(g.op("Mul", dy, a), b, y)]
+def einsum_subscripts(n: Node) -> tuple[list[str], str]:
+    """The operands' and the output's subscripts, with "..." spelt out in letters the equation leaves unused,
+    and an implicit output made explicit (the ellipsis, then the letters used once in alphabetical order)."""
+    equation = n.attrs["equation"].replace(" ", "")
+    inputs, arrow, output = equation.partition("->")
+    terms = inputs.split(",")
+    if not arrow:
+        letters = inputs.replace("...", "").replace(",", "")
+        output = "..." * ("..." in inputs) + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    widths = [x.rank - len(t) + 3 if "..." in t else 0 for t, x in zip(terms, n.inputs, strict=True)]
+    ellipsis = "".join(c for c in string.ascii_letters if c not in equation)[:max(widths)]
+    terms = [t.replace("...", ellipsis[len(ellipsis) - k:] if k else "") for t, k in zip(terms, widths, strict=True)]
+    sizes: dict[str, set] = {}
+    for term, x in zip(terms, n.inputs, strict=True):
+        for letter, size in zip(term, x.shape, strict=True):
+            sizes.setdefault(letter, set()).add(size)
+    if any(1 in found and len(found - {None}) > 1 for found in sizes.values()):
+        raise n.fail("broadcasts a dimension of size 1 against a larger one, which has no gradient rule")
+    return terms, output.replace("...", ellipsis)
 
 
-def _div(g, n, dy):
-    a, b = n.input
-    y = n.output[0]
-    return [g.unbroadcast(g.op("Div", dy, b), a, y), g.unbroadcast(g.op("Neg", g.op("Div", g.op("Mul", dy, y), b)), b, y)]
-
-
-def _where(g, n, dy):
-    condition, a, b = n.input
-    y = n.output[0]
-    return [None, g.unbroadcast(g.mask(dy, condition, y), a, y),
-            g.unbroadcast(g.mask(dy, g.op("Not", condition), y), b, y)]
-
-
-# linear algebra -----------------------------------------------------------------------------------
-def _gemm(g, n, dy):
-    """Y = alpha * A' B' + beta * C, where A' is A or A^T by transA (B' likewise)."""
-    a = attrs(n)
-    alpha, ta, tb = a.get("alpha", 1.0), a.get("transA", 0), a.get("transB", 0)
-    A, B = n.input[:2]
-    dA = g.op("Gemm", dy, B, alpha=alpha, transB=1 - tb) if not ta else g.op("Gemm", B, dy, alpha=alpha, transA=tb, transB=1)
-    dB = g.op("Gemm", A, dy, alpha=alpha, transA=1 - ta) if not tb else g.op("Gemm", dy, A, alpha=alpha, transA=1, transB=ta)
-    dC = None
-    if len(n.input) > 2 and n.input[2]:
-        dC = g.unbroadcast(g.op("Mul", dy, g.const(a.get("beta", 1.0), like=A)), n.input[2], n.output[0])
-    return [dA, dB, dC]
-
-
-def _matmul(g, n, dy):
-    A, B = n.input
-    y = n.output[0]
-    if min(g.rank(A), g.rank(B)) < 2:
-        raise ExportError(f"MatMul node '{n.name}' with a 1-D operand has no gradient rule")
-    swap = lambda t: g.op("Transpose", t, perm=[*range(g.rank(t) - 2), g.rank(t) - 1, g.rank(t) - 2])  # noqa: E731
-    return [g.unbroadcast(g.op("MatMul", dy, swap(B)), A, y), g.unbroadcast(g.op("MatMul", swap(A), dy), B, y)]
-
-
-# reductions ---------------------------------------------------------------------------------------
-def _reduce(g, n, dy, mean: bool):
-    a, x = attrs(n), n.input[0]
-    axes = g.required_constant(n, 1) if len(n.input) > 1 else a.get("axes")
+# reductions -------------------------------------------------------------------------------------------
+def reduced_axes(n: Node) -> list[int]:
+    """The axes a Reduce* node reduces (none when it is a no-op), from its input (opset 18) or attribute."""
+    rank = n.inputs[0].rank
+    axes = n.constant(1) if len(n.inputs) > 1 else n.attrs.get("axes")
     if axes is None or len(axes) == 0:
-        if a.get("noop_with_empty_axes", 0):
-            return [dy, None]
-        axes = range(g.rank(x))
-    axes = sorted(int(i) % g.rank(x) for i in axes)
-    if not a.get("keepdims", 1):
-        dy = g.op("Unsqueeze", dy, g.ints(axes))
-    grad = g.expand_like(dy, x)
-    if mean:
-        grad = g.op("Div", grad, g.count_ratio(x, n.output[0], like=x))
-    return [grad, None]
+        return [] if n.attrs["noop_with_empty_axes"] else list(range(rank))
+    return sorted(int(i) % rank for i in axes)
 
 
-def _global_average_pool(g, n, dy):
-    x = n.input[0]
-    return [g.op("Div", g.expand_like(dy, x), g.count_ratio(x, n.output[0], like=x))]
+def kept(n: Node, t: Value, axes: list[int]) -> Value:
+    """A reduced tensor with its reduced axes back as size 1 (it has them already when keepdims is set)."""
+    return t if n.attrs["keepdims"] or not axes else t.g.op("Unsqueeze", t, t.g.ints(axes))
 
 
-# moving data ---------------------------------------------------------------------------------------
-def _transpose(g, n, dy):
-    perm = attrs(n).get("perm") or list(reversed(range(g.rank(n.input[0]))))
-    return [g.op("Transpose", dy, perm=list(np.argsort(perm)))]
+def reduce(g: GraphBuilder, n: Node, dy: Value, mean: bool) -> Value:
+    x, axes = n.inputs[0], reduced_axes(n)
+    if not axes:
+        return dy
+    grad = expand_like(kept(n, dy, axes), x)
+    return grad / count_ratio(x, n.outputs[0]) if mean else grad
 
 
-def _concat(g, n, dy):
-    axis = _axis(g, n.output[0], attrs(n)["axis"])
-    sizes = [g.shape(i)[axis] for i in n.input]
+# moving data ------------------------------------------------------------------------------------------
+def transpose_perm(n: Node) -> list[int]:
+    return list(n.attrs["perm"] or reversed(range(n.inputs[0].rank)))
+
+
+def concat(g: GraphBuilder, n: Node, dy: Value) -> Grads:
+    axis = axis_of(n, n.outputs[0])
+    sizes = [x.shape[axis] for x in n.inputs]
     if None in sizes:
-        raise ExportError(f"Concat node '{n.name}' joins along a dimension of unknown size")
-    parts = g.op("Split", dy, g.ints(sizes), axis=axis, outputs=len(sizes))
-    return parts if len(sizes) > 1 else [parts]
+        raise n.fail("joins along a dimension of unknown size")
+    return g.op_multi("Split", dy, g.ints(sizes), axis=axis, outputs=len(sizes))
 
 
-def _split(g, n, dy):
-    axis = _axis(g, n.input[0], attrs(n).get("axis", 0))
-    parts = [d if d is not None else g.zeros_like(y) for d, y in zip(g.output_grads, n.output)]
-    return [g.op("Concat", *parts, axis=axis), None]
+def split(g: GraphBuilder, n: Node, dys: Grads) -> Grads:
+    """The pieces' gradients joined back, zeros for pieces nothing downstream uses."""
+    parts = [dy if dy is not None else zeros_like(y) for dy, y in zip(dys, n.outputs, strict=True)]
+    return [g.op("Concat", *parts, axis=axis_of(n, n.inputs[0]))] + [None] * (len(n.inputs) - 1)
 
 
-def _slice(g, n, dy):
+def slice_(g: GraphBuilder, n: Node, dy: Value) -> Value:
     """The adjoint of Slice: strided axes are re-spread with zeros between, then zero-padded to size."""
-    x = n.input[0]
-    shape = g.shape(x)
-    starts, ends = g.required_constant(n, 1), g.required_constant(n, 2)
-    axes = g.required_constant(n, 3)
-    steps = g.required_constant(n, 4)
+    x = n.inputs[0]
+    shape = x.shape
+    starts, ends, axes, steps = n.constant(1), n.constant(2), n.constant(3), n.constant(4)
     axes = range(len(starts)) if axes is None else axes
     steps = np.ones(len(starts), np.int64) if steps is None else steps
     begin, end = [0] * len(shape), [0] * len(shape)
-    for start, stop, axis, step in zip(starts, ends, axes, steps):
+    for start, stop, axis, step in zip(starts, ends, axes, steps, strict=True):
         axis = int(axis) % len(shape)
         size = shape[axis]
         if step < 1:
-            raise ExportError(f"Slice node '{n.name}' steps backwards, which has no gradient rule")
+            raise n.fail("steps backwards, which has no gradient rule")
         if size is None:
             if start == 0 and stop >= INT64_MAX // 2 and step == 1:
                 continue
-            raise ExportError(f"Slice node '{n.name}' cuts a dimension of unknown size")
+            raise n.fail("cuts a dimension of unknown size")
         start = min(max(start + size if start < 0 else start, 0), size)
         stop = min(max(stop + size if stop < 0 else stop, start), size)
         count = len(range(start, stop, step))
         if step > 1:
-            dy = _spread(g, dy, g.shape(n.output[0]), axis, int(step))
+            dy = spread(g, dy, n.outputs[0].shape, axis, int(step))
         begin[axis], end[axis] = int(start), int(size - start - count * step)
-    return [_pad_or_crop(g, dy, begin, end)] + [None] * (len(n.input) - 1)
+    return pad_or_crop(g, dy, begin, end)
 
 
-def _spread(g, dy, dy_shape, axis, step):
+def spread(g: GraphBuilder, dy: Value, dy_shape, axis: int, step: int) -> Value:
     """Insert step - 1 zeros after each element along `axis`: [a, b] -> [a, 0, b, 0] for step 2."""
     rank = len(dy_shape)
     widened = g.op("Pad", g.op("Unsqueeze", dy, g.ints([axis + 1])),
@@ -321,7 +566,7 @@ def _spread(g, dy, dy_shape, axis, step):
     return g.op("Reshape", widened, g.ints(merged))
 
 
-def _pad_or_crop(g, t, begin, end):
+def pad_or_crop(g: GraphBuilder, t: Value, begin, end) -> Value:
     """Pad t by non-negative amounts, crop it by negative ones (begin and end per axis)."""
     rank = len(begin)
     if any(v > 0 for v in begin + end):
@@ -332,116 +577,157 @@ def _pad_or_crop(g, t, begin, end):
     return t
 
 
-def _gather(g, n, dy):
-    """Scatter-add the gathered slices back: ScatterND along `axis`, moved to the front, with the
-    index dimensions flattened into one."""
-    data, indices = n.input
-    rank, axis = g.rank(data), _axis(g, data, attrs(n).get("axis", 0))
-    index_rank = g.rank(indices)
+NUMPY_PAD_MODES = {"reflect": "reflect", "edge": "edge", "wrap": "wrap"}
+
+
+def pad_amounts(n: Node) -> tuple[list[int], list[int]]:
+    """Pad's begin and end amounts per axis (negative ones crop), with its optional axes input resolved."""
+    rank = n.inputs[0].rank
+    pads = n.constant(1).astype(np.int64)
+    axes = n.constant(3)
+    axes = range(rank) if axes is None else [int(i) % rank for i in axes]
+    begin, end = [0] * rank, [0] * rank
+    for j, axis in enumerate(axes):
+        begin[axis], end[axis] = int(pads[j]), int(pads[len(axes) + j])
+    return begin, end
+
+
+def pad(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    """The adjoint of Pad. Constant mode crops the padding off (and pads back what a negative pad cropped).
+    Reflect, edge and wrap copy cells into the border, so each padded axis folds its border back onto the
+    cells it copied: dy times the transposed 0/1 matrix of where each output cell came from (numpy.pad's
+    modes of the same names, as the ONNX spec defines them)."""
+    x, (begin, end) = n.inputs[0], pad_amounts(n)
+    mode = n.attrs["mode"]
+    if mode == "constant":
+        return pad_or_crop(g, dy, [-v for v in begin], [-v for v in end])
+    if mode not in NUMPY_PAD_MODES:
+        raise n.fail(f"in mode {mode} has no gradient rule")
+    for axis, (before, after) in enumerate(zip(begin, end, strict=True)):
+        if before or after:
+            size = x.shape[axis]
+            if size is None:
+                raise n.fail("pads a dimension of unknown size")
+            source = np.pad(np.arange(size), (max(before, 0), max(after, 0)), mode=NUMPY_PAD_MODES[mode])
+            source = source[max(-before, 0):len(source) - max(-after, 0)]
+            dy = along_axis(dy, x.rank, axis, np.eye(size)[source], like=x)
+    return dy
+
+
+def tile(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    """Each cell receives the sum over its copies: dy viewed as (repeats_0, size_0, repeats_1, size_1, ...) and
+    summed over the repeat axes."""
+    x, repeats = n.inputs
+    column = lambda t: g.op("Unsqueeze", t, g.ints([1]))  # noqa: E731
+    view = g.op("Concat", column(repeats), column(g.op("Shape", x)), axis=1)
+    return reduce_sum(g.op("Reshape", dy, g.op("Reshape", view, g.ints([-1]))), range(0, 2 * x.rank, 2), keepdims=0)
+
+
+def depth_to_space(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    """A permutation of the elements, so its adjoint is its inverse: SpaceToDepth in DCR mode; in CRD mode, the
+    spec's reshape-transpose-reshape run backwards."""
+    x, block = n.inputs[0], n.attrs["blocksize"]
+    if n.attrs["mode"] == "DCR":
+        return g.op("SpaceToDepth", dy, blocksize=block)
+    _, channels, height, width = x.shape
+    if None in (channels, height, width):
+        raise n.fail("needs static channels, height and width to be differentiated")
+    blocks = g.op("Reshape", dy, g.ints([0, channels // block ** 2, height, block, width, block]))
+    return reshape_like(g.op("Transpose", blocks, perm=[0, 1, 3, 5, 2, 4]), x)
+
+
+# Resize ------------------------------------------------------------------------------------------------
+def resize(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    """Resize is linear in X and separable: along each resized axis the output is an interpolation matrix times
+    the input, so the adjoint multiplies dy by each transposed matrix. The matrices are read from ONNX Runtime
+    itself (interpolation_matrix): every mode, coordinate transformation, antialias and rounding as it runs."""
+    x, y = n.inputs[0], n.outputs[0]
+    if n.attrs["keep_aspect_ratio_policy"] not in (None, "stretch"):
+        raise n.fail(f"keeps the aspect ratio ({n.attrs['keep_aspect_ratio_policy']}), which has no gradient rule")
+    roi, scales, sizes = n.constant(1), n.constant(2), n.constant(3)
+    scales = None if scales is None or scales.size == 0 else scales
+    axes = [int(a) % x.rank for a in n.attrs["axes"] or range(x.rank)]
+    cropped = n.attrs["coordinate_transformation_mode"] == "tf_crop_and_resize"
+    for position, axis in enumerate(axes):
+        scale = None if scales is None else float(scales[position])
+        size_in, size_out = x.shape[axis], y.shape[axis]
+        window = (float(roi[position]), float(roi[len(axes) + position])) if cropped else None
+        if (scale == 1.0 if scale is not None else sizes[position] == size_in) and window in (None, (0.0, 1.0)):
+            continue  # the identity
+        if size_in is None or size_out is None:
+            raise n.fail("resizes a dimension of unknown size")
+        weights = interpolation_matrix(g, n, size_in, size_out if scale is None else None, scale, window)
+        dy = along_axis(dy, x.rank, axis, weights.T, like=x)
+    return dy
+
+
+def interpolation_matrix(g: GraphBuilder, n: Node, size_in: int, size_out: int | None, scale: float | None,
+                         window: tuple[float, float] | None) -> np.ndarray:
+    """R[i, o], the weight of input cell i in output cell o along one axis, as ONNX Runtime computes it: the
+    node's own attributes resize an identity basis (rows: basis vectors, left alone with scale 1) and a zero
+    row, whose result (tf_crop_and_resize's extrapolation value, else zero) is the constant part taken off."""
+    import onnxruntime  # noqa: PLC0415 (a runtime session at export time, for this operator only)
+
+    attributes = {a.name: helper.get_attribute_value(a) for a in n.proto.attribute
+                  if a.name not in ("axes", "keep_aspect_ratio_policy")}
+    constants = {"roi": None if window is None else np.array([0, window[0], 1, window[1]], np.float32),
+                 "scales": None if scale is None else np.array([1, scale], np.float32),
+                 "sizes": None if size_out is None else np.array([size_in + 1, size_out], np.int64)}
+    names = [name if value is not None else "" for name, value in constants.items()]
+    while names[-1] == "":
+        names.pop()
+    float32 = onnx.TensorProto.FLOAT
+    graph = helper.make_graph([helper.make_node("Resize", ["basis", *names], ["resized"], **attributes)],
+                              "interpolation_matrix", [helper.make_tensor_value_info("basis", float32, None)],
+                              [helper.make_tensor_value_info("resized", float32, None)],
+                              [numpy_helper.from_array(v, k) for k, v in constants.items() if v is not None])
+    opsets = [helper.make_opsetid("", g.opset)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    basis = np.vstack([np.eye(size_in), np.zeros((1, size_in))]).astype(np.float32)
+    resized = session.run(None, {"basis": basis})[0].astype(np.float64)
+    return resized[:-1] - resized[-1]
+
+
+def gather(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    """Scatter-add the gathered slices back: ScatterND along `axis`, moved to the front, with the index
+    dimensions flattened into one."""
+    data, indices = n.inputs
+    rank, axis = data.rank, axis_of(n, data)
+    index_rank = indices.rank
     if index_rank == 0:
         dy, index_rank = g.op("Unsqueeze", dy, g.ints([axis])), 1
     rest = [i for i in range(rank + index_rank - 1) if not axis <= i < axis + index_rank]
     updates = g.op("Transpose", dy, perm=[*range(axis, axis + index_rank), *rest])
     flat_shape = g.op("Concat", g.ints([-1]), g.op("Slice", g.op("Shape", updates), g.ints([index_rank]),
                                                    g.ints([INT64_MAX])), axis=0)
-    size = g.op("Gather", g.op("Shape", data), g.ints(axis))
-    positive = g.op("Where", g.op("Less", indices, g.ints(0)), g.op("Add", indices, size), indices)
+    positive = nonnegative(indices, data, axis)
     front = [axis, *[i for i in range(rank) if i != axis]]
-    scattered = g.op("ScatterND", g.op("Transpose", g.zeros_like(data), perm=front),
+    scattered = g.op("ScatterND", g.op("Transpose", zeros_like(data), perm=front),
                      g.op("Reshape", positive, g.ints([-1, 1])), g.op("Reshape", updates, flat_shape), reduction="add")
-    return [g.op("Transpose", scattered, perm=list(np.argsort(front))), None]
+    return g.op("Transpose", scattered, perm=[int(i) for i in np.argsort(front)])
 
 
-def _gather_nd(g, n, dy):
-    if attrs(n).get("batch_dims", 0):
-        raise ExportError(f"GatherND node '{n.name}' with batch_dims has no gradient rule")
-    return [g.op("ScatterND", g.zeros_like(n.input[0]), n.input[1], dy, reduction="add"), None]
+def gather_elements(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    """Scatter-add dy back to where each element was read."""
+    data, indices = n.inputs
+    axis = axis_of(n, data)
+    return g.op("ScatterElements", zeros_like(data), nonnegative(indices, data, axis), dy, axis=axis, reduction="add")
 
 
-def _pad(g, n, dy):
-    """The adjoint of a constant Pad crops the padding off (and pads back what a negative pad cropped)."""
-    mode = attrs(n).get("mode", b"constant")
-    if mode not in (b"constant", "constant"):
-        raise ExportError(f"Pad node '{n.name}' in mode {mode!r} has no gradient rule")
-    rank = g.rank(n.input[0])
-    pads = g.required_constant(n, 1).astype(np.int64)
-    axes = g.required_constant(n, 3)
-    axes = range(rank) if axes is None else [int(i) % rank for i in axes]
-    begin, end = [0] * rank, [0] * rank
-    for j, axis in enumerate(axes):
-        begin[axis], end[axis] = -int(pads[j]), -int(pads[len(axes) + j])
-    return [_pad_or_crop(g, dy, begin, end)] + [None] * (len(n.input) - 1)
-
-
-def _reshape_back(g, n, dy):
-    return [g.reshape_like(dy, n.input[0])] + [None] * (len(n.input) - 1)
-
-
-def _pass(g, n, dy):
-    return [dy] + [None] * (len(n.input) - 1)
-
-
-def _unary(slope):
-    """A rule dy * slope(g, x, y) for an element-wise operator."""
-    return lambda g, n, dy: [g.op("Mul", dy, slope(g, n.input[0], n.output[0]))]
-
-
-RULES = {
-    # element-wise
-    "Identity": _pass,
-    "Dropout": _pass,
-    "Relu": lambda g, n, dy: [g.mask(dy, g.op("Greater", n.output[0], g.const(0.0, like=n.output[0])), n.output[0])],
-    "LeakyRelu": _leaky_relu,
-    "Clip": _clip,
-    "Sigmoid": _unary(lambda g, x, y: g.op("Mul", y, g.op("Sub", g.const(1.0, like=y), y))),
-    "HardSigmoid": _hard_sigmoid,
-    "HardSwish": _hard_swish,
-    "Tanh": _unary(lambda g, x, y: g.op("Sub", g.const(1.0, like=y), g.op("Mul", y, y))),
-    "Exp": _unary(lambda g, x, y: y),
-    "Sqrt": _unary(lambda g, x, y: g.op("Div", g.const(0.5, like=y), y)),
-    "Reciprocal": _unary(lambda g, x, y: g.op("Neg", g.op("Mul", y, y))),
-    "Erf": _erf,
-    "Gelu": _gelu,
-    "Pow": _pow,
-    "Neg": lambda g, n, dy: [g.op("Neg", dy)],
-    "Cast": lambda g, n, dy: [g.op("Cast", dy, to=g.elem_type(n.input[0]))],
-    # arithmetic
-    "Add": lambda g, n, dy: [g.unbroadcast(dy, x, n.output[0]) for x in n.input],
-    "Sub": lambda g, n, dy: [g.unbroadcast(dy, n.input[0], n.output[0]),
-                             g.unbroadcast(g.op("Neg", dy), n.input[1], n.output[0])],
-    "Mul": _mul,
-    "Div": _div,
-    "Where": _where,
-    "Expand": lambda g, n, dy: [g.unbroadcast(dy, n.input[0], n.output[0]), None],
-    # windows and linear algebra
-    "Conv": lambda g, n, dy: _conv(g, n, dy) + [None] * (len(n.input) - 1),
-    "MaxPool": _max_pool,
-    "AveragePool": _average_pool,
-    "GlobalAveragePool": _global_average_pool,
-    "Gemm": _gemm,
-    "MatMul": _matmul,
-    # normalisation
-    "BatchNormalization": lambda g, n, dy: _batch_norm(g, n, dy) + [None] * 4,
-    "LayerNormalization": lambda g, n, dy: _layer_norm(g, n, dy) + [None] * (len(n.input) - 1),
-    "Softmax": _softmax,
-    "LogSoftmax": _log_softmax,
-    # reductions
-    "ReduceMean": lambda g, n, dy: _reduce(g, n, dy, mean=True),
-    "ReduceSum": lambda g, n, dy: _reduce(g, n, dy, mean=False),
-    # data movement
-    "Flatten": _reshape_back,
-    "Reshape": _reshape_back,
-    "Squeeze": _reshape_back,
-    "Unsqueeze": _reshape_back,
-    "Transpose": _transpose,
-    "Concat": _concat,
-    "Split": _split,
-    "Slice": _slice,
-    "Gather": _gather,
-    "GatherND": _gather_nd,
-    "Pad": _pad,
-}
-
-# Operators whose outputs carry no gradient, whatever their inputs (shapes, indices, masks).
-NON_DIFFERENTIABLE = {"Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "GreaterOrEqual", "Less",
-                      "LessOrEqual", "Not", "And", "Or", "NonZero", "ConstantOfShape", "Range", "OneHot"}
+def gather_nd(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    """ScatterND-add dy back. ScatterND has no batch dimensions, so with batch_dims b the first b dimensions are
+    flattened into one and each index is prefixed with its position along it."""
+    data, indices = n.inputs
+    batch, depth = n.attrs["batch_dims"], indices.shape[-1]
+    dims = lambda t, start, end: g.op("Slice", g.op("Shape", t), g.ints([start]), g.ints([end]))  # noqa: E731
+    indices = g.op("Where", indices < 0, indices + dims(data, batch, batch + depth), indices)
+    if not batch:
+        return g.op("ScatterND", zeros_like(data), indices, dy, reduction="add")
+    positions = g.op("Range", g.ints(0), g.op("ReduceProd", dims(data, 0, batch), keepdims=0), g.ints(1))
+    positions = g.op("Reshape", positions, g.op("Concat", dims(indices, 0, batch),
+                                                g.ints([1] * (n.inputs[1].rank - batch)), axis=0))
+    prefixed = g.op("Concat", g.op("Expand", positions, g.op("Concat", dims(indices, 0, -1), g.ints([1]), axis=0)),
+                    indices, axis=-1)
+    flat = g.op("Reshape", zeros_like(data), g.op("Concat", g.ints([-1]), dims(data, batch, INT64_MAX), axis=0))
+    return reshape_like(g.op("ScatterND", flat, prefixed, dy, reduction="add"), data)

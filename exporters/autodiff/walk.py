@@ -1,9 +1,9 @@
 """Reverse-mode differentiation of an ONNX graph between target tensors and a score output.
 
 The walk visits, in reverse topological order, only the nodes that both depend on a target and
-feed the score, and asks the rule table (gradients.RULES) for each node's vector-Jacobian product.
-Everything upstream of the targets is left alone: the extra cost is a backward pass over the
-head of the network only.
+feed the score, and asks the rule table (rules.RULES) for each node's vector-Jacobian product,
+checking that the rule answers once per input. Everything upstream of the targets is left alone:
+the extra cost is a backward pass over the head of the network only.
 """
 
 from __future__ import annotations
@@ -12,57 +12,76 @@ from collections import defaultdict
 
 import onnx
 
-from .gradients import NON_DIFFERENTIABLE, RULES
-from .graph import ExportError, GraphBuilder, UnsupportedOperator
+from ...errors import ExportError, UnsupportedOperator
+from .graph import GraphBuilder, Node, Value
+from .quantized import CODE_PRODUCERS, CONSTANT_OUTPUTS, QUANTIZED_RULES
+from .rules import MULTI_OUTPUT, NON_DIFFERENTIABLE, RULES
+
+ALL_RULES = RULES | QUANTIZED_RULES
 
 
-def append_gradients(model: onnx.ModelProto, targets: list[str], score: str, seed: str,
-                     builder: GraphBuilder) -> list[str]:
+def append_gradients(model: onnx.ModelProto, targets: list[str], score: str, seed: Value,
+                     builder: GraphBuilder, overrides: dict | None = None) -> list[Value]:
     """Emit into `builder` the gradient of sum(seed * score) with respect to each target.
 
-    `model` must carry inferred shapes. Returns one gradient tensor name per target.
+    `model` must carry inferred shapes. Returns one gradient per target. `overrides` replaces the rules of some
+    operators (e.g. guided.guided_rules).
     """
     nodes = list(model.graph.node)
-    active = set(targets)
-    for node in nodes:
-        if node.op_type not in NON_DIFFERENTIABLE and any(i in active for i in node.input):
-            active.update(o for o in node.output if builder.is_float(o))
+    active = _depends_on(nodes, targets, builder)
     for target in targets:
-        if not _reaches(nodes, target, score):
+        if score not in _depends_on(nodes, [target], builder):
             raise ExportError(f"output '{score}' does not depend on target '{target}'")
-
     feeds_score = {score}
     for node in reversed(nodes):
         if any(o in feeds_score for o in node.output):
             feeds_score.update(node.input)
 
-    grads: dict[str, list[str]] = defaultdict(list)
+    grads: dict[str, list[Value]] = defaultdict(list)
     grads[score].append(seed)
-    for node in reversed(nodes):
-        if not any(o in active and o in feeds_score for o in node.output):
+    for proto in reversed(nodes):
+        if not any(o in active and o in feeds_score for o in proto.output):
             continue
-        output_grads = [_total(builder, grads.get(o)) for o in node.output]
+        output_grads = [_total(builder, grads.get(o)) for o in proto.output]
         if all(d is None for d in output_grads):
             continue
-        rule = RULES.get(node.op_type)
-        if rule is None:
-            raise UnsupportedOperator(node)
-        builder.output_grads = output_grads
-        for name, grad in zip(node.input, rule(builder, node, output_grads[0])):
+        for name, grad in zip(proto.input, _differentiate(builder, proto, output_grads, overrides), strict=True):
             if grad is not None and name in active:
                 grads[name].append(grad)
     return [_total(builder, grads[t]) for t in targets]
 
 
-def _reaches(nodes, source: str, sink: str) -> bool:
-    reached = {source}
+def _differentiate(builder: GraphBuilder, proto: onnx.NodeProto, output_grads: list[Value | None],
+                   overrides: dict | None = None) -> list:
+    """The rule's answer for one node, held to the contract: one entry per input."""
+    node = Node(builder, proto)
+    rule = (overrides or {}).get(proto.op_type) or ALL_RULES.get(proto.op_type)
+    if rule is None:
+        raise UnsupportedOperator(proto.op_type, node.name)
+    if proto.op_type not in MULTI_OUTPUT and any(d is not None for d in output_grads[1:]):
+        raise node.fail("passes a gradient through an output other than its first, which its rule does not "
+                        "differentiate")
+    grads = rule(builder, node, output_grads)
+    if len(grads) != len(proto.input):
+        raise ExportError(f"the gradient rule of {proto.op_type} returned {len(grads)} gradients for node "
+                          f"'{node.name}', which has {len(proto.input)} inputs")
+    return grads
+
+
+def _depends_on(nodes, sources: list[str], builder: GraphBuilder) -> set[str]:
+    """The tensors computed from `sources` through differentiable operators, the sources included: float ones,
+    and integer codes written by quantized operators or computed from codes (a MaxPool over them)."""
+    reached = set(sources)
     for node in nodes:
-        if any(i in reached for i in node.input):
-            reached.update(node.output)
-    return sink in reached
+        if node.op_type in NON_DIFFERENTIABLE or not any(i in reached for i in node.input):
+            continue
+        codes = node.op_type in CODE_PRODUCERS or any(i in reached and not builder.is_float(i) for i in node.input)
+        constant = CONSTANT_OUTPUTS.get(node.op_type, set())
+        reached.update(o for k, o in enumerate(node.output) if k not in constant and (codes or builder.is_float(o)))
+    return reached
 
 
-def _total(builder: GraphBuilder, parts: list[str] | None) -> str | None:
+def _total(builder: GraphBuilder, parts: list[Value] | None) -> Value | None:
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else builder.op("Sum", *parts)

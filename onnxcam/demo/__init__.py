@@ -9,12 +9,12 @@ from pathlib import Path
 
 import skimage.data
 
-from . import __version__
-from .batch import explain_files
+from .. import __version__
+from ..exporters import export_torch
+from ..explainer import Explainer
+from ..files import write_png
+from ..pipeline import explain_files
 from .efficientnet_lite import efficientnet_lite0_pretrained
-from .exporters import export_torch
-from .explainer import Explainer
-from .images import write_png
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,7 +54,8 @@ def demo_photos(cache: Path) -> list[Path]:
     return paths
 
 
-def run_demo(outdir: Path, method: str = "gradcam", provider: str = "auto") -> int:
+def run_demo(outdir: Path, method: str = "gradcam", provider: str = "auto", **reporting) -> int:
+    """Explain the photos into `outdir`; `reporting` (report, complain) as in pipeline.explain_files."""
     cache = cache_dir()
     explainer = Explainer(demo_model(cache), provider=provider)
-    return explain_files(explainer, demo_photos(cache), outdir, method=method)
+    return explain_files(explainer, demo_photos(cache), outdir, method=method, **reporting)

@@ -1,0 +1,287 @@
+"""What a foreign ONNX classifier is made of: its image input, the tensors that lie on a grid over the image,
+its attention, and the default target. Found from the graph's structure and shapes, then confirmed by
+running it, so that a target is a spatial map the class score really depends on, or the export stops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from ..core.layouts import MAX_PREFIX, fits_image, grid_of, guess_layout, parse_tokens, to_grid
+from ..errors import ExportError
+from .autodiff import GraphBuilder, Value, append_gradients
+
+IMAGE_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+               onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.BFLOAT16: None, onnx.TensorProto.UINT8: np.uint8}
+PROBE_BATCH = 2
+PROJECTIONS = ("MatMul", "Gemm")
+MAX_PROBED = 12  # candidates whose gradient reach is measured, last first
+
+
+@dataclass
+class ImageInput:
+    """The graph input that takes the images, in the model's own layout."""
+
+    name: str
+    layout: str  # nchw or nhwc
+    elem_type: int
+    size: tuple[int, int]  # H x W
+    channels: int
+    batch: int | str  # the batch dimension: static, or the name of the symbolic one
+
+    @property
+    def shape(self) -> list[int | None]:
+        """Its shape with the batch unknown (None), as tensor shapes are recorded."""
+        height, width = self.size
+        return [None, self.channels, height, width] if self.layout == "nchw" else [None, height, width, self.channels]
+
+    @property
+    def dtype(self) -> str:
+        return onnx.helper.tensor_dtype_to_np_dtype(self.elem_type).name
+
+
+def image_input(model: onnx.ModelProto, name: str | None = None, layout: str | None = None,
+                size: tuple[int, int] | None = None) -> ImageInput:
+    """The image input, its layout (nhwc when the last dimension is 1 or 3 and the first is not) and its size,
+    with dynamic spatial dimensions fixed to `size` in the model itself."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if name is not None:
+        chosen = [i for i in inputs if i.name == name]
+        if not chosen:
+            raise ExportError(f"unknown input '{name}'; the model's inputs are {[i.name for i in inputs]}")
+    else:
+        chosen = [i for i in inputs if i.type.tensor_type.elem_type in IMAGE_TYPES
+                  and len(i.type.tensor_type.shape.dim) == 4]
+        if len(chosen) != 1:
+            raise ExportError(f"expected one 4-D image input, found {len(chosen)} among {[i.name for i in inputs]}",
+                              option="input")
+    others = [i.name for i in inputs if i is not chosen[0]]
+    if others:
+        raise ExportError(f"the model has inputs besides the image ({', '.join(others)}) with no default value")
+    value = chosen[0]
+    tensor_type = value.type.tensor_type
+    if tensor_type.elem_type not in IMAGE_TYPES or IMAGE_TYPES[tensor_type.elem_type] is None:
+        raise ExportError(f"input '{value.name}' holds {helper.tensor_dtype_to_string(tensor_type.elem_type)}, "
+                          f"not float or uint8 images")
+    dims = tensor_type.shape.dim
+    if len(dims) != 4:
+        raise ExportError(f"input '{value.name}' must be a 4-D batch of images; it has {len(dims)} dimensions")
+    values = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    layout = layout or _input_layout(values, value.name)
+    spatial = (1, 2) if layout == "nhwc" else (2, 3)
+    channel = 3 if layout == "nhwc" else 1
+    if values[channel] is None:
+        raise ExportError(f"input '{value.name}' has a dynamic number of channels in the {layout} layout",
+                          option="input_layout")
+    _fix_size(value.name, [dims[a] for a in spatial], size)
+    batch = values[0] or dims[0].dim_param or "batch"
+    return ImageInput(value.name, layout, tensor_type.elem_type, (dims[spatial[0]].dim_value, dims[spatial[1]].dim_value),
+                      values[channel], batch)
+
+
+def _input_layout(values: list[int | None], name: str) -> str:
+    """nchw when the second dimension holds 1 or 3 channels, nhwc when the last does; otherwise the layout whose
+    spatial dimensions agree (equal, or both dynamic) while the channel dimension is static and differs."""
+    _, d1, d2, d3 = values
+    if d1 in (1, 3):
+        return "nchw"
+    if d3 in (1, 3):
+        return "nhwc"
+    if d1 is not None and d2 == d3 and d1 != d2:
+        return "nchw"
+    if d3 is not None and d1 == d2 and d3 != d2:
+        return "nhwc"
+    raise ExportError(f"cannot tell whether input '{name}' of shape {values} is N x C x H x W or N x H x W x C",
+                      option="input_layout")
+
+
+def _fix_size(name: str, dims, size: tuple[int, int] | None) -> None:
+    current = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    if size is None:
+        if None in current:
+            raise ExportError(f"input '{name}' has dynamic spatial dimensions: give the size to explain at",
+                              option="input_size")
+        return
+    if any(c is not None and c != s for c, s in zip(current, size, strict=True)):
+        raise ExportError(f"input '{name}' has a fixed size {current[0]}x{current[1]}, not {size[0]}x{size[1]}",
+                          option="input_size")
+    for dim, value in zip(dims, size, strict=True):
+        dim.dim_value = int(value)
+
+
+@dataclass
+class Candidate:
+    """A tensor that lies on a grid over the image: a possible target."""
+
+    name: str
+    shape: list[int | None]
+    layout: str
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return grid_of(self.layout, self.shape)
+
+
+def grid_candidates(model: onnx.ModelProto, score: str, shapes: dict[str, list | None],
+                    image: ImageInput) -> list[Candidate]:
+    """Float tensors that feed the score, batch first, whose shape lies on a grid over the image (see
+    core.layouts.fits_image), in the order the graph computes them. Attention matrices are left out."""
+    feeds = {score}
+    for node in reversed(model.graph.node):
+        if any(o in feeds for o in node.output):
+            feeds.update(node.input)
+    attention_sizes = {s[-1] for s in (shapes.get(a) for a in _softmax_outputs(model)) if s and len(s) == 4}
+    found = []
+    for name, shape in shapes.items():
+        if name not in feeds or not shape or len(shape) not in (3, 4) or None in shape[1:]:
+            continue
+        if shape[0] not in (None, image.batch) or shape[-1] == 1:
+            continue
+        if len(shape) == 4 and shape[-1] == shape[-2] and shape[-1] in attention_sizes:
+            continue  # attention matrices
+        if len(shape) == 3 and attention_sizes and shape[1] not in attention_sizes:
+            continue  # in a transformer, token sequences are those its attention reads (not B x C x T transposes)
+        layout = guess_layout(shape, image.size)
+        if layout is not None:
+            found.append(Candidate(name, shape, layout))
+    return found
+
+
+def _softmax_outputs(model: onnx.ModelProto) -> list[str]:
+    return [node.output[0] for node in model.graph.node if node.op_type == "Softmax"]
+
+
+def attention_probabilities(model: onnx.ModelProto, shapes: dict[str, list | None], image: ImageInput) -> list[str]:
+    """Per-image attention probabilities over a token grid with a CLS token: Softmax outputs B x heads x T x T
+    whose T tokens are one or more prefix tokens and a grid over the image. Windowed attention (whose first
+    dimension counts windows) and attention without a prefix token (rollout reads the CLS row) are left out."""
+    found = []
+    for name in _softmax_outputs(model):
+        shape = shapes.get(name)
+        if not shape or len(shape) != 4 or None in shape[1:] or shape[2] != shape[3]:
+            continue
+        if shape[0] not in (None, image.batch):
+            continue
+        layout = guess_layout((None, shape[3], None), image.size)
+        if layout is not None and parse_tokens(layout)[0] >= 1:
+            found.append(name)
+    return found
+
+
+def attention_reads(model: onnx.ModelProto, shapes: dict[str, list | None], image: ImageInput) -> str | None:
+    """The token sequence that the last attention over the image's grid projects into keys: in a pre-norm
+    transformer block the normalised tokens, however the exporter wrote the normalisation (one
+    LayerNormalization node, or ReduceMean, Sub, Pow, Sqrt, Div) and the attention (fused or not).
+
+    The last Softmax whose last axis counts P + H*W tokens of a grid over the image is followed upstream,
+    through the scores' MatMul and the reshapes of the keys, to the first projection (MatMul or Gemm with a
+    constant weight) whose other input is a B x T x C sequence of those T tokens."""
+    producers = {o: node for node in model.graph.node for o in node.output}
+    constants = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    for softmax in reversed(_softmax_outputs(model)):
+        shape = shapes.get(softmax)
+        if not shape or shape[-1] is None or guess_layout((None, shape[-1], None), image.size) is None:
+            continue
+        tokens = shape[-1]
+        queue, seen = [producers[softmax].input[0]] if softmax in producers else [], set()
+        while queue:
+            node = producers.get(queue.pop(0))
+            if node is None or node.output[0] in seen:
+                continue
+            seen.add(node.output[0])
+            if node.op_type in PROJECTIONS and any(i in constants for i in node.input[1:2]):
+                source = shapes.get(node.input[0])
+                if source and len(source) == 3 and source[1] == tokens and guess_layout(source, image.size):
+                    return node.input[0]
+                continue
+            queue += [i for i in node.input if i and i not in constants]
+    return None
+
+
+def reached_cells(model: onnx.ModelProto, score: str, candidates: list[Candidate], image: ImageInput) -> dict[str, int]:
+    """For each candidate, on how many grid cells the gradient of the top class's score is non-zero, measured
+    on a random batch: a map over a tensor that the score reads at one cell only (a CLS token, a pooled
+    vector) says nothing about the image."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    builder = GraphBuilder(probe, prefix="onnxcam_probe")
+    flat = builder.op("Flatten", score, axis=1)
+    seed = one_hot_seed(builder, score, builder.op("ArgMax", flat, axis=1, keepdims=0))
+    names = [c.name for c in candidates]
+    gradients = append_gradients(probe, names, score, seed, builder)
+    outputs = [f"onnxcam_probe_gradient_{i}" for i in range(len(names))]
+    builder.nodes += [helper.make_node("Identity", [g.name], [o]) for g, o in zip(gradients, outputs, strict=True)]
+    probe.graph.node.extend(builder.nodes)
+    probe.graph.initializer.extend(builder.initializers)
+    probe.graph.output.extend(helper.make_tensor_value_info(o, builder.elem_type(c.name), None)
+                              for o, c in zip(outputs, candidates, strict=True))
+    feed = random_images(image)
+    batch = len(next(iter(feed.values())))
+    values = run_model(probe, outputs, feed)
+    return {c.name: _cells(v, c.layout) if v.shape[0] == batch else 0 for c, v in zip(candidates, values, strict=True)}
+
+
+def _cells(gradient: np.ndarray, layout: str) -> int:
+    """On how many grid cells a gradient is non-zero, the fewest over the images of a batch."""
+    return int((np.abs(to_grid(gradient.astype(np.float32), layout)) > 0).any(axis=1).sum(axis=(1, 2)).min())
+
+
+def one_hot_seed(builder: GraphBuilder, score: str, classes: Value) -> Value:
+    """A seed shaped like the score output, one at each image's class: the VJP seed that picks that score."""
+    flat = builder.op("Flatten", score, axis=1)
+    count = builder.op("Slice", builder.op("Shape", flat), builder.ints([1]), builder.ints([2]))
+    one_hot = builder.op("OneHot", classes, count, builder.const(np.array([0.0, 1.0]), like=score), axis=-1)
+    return builder.op("Reshape", one_hot, builder.op("Shape", score))
+
+
+def random_images(image: ImageInput, batch: int | None = None) -> dict[str, np.ndarray]:
+    """A feed of random images for the image input, in its layout and type."""
+    batch = batch or (image.batch if isinstance(image.batch, int) else PROBE_BATCH)
+    height, width = image.size
+    shape = (batch, image.channels, height, width) if image.layout == "nchw" else (batch, height, width, image.channels)
+    rng = np.random.default_rng(0)
+    if image.elem_type == onnx.TensorProto.UINT8:
+        return {image.name: rng.integers(0, 256, shape, dtype=np.uint8)}
+    return {image.name: rng.standard_normal(shape).astype(IMAGE_TYPES[image.elem_type])}
+
+
+def run_model(model: onnx.ModelProto, outputs: list[str], feeds: dict) -> list[np.ndarray]:
+    """Run a model in memory on ONNX Runtime's CPU provider, for the export's checks."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(outputs, feeds)
+    except Exception as error:  # ORT reports invalid or unsupported graphs with many exception types
+        raise ExportError(f"ONNX Runtime cannot run the model to check its targets: {str(error).splitlines()[0]}") \
+            from None
+
+
+def describe(candidates: list[Candidate], limit: int = 5) -> str:
+    return ", ".join(f"{c.name} {' x '.join(str(d or 'N') for d in c.shape)}" for c in candidates[-limit:][::-1])
+
+
+def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list | None], image: ImageInput) -> Candidate:
+    """The target a user would pick: in a transformer with attention over the image's grid, the normalised
+    tokens its last attention reads; otherwise the last grid tensor before the score that the score depends
+    on at more than one cell (for a CNN, the last map before global pooling). Refused when none exists."""
+    candidates = grid_candidates(model, score, shapes, image)
+    if not candidates:
+        raise ExportError("no tensor that feeds the output lies on a grid over the image: name a target layer",
+                          option="target_layers")
+    tokens = attention_reads(model, shapes, image)
+    ordered = [c for c in candidates if c.name == tokens] + candidates[::-1]
+    checked = ordered[:MAX_PROBED]
+    reached = reached_cells(model, score, checked, image)
+    for candidate in checked:
+        if reached[candidate.name] > 1:
+            return candidate
+    raise ExportError(f"the class score depends on no grid tensor at more than one cell (checked: "
+                      f"{describe(checked)}): name a target layer", option="target_layers")
+
