@@ -31,15 +31,16 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PICKS = Path.home() / ".cache" / "onnxcam" / "timm-picks.json"
 LOG = PICKS.with_name("coverage.log")  # the workers' stderr
+KEPT = PICKS.with_name("coverage")
 COLUMNS = ["module", "model", "params", "input", "exporter", "target", "target_op", "target_shape", "layout",
            "grid", "result", "message", "seconds"]
 SILENTLY_WRONG = ("wrong-target", "wrong-gradient", "wrong-heatmap")
@@ -248,10 +249,13 @@ def run_module(module: str, model_name: str, params: int) -> dict:
     torch.set_num_threads(1)
     row = dict.fromkeys(COLUMNS, "")
     row.update(module=module, model=model_name, params=params)
+    folder = KEPT / module  # the files of a model that is not ok are kept there, to look into
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     try:
-        with tempfile.TemporaryDirectory() as folder:
-            explain_and_check(row, model_name, Path(folder))
+        explain_and_check(row, model_name, folder)
         row["result"] = "ok"
+        shutil.rmtree(folder)
     except ExportFailed as error:
         row.update(result="torch-export-failed", message=str(error))
     except Wrong as error:
