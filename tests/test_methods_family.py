@@ -307,3 +307,54 @@ def test_unknown_options_are_refused(plain):
         plain.explain(X.numpy(), method="scorecam", steps=3)
     with pytest.raises(onnxcam.ExplainError, match="aug_smooth applies to the single-run CAMs"):
         plain.explain(X.numpy(), method="scorecam", aug_smooth=True)
+
+
+def _dense_imputation(image: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """ROAD's linear imputation written from the paper's equation, solved densely: every removed pixel equals the
+    weighted mean of its in-image neighbours (1/6 sides, 1/12 corners)."""
+    height, width = keep.shape
+    weights = {(dy, dx): (1 / 12 if dy and dx else 1 / 6) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx}
+    missing = [(y, x) for y in range(height) for x in range(width) if not keep[y, x]]
+    index = {pixel: i for i, pixel in enumerate(missing)}
+    system = np.zeros((len(missing), len(missing)))
+    rhs = np.zeros((len(missing), image.shape[0]))
+    for i, (y, x) in enumerate(missing):
+        for (dy, dx), weight in weights.items():
+            if 0 <= y + dy < height and 0 <= x + dx < width:
+                system[i, i] -= weight
+                if (y + dy, x + dx) in index:
+                    system[i, index[(y + dy, x + dx)]] += weight
+                else:
+                    rhs[i] -= weight * image[:, y + dy, x + dx]
+    out = image.astype(np.float64).copy()
+    solved = np.linalg.solve(system, rhs)
+    for i, (y, x) in enumerate(missing):
+        out[:, y, x] = solved[i]
+    return out
+
+
+def test_road_and_confidence_change_follow_their_definitions():
+    from onnxcam.core.metrics import confidence_change, noisy_linear_imputation, road
+
+    rng = np.random.default_rng(5)
+    images = rng.standard_normal((2, 3, 9, 11)).astype(np.float32)
+    maps = rng.random((2, 9, 11)).astype(np.float32)
+    keep = maps[0] < 0.6
+    np.testing.assert_allclose(noisy_linear_imputation(images[0], keep, noise=0.0),
+                               _dense_imputation(images[0], keep), atol=1e-5)
+    weights = rng.standard_normal((3, 4))
+
+    def predict(batch):
+        logits = batch.mean(axis=(2, 3)) @ weights
+        return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+    classes = np.array([1, 3])
+    morf, lerf = road(predict, images, maps, classes, percentiles=(30, 70), noise=0.0)
+    for b in range(2):
+        before = predict(images[b:b + 1])[0, classes[b]]
+        for got, relevance in ((morf[b], maps[b]), (lerf[b], 1 - maps[b])):
+            imputed = [_dense_imputation(images[b], relevance < np.percentile(relevance, p)) for p in (30, 70)]
+            changes = predict(np.stack(imputed))[:, classes[b]] - before
+            assert got == pytest.approx(np.mean(changes), abs=1e-5)
+    expected = predict(images * maps[:, None])[[0, 1], classes] - predict(images)[[0, 1], classes]
+    np.testing.assert_allclose(confidence_change(predict, images, maps, classes), expected, rtol=1e-6)
