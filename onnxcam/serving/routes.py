@@ -17,8 +17,9 @@ from starlette.routing import Route
 
 from ..core import COLORMAPS, overlay, top_classes
 from ..errors import OnnxcamError
-from ..explainer import ALL_METHODS, ROLLOUT_METHODS, Explainer
+from ..explainer import ALL_METHODS, Explainer
 from ..files import decode_image, encode_png
+from ..strategies import capabilities
 from . import protocol
 from .batcher import MicroBatcher
 from .middleware import Metrics
@@ -34,9 +35,11 @@ class Service:
         self.batcher, self.metrics = batcher, metrics
         self.max_body, self.max_pixels = max_body, max_pixels
         self.draining = False  # set on SIGTERM: readiness turns false while accepted requests are answered
-        self.methods = [m for m in ALL_METHODS if self.spec.attentions or m not in ROLLOUT_METHODS]
+        reasons = capabilities(explainer)  # per method: None where this file supports it, else why not
+        self.methods = [method for method, reason in reasons.items() if reason is None]
+        unavailable = {method: reason for method, reason in reasons.items() if reason is not None}
         self.page_html = resources.files(__package__).joinpath("page.html").read_text().replace(
-            "__CONFIG__", json.dumps({"methods": self.methods, "model": name}))
+            "__CONFIG__", json.dumps({"methods": self.methods, "unavailable": unavailable, "model": name}))
 
     def routes(self) -> list[Route]:
         return [
