@@ -108,9 +108,23 @@ def build_head(model: onnx.ModelProto, targets: list[str], cuts: list[str], scor
         builder.nodes.append(helper.make_node("Identity", [gradient.name], [name]))
         head.graph.output.append(_with_maps_dim(forward[target], name))
     prune(builder, names)
-    head.graph.node.extend(builder.nodes)
-    head.graph.initializer.extend(builder.initializers)
+    _keep_live(head, [*head.graph.node, *builder.nodes], [*head.graph.initializer, *builder.initializers], names)
     return head
+
+
+def _keep_live(model: onnx.ModelProto, nodes: list, initializers: list, outputs: list[str]) -> None:
+    """Set the graph's nodes and initializers to those the outputs need: forward nodes whose values no gradient
+    rule reads (a Gemm's product, when only its weights carry the gradient) are dropped."""
+    live, kept = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in live for o in node.output):
+            kept.append(node)
+            live.update(node.input)
+    model.graph.ClearField("node")
+    model.graph.node.extend(reversed(kept))
+    kept_initializers = [t for t in initializers if t.name in live]
+    model.graph.ClearField("initializer")
+    model.graph.initializer.extend(kept_initializers)
 
 
 def _forward_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

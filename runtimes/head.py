@@ -41,6 +41,8 @@ class HeadRunner:
             del head.graph.value_info[:]  # the forward graph's sizes name its batch; the head's batch is the maps
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.session.get_session_options().intra_op_num_threads
+            # the head is small: threads left spinning after it would take the cores from the next backbone run
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = ort.InferenceSession(head.SerializeToString(), options, providers=self.session.get_providers())
             self._runners[output] = BoundRunner(session)
         return self._runners[output]

@@ -345,3 +345,33 @@ def test_nudenet_yolov8n_detects_and_explains_the_astronauts_face(tmp_path):
         peak = np.unravel_index(heat.argmax(), heat.shape)
         scale = 320 / image.shape[0]
         assert y1 * scale <= peak[0] <= y2 * scale and x1 * scale <= peak[1] <= x2 * scale
+
+
+def test_annotations_draw_the_box_label_and_mask_outline():
+    from onnxcam.core.images import annotate
+
+    image = np.zeros((100, 120, 3), np.uint8)
+    boxed = annotate(image, box=(10, 30, 60, 80), label="face 0.9", colour=(0, 255, 0))
+    assert (boxed[55, 10] == [0, 255, 0]).all() and (boxed[55, 35] == 0).all()  # the edge, not the inside
+    assert (boxed[:30, 10:60] != 0).any()  # the label sits above the box
+    mask = np.zeros((10, 12), bool)
+    mask[2:8, 3:9] = True  # at the output's resolution: 20 to 80 by 30 to 90 in the image
+    outlined = annotate(image, mask=mask, colour=(255, 0, 0))
+    assert (outlined[50, 30] == [255, 0, 0]).all() and (outlined[50, 60] == 0).all()
+    assert (image == 0).all()
+
+
+def test_cli_several_targets_and_a_bad_task(small_onnx, tmp_path):
+    from conftest import random_images, run_cli
+
+    from onnxcam.files import write_png
+
+    picture = tmp_path / "picture.png"
+    write_png(picture, random_images(1)[0])
+    done = run_cli("explain", small_onnx, picture, "-o", tmp_path / "out", "--target", 1, "--target", 3)
+    assert done.returncode == 0, done.stderr
+    assert {"picture.class1.png", "picture.class3.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    done = run_cli("explain", small_onnx, picture, "-o", tmp_path / "bad", "--task", "segment", "--target", 1)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == ("error: Segmentation needs an output of K x h x w per image; "
+                                                    "this one is 5")

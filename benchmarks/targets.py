@@ -1,0 +1,143 @@
+"""What targets beyond one class cost, side by side in one run (issue 11): plain ONNX Runtime inference (the floor),
+one Grad-CAM map per image (the exported class, one session run), five class maps per image (Classes(top=5):
+one backbone run, then the head alone for the five maps) on ResNet-50 at batches 1 and 8; and every detection
+of nudenet's YOLOv8n (320 x 320) on scikit-image's astronaut against its plain inference.
+
+    python benchmarks/targets.py                    # writes benchmarks/results/targets.md
+    python benchmarks/targets.py --repeats 10 --budget 10
+
+Each configuration runs in a worker process of its own (two sessions' thread pools in one process fight for
+the cores, see bench.py); the workers take turns, three rounds, so that drift falls on all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from onnxcam.timing import interleaved
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ROUNDS = 3
+YOLO_SIZE = (320, 320)
+YOLO_LAYERS = [f"/model.22/cv3.{i}/cv3.{i}.1/act/Mul_output_0" for i in range(3)]  # the class branch's last features
+CASES = [("resnet50", 1), ("resnet50", 8), ("yolov8n", 1)]
+CONFIGS = {"resnet50": ["floor", "top-1", "top-5"], "yolov8n": ["floor", "detections"]}
+
+
+def prepare_yolo(folder: Path) -> tuple[Path, Path]:
+    from onnxcam.exporters import export_onnx
+    from onnxcam.testing.detectors import nudenet_file, with_measured_shapes
+
+    plain, explainable = folder / "yolov8n-320.onnx", folder / "yolov8n-320.explain.onnx"
+    if not explainable.exists():
+        with_measured_shapes(nudenet_file(), plain, YOLO_SIZE)
+        export_onnx(plain, explainable, target_layers=YOLO_LAYERS)
+    return plain, explainable
+
+
+def batch_of(model: str, batch: int, explainer) -> np.ndarray:
+    if model == "yolov8n":
+        import skimage.data
+
+        return explainer.prepare([skimage.data.astronaut()] * batch)
+    return np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+
+
+def worker(args) -> dict:
+    """Times one configuration in this process; prints its times as JSON."""
+    import onnxruntime as ort
+
+    import onnxcam
+    from onnxcam.targets import Classes, Detection
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    explainer = onnxcam.Explainer(args.explainable, provider="cpu", threads=args.threads)
+    batch = batch_of(args.model, args.batch, explainer)
+    if args.config == "floor":
+        session = ort.InferenceSession(args.plain, options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        call = lambda: session.run(None, {name: batch})  # noqa: E731
+    else:
+        target = {"top-1": None, "top-5": Classes(top=5), "detections": Detection()}[args.config]
+        call = lambda: explainer.explain(batch, targets=target)  # noqa: E731
+    maps = 0 if args.config == "floor" else len(call().targets)
+    times = interleaved({args.config: call}, args.repeats, args.budget)[args.config]
+    return {"times": times, "maps": maps}
+
+
+def run_worker(args, model, batch, plain, explainable, config) -> dict:
+    command = [sys.executable, __file__, "--worker", "--config", config, "--model", model, "--batch", str(batch),
+               "--plain", str(plain), "--explainable", str(explainable), "--threads", str(args.threads),
+               "--repeats", str(max(3, args.repeats // ROUNDS)), "--budget", str(args.budget / ROUNDS)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{model} b{batch} {config}: failed\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(args, files: dict) -> list[dict]:
+    rows = []
+    for model, batch in CASES:
+        plain, explainable = files[model]
+        times, maps = {}, {}
+        for _ in range(ROUNDS):
+            for config in CONFIGS[model]:
+                done = run_worker(args, model, batch, plain, explainable, config)
+                times.setdefault(config, []).extend(done["times"])
+                maps[config] = done["maps"]
+        floor = np.median(times["floor"])
+        for config in CONFIGS[model]:
+            ms = np.array(times[config]) * 1000
+            row = {"model": model, "batch": batch, "config": config, "maps": maps[config] if config != "floor" else 0,
+                   "median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
+                   "p90_ms": float(np.percentile(ms, 90)), "x_floor": float(np.median(ms) / 1000 / floor)}
+            rows.append(row)
+            print(f"{model:>9} b{batch:<2} {config:<11} maps {row['maps']:>3}  {row['median_ms']:8.1f} ms "
+                  f"[{row['p10_ms']:.1f}, {row['p90_ms']:.1f}]  x floor {row['x_floor']:.2f}", flush=True)
+    return rows
+
+
+def write(rows: list[dict], path: Path) -> None:
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores (CPU); median of the timed runs, "
+             f"[p10, p90]; x floor = latency / plain ONNX Runtime inference of the same model and batch.", "",
+             "| model | batch | configuration | maps | median ms | [p10, p90] | x floor |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['batch']} | {r['config']} | {r['maps']} | {r['median_ms']:.1f} | "
+              f"[{r['p10_ms']:.1f}, {r['p90_ms']:.1f}] | {r['x_floor']:.2f} |" for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--budget", type=float, default=15.0, help="Seconds of timed calls per configuration.")
+    parser.add_argument("--work", type=Path, default=RESULTS / "models")
+    for hidden in ("--config", "--model", "--plain", "--explainable"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    sys.path.insert(0, str(HERE))
+    from bench import prepare
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    files = {"resnet50": prepare("resnet50", 224, args.work), "yolov8n": prepare_yolo(args.work)}
+    write(measure(args, files), RESULTS / "targets.md")
+
+
+if __name__ == "__main__":
+    main()
