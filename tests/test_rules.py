@@ -141,6 +141,8 @@ cases("Pow", float_exponent=lambda: Case([node("Exp", "x", "e"), node("Pow", "e 
       int_exponent=lambda: single("Pow", "p", {"p": np.array(3, np.int64)}))
 cases("Cast", lambda: Case([node("Cast", "x", "wide", to=DOUBLE), node("Mul", "wide wide", "square"),
                             node("Cast", "square", to=FLOAT)], "y", {}, dtype=FLOAT))
+cases("CastLike", lambda: Case([node("Cast", "x", "wide", to=DOUBLE), node("Mul", "wide wide", "square"),
+                                node("CastLike", "square x")], "y", {}, dtype=FLOAT))
 
 # arithmetic with broadcasting: the constant broadcast over x, and x's channel mean `m` broadcast over x
 MEAN = node("ReduceMean", "x one", "m", keepdims=1)
@@ -148,6 +150,9 @@ for _op in ("Add", "Sub", "Mul"):
     cases(_op, constant=lambda op=_op: single(op, "b", {"b": random(C, 1, 1)}),
           broadcast_first=lambda op=_op: Case([MEAN, node(op, "m x")], "y", {"one": ints(1)}))
 cases("Mul", same_operand=lambda: single("Mul", "x"))
+# an intermediate target, read by the operator and by a residual path, with a path from the image around it
+cases("Add", residual_around_target=lambda: Case([node("Exp", "x", "h"), node("Softmax", "h", "s", axis=1),
+                                                  node("Add", "s h", "r"), node("Mul", "r x")], "y", {}, target="h"))
 cases("Div", constant_numerator=lambda: Case([node("Exp", "x", "e"), node("Div", "b e")], "y", {"b": random(1, W)}),
       both_from_x=lambda: Case([MEAN, node("Exp", "m", "e"), node("Div", "x e")], "y", {"one": ints(1)}))
 cases("Where", lambda: Case([node("Greater", "x zero", "positive"), MEAN,
@@ -303,10 +308,11 @@ cases("GatherND",
                                 {"i": RNG_INDICES.integers(-W, W, (C, H, 2, 1))}))
 
 
-def resize(inputs: str, constants: dict, **attributes) -> Case:
+def resize(inputs: str, constants: dict, opset: int = 19, **attributes) -> Case:
+    """Resize of x, float32 (ONNX Runtime has no float64 Resize); "-" in `inputs` leaves an input out."""
     return Case([node("Resize", ["x", *[name if name != "-" else "" for name in inputs.split()]], **attributes)],
                 "y", {k: np.asarray(v, np.float32 if k != "sizes" else np.int64) for k, v in constants.items()},
-                dtype=FLOAT, opset=19)
+                dtype=FLOAT, opset=opset)
 
 
 UP_DOWN = {"scales": [1, 1, 1.5, 0.8]}  # height 4 -> 6, width 5 -> 4
@@ -324,6 +330,7 @@ cases("Resize", nearest_floor_legacy=lambda: resize("- scales", {"scales": [1, 1
                                                     coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
       linear_sizes_axes=lambda: resize("- - sizes", {"sizes": [7, 8]}, mode="linear", axes=[2, 3]),
       linear_antialias_down=lambda: resize("- scales", {"scales": [0.5, 0.8]}, mode="linear", antialias=1, axes=[2, 3]),
+      linear_opset_17=lambda: resize("- scales", UP_DOWN, opset=17, mode="linear"),
       cubic_antialias_sizes=lambda: resize("- - sizes", {"sizes": [2, 9]}, mode="cubic", antialias=1, axes=[-2, -1]))
 
 
