@@ -127,7 +127,8 @@ class Detection(Target):
     ran NMS, D x 6 rows of x1 y1 x2 y2 score class (layout guessed from the shape where not given).
 
     Boxes are decoded, NMS runs per class (OpenCV's NMSBoxesBatched), and each detection scoring at least
-    `score_threshold` (of class in `classes`, when given) is explained, best first, at most `max_detections`.
+    `score_threshold` (of class in `classes`, when given) is explained, best first, at most `max_detections`;
+    or only those of `ranks` (0 = the best detection), as a page that lists the detections asks for one.
     Its score is its class score at its anchor: the class column for YOLOv8, objectness times class
     probability for YOLOv5, the score column after NMS.
     """
@@ -137,6 +138,7 @@ class Detection(Target):
     classes: Sequence[int] | None = None
     layout: str | None = None
     max_detections: int = 100
+    ranks: Sequence[int] | None = None
     output: str | None = None
 
     def picks(self, scores: np.ndarray) -> list[Pick]:
@@ -154,19 +156,21 @@ class Detection(Target):
                                            self.score_threshold, self.iou_threshold)
             index = index[np.asarray(kept, dtype=np.int64).reshape(-1)]
         index = index[np.argsort(-confidence[index], kind="stable")][:self.max_detections]
+        if self.ranks is not None:
+            index = index[[rank for rank in self.ranks if 0 <= rank < len(index)]]
         return [Pick(int(labels[i]), seeds(i), float(confidence[i]), boxes[i].astype(np.float32)) for i in index]
 
 
 def guess_detection_layout(shape: tuple[int, ...]) -> str:
-    """yolov8 when the rows are fewer than the anchors ((4 + K) x N); else nms for D x 6 (up to 1000 rows);
-    else yolov5."""
+    """nms for D x 6 (up to 1000 rows); else yolov8 when the rows are fewer than the anchors ((4 + K) x N); else
+    yolov5 (N x (5 + K))."""
     if len(shape) != 2:
         raise ExplainError(f"Detection needs an output of rows x columns per image; this one is "
                            f"{' x '.join(map(str, shape)) or 'a scalar'}")
     rows, columns = shape
-    if rows < columns:
-        return "yolov8"
-    return "nms" if columns == 6 and rows <= 1000 else "yolov5"
+    if columns == 6 and rows <= 1000:
+        return "nms"
+    return "yolov8" if rows < columns else "yolov5"
 
 
 def _decode(layout: str, scores: np.ndarray):

@@ -375,3 +375,17 @@ def test_cli_several_targets_and_a_bad_task(small_onnx, tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == ("error: Segmentation needs an output of K x h x w per image; "
                                                     "this one is 5")
+
+
+def test_detections_after_nms_and_by_rank():
+    """A head that already ran NMS (rows x1 y1 x2 y2 score class): no NMS again, the score column is the score."""
+    rows = np.array([[1, 2, 5, 6, 0.4, 2], [0, 0, 4, 4, 0.9, 1], [2, 2, 3, 3, 0.1, 0], [1, 1, 5, 5, 0.8, 1]],
+                    dtype=np.float32)
+    picks = Detection(score_threshold=0.3).picks(rows)
+    assert [p.target for p in picks] == [1, 1, 2] and [p.score for p in picks] == pytest.approx([0.9, 0.8, 0.4])
+    np.testing.assert_array_equal(picks[1].box, [1, 1, 5, 5])
+    expected = np.zeros_like(rows)
+    expected[3, 4] = 1
+    np.testing.assert_array_equal(picks[1].seed, expected)
+    assert [p.score for p in Detection(score_threshold=0.3, ranks=[2, 0, 7]).picks(rows)] == pytest.approx([0.4, 0.9])
+    assert [p.target for p in Detection(score_threshold=0.0, classes=[0]).picks(rows)] == [0]
