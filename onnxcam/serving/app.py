@@ -32,7 +32,7 @@ log = logging.getLogger("onnxcam.serving")
 def create_app(model_path, *, name: str | None = None, provider: str = "auto", max_batch: int = 8,
                max_wait_ms: float = 5.0, queue_size: int = 64, max_body: int = 32 * 2 ** 20,
                max_pixels: int = MAX_PIXELS, api_key: str | None = None, request_timeout: float = 60.0,
-               drain_limit: int = 256 * 2 ** 20, drain_seconds: float = 10.0) -> Starlette:
+               drain_limit: int = 256 * 2 ** 20, drain_seconds: float = 30.0) -> Starlette:
     """The ASGI application serving one explainable model.
 
     Bodies over `max_body` bytes get 413 after the rest is drained (at most `drain_limit` bytes and

@@ -40,14 +40,17 @@ async def send_json(send: Send, status: int, body: dict, *, close: bool = False)
     await send({"type": "http.response.body", "body": content})
 
 
+DRAIN_IDLE_SECONDS = 5.0  # a sender that pauses this long while its body is drained is cut off
+
+
 async def drain(receive: Receive, limit: int, timeout: float) -> None:
-    """Read and drop the rest of a request body, up to `limit` bytes and `timeout` seconds: a client that
-    sends its whole body before reading (Python's urllib, requests) then reads the answer instead of a
-    reset connection; a slow or endless sender is cut off at the bounds."""
+    """Read and drop the rest of a request body, up to `limit` bytes and `timeout` seconds, and no pause over
+    DRAIN_IDLE_SECONDS: a client that sends its whole body before reading (Python's urllib, requests) then
+    reads the answer instead of a reset connection; a slow or endless sender is cut off at the bounds."""
     async def read_rest() -> None:
         drained = 0
         while drained <= limit:
-            message = await receive()
+            message = await asyncio.wait_for(receive(), DRAIN_IDLE_SECONDS)
             drained += len(message.get("body", b""))
             if message["type"] != "http.request" or not message.get("more_body", False):
                 return
