@@ -326,16 +326,14 @@ def test_bad_targets_get_one_line(explainer, tmp_path):
 def test_nudenet_yolov8n_detects_and_explains_the_astronauts_face(tmp_path):
     pytest.importorskip("nudenet")
     skimage = pytest.importorskip("skimage.data")
-    from onnxcam.testing.detectors import nudenet_file, with_measured_shapes
+    from onnxcam.testing.detectors import NUDENET_FACE, NUDENET_LAYERS, nudenet_file
 
-    static, explainable = tmp_path / "320n.onnx", tmp_path / "320n.explain.onnx"
-    with_measured_shapes(nudenet_file(), static, (320, 320))
-    layers = [f"/model.22/cv3.{i}/cv3.{i}.1/act/Mul_output_0" for i in range(3)]  # the class branch's last features
-    export_onnx(static, explainable, target_layers=layers)
+    explainable = tmp_path / "320n.explain.onnx"
+    export_onnx(nudenet_file(), explainable, input_size=(320, 320), target_layers=NUDENET_LAYERS)
     explainer = onnxcam.Explainer(explainable, provider="cpu")
     image = skimage.astronaut()
     result = explainer.explain([image, image[:, ::-1].copy()], targets=Detection(score_threshold=0.3))
-    face = [row for row, label in enumerate(result.targets) if label == 1]  # FACE_FEMALE
+    face = [row for row, label in enumerate(result.targets) if label == NUDENET_FACE]
     assert sorted(result.image_index[face].tolist()) == [0, 1]
     for row in face:
         x1, y1, x2, y2 = result.boxes[row]
