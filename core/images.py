@@ -61,10 +61,10 @@ def annotate(image: np.ndarray, box=None, label: str | None = None, mask: np.nda
     if mask is not None:
         resized = cv2.resize(np.asarray(mask, dtype=np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(resized, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(annotated, contours, -1, colour, thickness, cv2.LINE_AA)
+        cv2.drawContours(annotated, contours, -1, colour, thickness)
     if box is not None:
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-        cv2.rectangle(annotated, (x1, y1), (x2, y2), colour, thickness, cv2.LINE_AA)
+        cv2.rectangle(annotated, (x1, y1), (x2, y2), colour, thickness)
         if label:
             scale = thickness * 0.45
             (text_width, text_height), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
