@@ -68,6 +68,20 @@ def test_a_slow_sender_is_cut_off_by_the_request_timeout(url):
     assert answer.startswith("HTTP/1.1 408") and time.monotonic() - start < 5
 
 
+def test_a_stalled_oversized_upload_is_cut_off_not_waited_for(url, monkeypatch):
+    """An oversized body is drained only while it keeps coming: a sender that stops is let go."""
+    from onnxcam.serving import middleware
+
+    monkeypatch.setattr(middleware, "DRAIN_IDLE_SECONDS", 0.5)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n\r\n" + b"\0" * 4096)
+        start = time.monotonic()
+        answer = raw.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 413") and time.monotonic() - start < 1.5
+    assert httpx.get(f"{url}/v2/health/live").status_code == 200
+
+
 @pytest.mark.parametrize("tensor, message", [
     ({"shape": [10 ** 12, 3, 32, 32], "data": [0.0]}, "1 <= N <= 256"),
     ({"shape": [2, 3, 32, 32], "data": [0.0] * 3072}, "holds 3072 values, shape [2, 3, 32, 32] needs 6144"),
