@@ -41,6 +41,7 @@ class Explanation:
     image_index: np.ndarray | None = None  # int64, M: the image each map belongs to
     scores: np.ndarray | None = None  # float32, M: each map's score (onnxcam.targets), for targets other than a class
     boxes: np.ndarray | None = None  # float32, M x 4: x1 y1 x2 y2 in the pixels of the image as given (detections)
+    masks: np.ndarray | None = None  # bool, M x h x w at the output's resolution: each segment's mask (segmentation)
     attributions: np.ndarray | None = None  # float32, B x C x H x W: input-gradient methods' raw attributions
 
     def __post_init__(self):
@@ -240,12 +241,10 @@ class Explainer:
                 heat = heatmaps([self._rollout(batch, top, method, "mean", 0.9)[2][0][image_index]], spec.input_size)
             elif picks:
                 heat = heatmaps(self._target_maps(targets, picks, activations, cuts, method), spec.input_size)
-        boxes = None
-        if any(pick.box is not None for _, pick in picks):
-            boxes = self._image_boxes(inputs, picks)
+        boxes = self._image_boxes(inputs, picks) if any(p.box is not None for _, p in picks) else None
         return Explanation(heat, values[spec.scores].reshape(count, -1),
                            np.array([p.target for _, p in picks], dtype=np.int64), method, image_index,
-                           np.array([p.score for _, p in picks], dtype=np.float32), boxes)
+                           np.array([p.score for _, p in picks], dtype=np.float32), boxes, masks=_masks(picks))
 
     def _target_maps(self, targets: list, picks: list, activations: list, cuts: list, method: str) -> list:
         """One map per pick and target layer; the gradients come from one head run per output explained."""
@@ -279,3 +278,15 @@ class Explainer:
             scale = np.array([size[1] / width, size[0] / height] * 2, dtype=np.float32)
             boxes[row] = np.clip(pick.box * scale, 0, [size[1], size[0]] * 2)
         return boxes
+
+
+def _masks(picks: list) -> np.ndarray | None:
+    """The segments' masks (M x h x w), all False for maps that are not segments; None where no map is one."""
+    shapes = {pick.mask.shape for _, pick in picks if pick.mask is not None}
+    if not shapes:
+        return None
+    masks = np.zeros((len(picks), *shapes.pop()), dtype=bool)
+    for row, (_, pick) in enumerate(picks):
+        if pick.mask is not None and pick.mask.shape == masks.shape[1:]:
+            masks[row] = pick.mask
+    return masks

@@ -22,12 +22,13 @@ DETECTION_LAYOUTS = ("yolov5", "yolov8", "nms")
 @dataclass
 class Pick:
     """One map to compute: the class it explains (-1 where none), its seed (d score / d output for one image),
-    its score, and for a detection its box (x1 y1 x2 y2 in model-input pixels)."""
+    its score, and for a detection its box (x1 y1 x2 y2 in model-input pixels), for a segment its mask."""
 
     target: int
     seed: np.ndarray
     score: float
     box: np.ndarray | None = None
+    mask: np.ndarray | None = None  # a segment's mask, at the output's resolution
 
 
 class Target:
@@ -118,7 +119,7 @@ class Segmentation(Target):
                                    f"the mask must be a 2-D boolean array, got shape {mask.shape}")
         seed = np.zeros(scores.shape, dtype=np.float32)
         seed[self.class_index] = mask
-        return [Pick(self.class_index, seed, float(scores[self.class_index][mask].sum()))]
+        return [Pick(self.class_index, seed, float(scores[self.class_index][mask].sum()), mask=mask)]
 
 
 @dataclass

@@ -179,6 +179,7 @@ def test_segmentation_matches_pytorch(tmp_path):
         expected = hook_gradcam(model, "encoder.3", x, lambda out, c=target.class_index, chosen=chosen: [
             (i, (out[i, c] * chosen[i]).sum()) for i in range(BATCH)])
         np.testing.assert_allclose(result.heatmaps, expected, atol=2e-4)
+        np.testing.assert_array_equal(result.masks, torch.stack([torch.as_tensor(c) for c in chosen]).numpy())
         np.testing.assert_allclose(result.scores, [float((output[i, target.class_index] * chosen[i]).sum())
                                                    for i in range(BATCH)], rtol=1e-4, atol=1e-5)
 
