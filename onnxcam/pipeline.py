@@ -245,7 +245,7 @@ class Summary:
     skipped: int = 0
     outdir: Path = Path(".")
     table: Path | None = None
-    record: Path = Path(RECORD)
+    record: Path | None = None
 
 
 def uint8_map(heatmap: np.ndarray) -> np.ndarray:
@@ -340,8 +340,9 @@ class Record:
 
 def _table_schema(pa, size: tuple[int, int]):
     top = pa.struct([("class", pa.int64()), ("label", pa.string()), ("score", pa.float32())])
+    levels = pa.list_(pa.uint8(), size[0] * size[1])  # the heatmap, row-major
     return pa.schema([("path", pa.string()), ("method", pa.string()), ("class", pa.int64()), ("label", pa.string()),
-                      ("score", pa.float32()), ("top5", pa.list_(top)), ("heatmap", pa.list_(pa.uint8(), size[0] * size[1])),
+                      ("score", pa.float32()), ("top5", pa.list_(top)), ("heatmap", levels),
                       ("height", pa.int32()), ("width", pa.int32())])
 
 

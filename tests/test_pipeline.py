@@ -15,8 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import random_images
+
 from onnxcam import Explainer
 from onnxcam.files import read_image
 from onnxcam.pipeline import RECORD, Listing, Outputs, Record, explain_files, iter_sources, uint8_map
@@ -96,7 +96,8 @@ def test_every_output_against_explain(explainer, folder, tmp_path):
         levels = np.array(row["heatmap"], np.uint8).reshape(row["height"], row["width"])
         np.testing.assert_allclose(levels, uint8_map(reference.heatmaps[0]), atol=1)
         assert row["class"] == reference.targets[0] == record[path]["target"]
-        assert row["top5"] == [{**p, "score": pytest.approx(p["score"], rel=1e-5)} for p in reference.top_k(5, explainer.labels)[0]]
+        expected = reference.top_k(5, explainer.labels)[0]
+        assert row["top5"] == [{**p, "score": pytest.approx(p["score"], rel=1e-5)} for p in expected]
         assert row["label"] == f"class {row['class']}" and row["score"] == pytest.approx(row["top5"][0]["score"])
         overlay = cv2.imread(str(out / record[path]["overlay"]))
         assert overlay.shape == image.shape
@@ -220,9 +221,11 @@ def test_cli_progress_summary_and_verbose(small_onnx, folder, tmp_path):
     assert quiet.returncode == 1
     assert quiet.stdout.strip().splitlines() == [f"explained 7 image(s), 1 failed; results in {tmp_path / 'out'}"]
     assert [line for line in quiet.stderr.splitlines() if line.startswith("error:")] == [
-        f"error: {folder / 'broken.png'}: not a PNG, JPEG, BMP or WebP image", "error: 1 image(s) could not be explained"]
+        f"error: {folder / 'broken.png'}: not a PNG, JPEG, BMP or WebP image",
+        "error: 1 image(s) could not be explained"]
     loud = subprocess.run([sys.executable, "-m", "onnxcam", "explain", small_onnx, folder / "image0001.png", "-v",
-                           "-o", tmp_path / "loud", "--provider", "cpu", "--format", "jpeg"], capture_output=True, text=True)
+                           "-o", tmp_path / "loud", "--provider", "cpu", "--format", "jpeg"],
+                          capture_output=True, text=True)
     assert loud.returncode == 0, loud.stderr
     first, summary = loud.stdout.strip().splitlines()
     assert first.startswith(f"{folder / 'image0001.png'}: class ") and first.endswith("image0001.jpg")
