@@ -19,7 +19,7 @@ from torch import nn
 
 import onnxcam
 from onnxcam.exporters import export_onnx
-from onnxcam.exporters.autodiff import GraphBuilder, append_gradients, expose_dequantized, prune
+from onnxcam.exporters.autodiff import QUANTIZED_RULES, GraphBuilder, append_gradients, expose_dequantized, prune
 from onnxcam.testing import shapes
 
 RNG = np.random.default_rng(0)
@@ -38,6 +38,10 @@ COVERED_BY_TEST_QUANTIZED = {
     "QLinearGlobalAveragePool": "test_gradcam_of_int8_models_matches_the_float_model[qoperator]",
     "MaxPool": "test_gradcam_of_int8_models_matches_the_float_model[qoperator]",  # over uint8 codes
 }
+
+
+def test_every_rule_is_covered():
+    assert set(COVERED_BY_TEST_QUANTIZED) == set(QUANTIZED_RULES)
 
 
 def gradient_session(model: onnx.ModelProto, target: str) -> ort.InferenceSession:
@@ -140,21 +144,25 @@ def _to_onnx(model: nn.Module, path, size: int) -> None:
                       opset_version=17)
 
 
-@pytest.mark.parametrize("form", ["qoperator", "dynamic"])
+@pytest.mark.parametrize("form", ["qoperator", "qoperator per channel", "qdq", "dynamic"])
 def test_every_operator_follows_the_float_gradient(form, tmp_path):
     """The STE gradient at the first convolution's output, with respect to the dequantized map, against the
     float model's exact gradient there (per image, Pearson >= 0.95 on average; >= 0.9 for each image)."""
     float_path, quantized_path = tmp_path / "float.onnx", tmp_path / "int8.onnx"
     _to_onnx(Operators().eval(), float_path, 8)
     batches = [RNG.standard_normal((4, 3, 8, 8)).astype(np.float32) for _ in range(4)]
-    if form == "qoperator":
-        quantize_static(float_path, quantized_path, Calibration(batches), quant_format=QuantFormat.QOperator)
+    if form.startswith("qoperator"):
+        quantize_static(float_path, quantized_path, Calibration(batches), quant_format=QuantFormat.QOperator,
+                        per_channel=form.endswith("channel"))
         target = "/c1/Conv_output_0_quantized/dequantized"
+    elif form == "qdq":
+        quantize_static(float_path, quantized_path, Calibration(batches), quant_format=QuantFormat.QDQ)
+        target = "/c1/Conv_output_0"
     else:
         quantize_dynamic(float_path, quantized_path, op_types_to_quantize=["Conv", "MatMul"])
         target = "/c1/Conv_output_0"
     ops = {node.op_type for node in onnx.load(str(quantized_path)).graph.node}
-    assert ops >= (QOPERATORS if form == "qoperator" else DYNAMIC)
+    assert ops >= {"dynamic": DYNAMIC, "qdq": {"QuantizeLinear", "DequantizeLinear"}}.get(form, QOPERATORS)
     x = RNG.standard_normal((5, 3, 8, 8)).astype(np.float32)
     seed = np.eye(4, dtype=np.float32)[RNG.integers(0, 4, 5)]
     _, float_map, float_gradient = run(gradient_session(onnx.load(str(float_path)), "/c1/Conv_output_0"), x, seed)

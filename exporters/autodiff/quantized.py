@@ -177,9 +177,12 @@ def declare(g: GraphBuilder, value: Value, elem_type: int, like: Value) -> None:
 
 def _through_twin(g: GraphBuilder, n: Node, spec: QOperator, dy: Value) -> Grads:
     """Dequantize the operands, differentiate the float twin, and scale its gradients back onto the codes."""
-    float_type = dy.elem_type
-    if spec.output is not None:
-        codes, (scale, zero_point) = n.outputs[0], (n.inputs[i] for i in spec.output)
+    if n.attrs.get("channels_last"):
+        raise n.fail("works channels-last, which has no gradient rule")
+    float_type = dy.elem_type or TensorProto.FLOAT
+    scale, zero_point = (_input(n, i) for i in spec.output) if spec.output else (None, None)
+    if scale is not None:  # quantized output (QGemm may write floats)
+        codes = n.outputs[0]
         low, high = code_range(n, codes, zero_point)
         if not is_score(g, codes):
             as_float = g.op("Cast", codes, to=float_type)  # the codes' type may be unknown to shape inference
@@ -190,8 +193,6 @@ def _through_twin(g: GraphBuilder, n: Node, spec: QOperator, dy: Value) -> Grads
         output = n.outputs[0]
     reals = [_real(g, n, o, _input(n, o.scale), _input(n, o.zero_point), n.inputs[o.codes], float_type)
              for o in spec.operands]
-    if n.attrs.get("channels_last"):
-        raise n.fail("works channels-last, which has no gradient rule")
     twin_attributes = onnx.defs.get_schema(spec.twin, g.opset).attributes
     attributes = {a.name: helper.get_attribute_value(a) for a in n.proto.attribute if a.name in twin_attributes}
     twin = Node(g, helper.make_node(spec.twin, [r.name for r in reals], [output.name], name=n.name, **attributes))
@@ -199,8 +200,8 @@ def _through_twin(g: GraphBuilder, n: Node, spec: QOperator, dy: Value) -> Grads
     grads: Grads = [None] * len(n.inputs)
     for operand, grad in zip(spec.operands, twin_grads, strict=True):
         if grad is not None and g.constant(n.inputs[operand.codes].name) is None:
-            scale = _input(n, operand.scale)
-            grads[operand.codes] = grad if scale is None else grad * scale
+            operand_scale = _input(n, operand.scale)
+            grads[operand.codes] = grad if operand_scale is None else grad * operand_scale
     return grads
 
 
@@ -246,7 +247,7 @@ def expose_dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
         node.input[:] = [renamed.get(name, name) for name in node.input]
         nodes.append(node)
         spec, codes = qoperator_spec(node), node.output[0]
-        if spec is None or spec.output is None or ranks.get(codes, 0) < 3:
+        if spec is None or spec.output is None or len(node.input) <= spec.output[0] or ranks.get(codes, 0) < 3:
             continue
         scale, zero_point = (node.input[i] for i in spec.output)
         real, renamed[codes] = f"{codes}/dequantized", f"{codes}/requantized"
