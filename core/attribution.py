@@ -77,3 +77,27 @@ def guided_gradcam(guided_gradients: np.ndarray, gradcam_heatmaps: np.ndarray) -
     """Guided Grad-CAM (Selvaraju et al., arXiv 1610.02391, sec. 3): guided backpropagation's input gradients
     times the Grad-CAM heatmap upsampled to the input, per channel (B x C x H x W)."""
     return guided_gradients * gradcam_heatmaps[:, None]
+
+
+def _scaled_channels(terms: np.ndarray) -> np.ndarray:
+    """pytorch-grad-cam's scale_accross_batch_and_channels without the resize: each B x C channel shifted to
+    0 and divided by its maximum + 1e-7."""
+    shifted = terms - terms.min(axis=(2, 3), keepdims=True)
+    return shifted / (shifted.max(axis=(2, 3), keepdims=True) + 1e-7)
+
+
+def fullgrad(inputs: np.ndarray, input_gradients: np.ndarray, biases: list[np.ndarray],
+             bias_gradients: list[np.ndarray]) -> np.ndarray:
+    """FullGrad (Srinivas & Fleuret, arXiv 1905.00780, eq. 6, as pytorch-grad-cam computes it): the sum over
+    the input's channels of scaled |x (.) dy/dx| and, for every layer with a bias, the sum over its channels
+    of scaled |b (.) dy/dz| upsampled to the input, before the final min-max scaling (the caller's). Each
+    channel is scaled before upsampling; upsampling is linear, so the channels are summed first."""
+    from .maps import upsample
+
+    size = inputs.shape[2:]
+    total = _scaled_channels(np.abs(input_gradients * inputs).astype(np.float64)).sum(axis=1)
+    for bias, gradient in zip(biases, bias_gradients, strict=True):
+        terms = _scaled_channels(np.abs(bias[None, :, None, None] * gradient).astype(np.float64)).sum(axis=1)
+        total += upsample(terms.astype(np.float32), size) if terms.shape[1:] != size else terms
+    shifted = total - total.min(axis=(1, 2), keepdims=True)
+    return (shifted / (shifted.max(axis=(1, 2), keepdims=True) + 1e-7)).astype(np.float32)

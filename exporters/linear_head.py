@@ -9,8 +9,8 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from ..contract import ExplainSpec
-from ..errors import ExplainError, ExportError
-from .head import SEED_INPUT, build_head, exposed_sources, slice_head
+from ..errors import ExplainError
+from .head import exposed_sources, slice_head
 
 PASS_THROUGH = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze")
 
@@ -85,41 +85,46 @@ def read_linear_head(path, spec: ExplainSpec) -> np.ndarray:
 
 
 def forward_head_session(path, spec: ExplainSpec, session: ort.InferenceSession) -> HeadScores:
-    """A session computing the scores from the target activation and the cuts it reads (exporters.head)."""
+    """A session computing the scores from the target activation and the cuts it reads: the nodes between them
+    (exporters.head.slice_head), forward only."""
     model = onnx.load(str(path))
     targets = exposed_sources(model, spec.activations)
-    sources = dict(zip(exposed_sources(model, spec.cuts), spec.cuts, strict=True))
-    try:
-        head = build_head(model, targets, slice_head(model, targets, [spec.scores])[1], spec.scores)
-    except ExportError as error:
-        raise ExplainError(f"cannot run the head alone: {error.message}") from None
-    for info in [*model.graph.output, *model.graph.value_info]:
-        if info.name == spec.scores:
-            scores = onnx.ValueInfoProto()
-            scores.CopyFrom(info)
-            scores.type.tensor_type.shape.dim[0].dim_param = "maps"
-            head.graph.output.append(scores)
-            break
-    del head.graph.value_info[:]
+    exposed = {**dict(zip(targets, spec.activations, strict=True)),
+               **dict(zip(exposed_sources(model, spec.cuts), spec.cuts, strict=True))}
+    nodes, cuts = slice_head(model, targets, [spec.scores])
+    missing = [name for name in cuts if name not in exposed]
+    if missing:
+        raise ExplainError(f"cannot run the head alone: it reads '{missing[0]}', which this file does not expose "
+                           f"(export the model again)")
+    types = {info.name: info for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+    used = {name for node in nodes for name in node.input}
+    graph = helper.make_graph(nodes, "onnxcam_forward_head", [_maps_first(types[n]) for n in [*targets, *cuts]],
+                              [_maps_first(types[spec.scores])],
+                              [t for t in model.graph.initializer if t.name in used])
+    head = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    head.functions.extend(model.functions)
     options = ort.SessionOptions()
     options.intra_op_num_threads = session.get_session_options().intra_op_num_threads
     head_session = ort.InferenceSession(head.SerializeToString(), options, providers=session.get_providers())
-    exposed = {**dict(zip(targets, spec.activations, strict=True)), **sources}
-    inputs = {i.name: exposed[i.name] for i in head_session.get_inputs() if i.name != SEED_INPUT}
-    return HeadScores(head_session, inputs)
+    return HeadScores(head_session, {name: exposed[name] for name in [*targets, *cuts]})
+
+
+def _maps_first(info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    """A copy of `info` whose first dimension is the symbolic number of ablated copies."""
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(info)
+    copy.type.tensor_type.shape.dim[0].Clear()
+    copy.type.tensor_type.shape.dim[0].dim_param = "copies"
+    return copy
 
 
 class HeadScores:
     """Runs the forward head on tensors named as the explainable file exposes them (`inputs`: head input name ->
-    exposed name); the seed its backward pass takes is fed zeros, and its gradients are not fetched."""
+    exposed name)."""
 
     def __init__(self, session: ort.InferenceSession, inputs: dict[str, str]):
         self.session, self.inputs = session, inputs
-        self.seed_dims = next(i.shape for i in session.get_inputs() if i.name == SEED_INPUT)[1:]
 
     def scores(self, output: str, exposed: dict[str, np.ndarray]) -> np.ndarray:
         """`output` for the exposed tensors given (all with the same number of rows)."""
-        feeds = {name: exposed[source] for name, source in self.inputs.items()}
-        count = len(next(iter(feeds.values())))
-        seed = np.zeros([count, *[d if isinstance(d, int) else 1 for d in self.seed_dims]], np.float32)
-        return self.session.run([output], {**feeds, SEED_INPUT: seed})[0]
+        return self.session.run([output], {name: exposed[source] for name, source in self.inputs.items()})[0]

@@ -15,6 +15,7 @@ from .core import heatmaps, normalize, upsample
 from .core.attribution import (
     INTEGRATION_RULES,
     attribution_heatmaps,
+    fullgrad,
     guided_gradcam,
     integrated_gradients,
     integration_points,
@@ -45,7 +46,8 @@ from .core.perturbation import (
 from .errors import ExplainError
 
 TTA_FACTORS = (0.9, 1.0, 1.1)  # pytorch-grad-cam's aug_smooth: horizontal flip x these intensity factors
-INPUT_GRADIENT_METHODS = ("guided-backprop", "guided-gradcam", "saliency", "smoothgrad", "integrated-gradients")
+INPUT_GRADIENT_METHODS = ("guided-backprop", "guided-gradcam", "saliency", "smoothgrad", "integrated-gradients",
+                          "fullgrad")
 SCORE_METHODS = ("scorecam", "sscam", "iscam")
 ACTIVATION_METHODS = {"fem": fem, "kpcacam": kpcacam}  # class-agnostic maps of the activations alone
 FAMILY_METHODS = ("cam", *ACTIVATION_METHODS, *SCORE_METHODS, "ablationcam", "refinecam", *INPUT_GRADIENT_METHODS)
@@ -58,7 +60,7 @@ OPTIONS = {
     "iscam": {"channels": None, "batch_size": 32, "samples": 10},
     "ablationcam": {"batch_size": 256},
     "refinecam": {"base": "gradcam++"},
-    "guided-backprop": {}, "guided-gradcam": {}, "saliency": {},
+    "guided-backprop": {}, "guided-gradcam": {}, "saliency": {}, "fullgrad": {},
     "smoothgrad": {"samples": 5, "noise": 1.0, "seed": 0},
     "integrated-gradients": {"steps": 50, "integration": "gausslegendre"},
 }
@@ -342,6 +344,8 @@ def _input_gradient_method(explainer, batch, classes, method: str, options: dict
         maps = [METHODS["gradcam"][0](to_grid(a, layout), to_grid(g, layout))
                 for a, g, layout in zip(tensors[:count], tensors[count:], spec.layouts, strict=True)]
         attributions = guided_gradcam(guided, heatmaps(maps, spec.input_size))
+    elif method == "fullgrad":
+        return _fullgrad(explainer, batch, classes)
     elif method in ("guided-backprop", "saliency"):
         scores, selected, gradient = _input_gradient_run(explainer, batch, classes, method == "guided-backprop", [])
         attributions = gradient if method == "guided-backprop" else saliency(gradient)
@@ -349,6 +353,16 @@ def _input_gradient_method(explainer, batch, classes, method: str, options: dict
         scores, selected, attributions = _path_attributions(explainer, batch, classes, method, options)
     attributions = attributions.astype(np.float32)
     return Result(attribution_heatmaps(attributions), scores, selected, attributions)
+
+
+def _fullgrad(explainer, batch, classes) -> Result:
+    """FullGrad (core.attribution.fullgrad): one run fetching the input gradient and every bias layer's gradient."""
+    spec = explainer.spec
+    count = len(spec.biases)
+    scores, selected, *tensors, gradient = _input_gradient_run(explainer, batch, classes, False,
+                                                               spec.biases + spec.bias_gradients)
+    heat = fullgrad(_host(batch), gradient, tensors[:count], tensors[count:])
+    return Result(heat, scores, selected)
 
 
 def _path_attributions(explainer, batch, classes, method: str, options: dict):

@@ -358,3 +358,61 @@ def test_road_and_confidence_change_follow_their_definitions():
             assert got == pytest.approx(np.mean(changes), abs=1e-5)
     expected = predict(images * maps[:, None])[[0, 1], classes] - predict(images)[[0, 1], classes]
     np.testing.assert_allclose(confidence_change(predict, images, maps, classes), expected, rtol=1e-6)
+
+
+class BiasFreeConvNet(nn.Module):
+    """Conv without bias before each BatchNorm (as ResNets are built), and one Conv with a bias."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16, 5)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.bias.data.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def _scaled(terms: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's scale_cam_image per (image, channel): minus the minimum, over the maximum + 1e-7."""
+    shifted = terms - terms.amin(dim=(-2, -1), keepdim=True)
+    return shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + 1e-7)
+
+
+def test_fullgrad_matches_its_definition(tmp_path):
+    """FullGrad as pytorch-grad-cam computes it: |x dy/dx| and |b dy/dz| of every Conv2d with a bias and every
+    BatchNorm2d, each channel scaled then resized to the input, summed, scaled."""
+    model = BiasFreeConvNet().eval()
+    path = tmp_path / "fullgrad.onnx"
+    onnxcam.exporters.export_torch(model, path, input_shape=(3, 32, 32), target_layers=["features.8"],
+                                   input_gradients=True)
+    result = onnxcam.Explainer(path, provider="cpu").explain(X.numpy(), method="fullgrad", targets=CLASSES)
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+              or isinstance(m, nn.Conv2d) and m.bias is not None]
+    kept = {}
+
+    def keep(module, args, output):
+        output.register_hook(lambda grad: kept.__setitem__(module, grad))
+
+    handles = [layer.register_forward_hook(keep) for layer in layers]
+    x = X.clone().double().requires_grad_()
+    model.double()
+    scores = model(x)
+    for handle in handles:
+        handle.remove()
+    scores.gather(1, torch.as_tensor(result.targets)[:, None]).sum().backward()
+    total = _scaled((x.grad * x).abs().detach()).sum(1)
+    for layer in layers:
+        bias = layer.bias if isinstance(layer, nn.Conv2d) else \
+            layer.bias - layer.running_mean * layer.weight / torch.sqrt(layer.running_var + layer.eps)
+        terms = _scaled((bias[None, :, None, None] * kept[layer]).abs().detach())
+        total = total + F.interpolate(terms, size=(32, 32), mode="bilinear", align_corners=False).sum(1)
+    np.testing.assert_allclose(result.heatmaps, _scaled(total).numpy(), atol=2e-4)
