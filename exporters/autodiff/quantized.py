@@ -238,7 +238,10 @@ def expose_dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give every activation of codes of rank 3 or more that a QOperator node writes a float twin that a target
     can name: codes -> DequantizeLinear -> `<codes>/dequantized` -> QuantizeLinear -> the codes its readers
     read, a round trip that gives every code back exactly. A Grad-CAM target there gets the gradient with
-    respect to the dequantized activation. A model without such nodes comes back as it was."""
+    respect to the dequantized activation. A model without such nodes comes back as it was (not inferred:
+    it may be too large for a ModelProto's in-memory shape inference)."""
+    if not any(qoperator_spec(node) for node in model.graph.node):
+        return model
     model = with_contrib_shapes(model)  # a copy: the caller's model is left as it is
     ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in model.graph.value_info
              if i.type.tensor_type.HasField("shape")}
@@ -261,6 +264,7 @@ def expose_dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def qoperator_spec(node: onnx.NodeProto) -> QOperator | None:
+    """How a QOperator node's inputs are laid out (None for any other node)."""
     if node.op_type == "QLinearConcat":
         return QOperator("Concat", [Operand(i, i + 1, i + 2) for i in range(2, len(node.input), 3)], (0, 1))
     return QOPERATORS.get(node.op_type)
