@@ -141,13 +141,13 @@ def fem(activations: np.ndarray, gradients=None, k: float = 2.0) -> np.ndarray:
 def kpcacam(activations: np.ndarray, gradients=None, kernel: str = "sigmoid", gamma: float | None = None) -> np.ndarray:
     """KPCA-CAM (Karmani et al., arXiv 2410.00267, as pytorch-grad-cam computes it): the first kernel principal
     component of each image's centred HW x K activations (scikit-learn's KernelPCA, sigmoid kernel by
-    default), then ReLU. Needs scikit-learn (the `kpca` extra)."""
+    default), then ReLU. Needs scikit-learn (the `family` extra)."""
     try:
         from sklearn.decomposition import KernelPCA
     except ImportError:
         from ..errors import ExplainError
 
-        raise ExplainError("kpcacam needs scikit-learn: pip install 'onnxcam[kpca]'") from None
+        raise ExplainError("kpcacam needs scikit-learn: pip install 'onnxcam[family]'") from None
     _, channels, height, width = activations.shape
     maps = []
     for image in activations.astype(np.float64):

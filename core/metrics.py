@@ -78,8 +78,11 @@ def noisy_linear_imputation(image: np.ndarray, keep: np.ndarray, noise: float = 
     every removed pixel (keep False) takes the weighted mean of its 8 neighbours (1/6 side, 1/12 diagonal,
     over the neighbours inside the image), removed neighbours being unknowns of one sparse linear system, then
     Gaussian noise of std `noise`. image: C x H x W; keep: H x W bool."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.linalg import spsolve
+    try:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.linalg import spsolve
+    except ImportError:
+        raise ImportError("ROAD needs scipy: pip install 'onnxcam[family]'") from None
 
     channels, height, width = image.shape
     missing = np.flatnonzero(~keep.ravel())
