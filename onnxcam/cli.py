@@ -204,27 +204,17 @@ def _target_options(command):
 def _target_of(classes: tuple[int, ...], top: int | None, task: str, score_threshold: float, concept: str | None,
                score_output: str | None):
     """The `targets` for Explainer.explain that explain's options ask for: None (top-1), a class, or a Target."""
-    from .targets import Classes, Detection, Segmentation, Similarity
+    from .targets import from_options
 
-    if task == "detect":
-        return Detection(score_threshold=score_threshold, classes=list(classes) or None, output=score_output)
-    if task == "segment":
-        if len(classes) != 1:
-            raise ExplainError("--task segment explains one class: give it with --target")
-        return Segmentation(classes[0], output=score_output)
-    if task == "embed":
-        if concept is None:
-            raise ExplainError("--task embed needs --concept FILE.npy, the vector to compare embeddings with")
+    if task == "embed" and concept is None:
+        raise ExplainError("--task embed needs --concept FILE.npy, the vector to compare embeddings with")
+    vector = None
+    if concept is not None:
         import numpy as np
 
-        return Similarity(np.load(concept), output=score_output)
-    if top is not None:
-        if classes:
-            raise ExplainError("give --target or --top, not both")
-        return Classes(top=top, output=score_output)
-    if len(classes) > 1 or score_output:
-        return Classes(*classes, output=score_output) if classes else Classes(top=1, output=score_output)
-    return classes[0] if classes else None
+        vector = np.load(concept)
+    return from_options(classes, top=top, task=task, score_threshold=score_threshold, concept=vector,
+                        output=score_output)
 
 
 @main.command()

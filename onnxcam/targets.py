@@ -294,3 +294,33 @@ def as_target(item) -> Target:
     if isinstance(item, Target):
         return item
     return Classes(top=1) if item is None or int(item) == -1 else Classes(int(item))
+
+
+TASKS = ("classify", "segment", "detect", "embed")
+
+
+def from_options(classes: Sequence[int] = (), *, top: int | None = None, task: str = "classify",
+                 score_threshold: float = 0.25, concept=None, output: str | None = None,
+                 ranks: Sequence[int] | None = None):
+    """The `targets` that plain options ask for (the CLI's flags, a server's query): None (the top-1), a class
+    index, or a Target. `classes` are class indices; `concept` an embedding-sized vector (task embed)."""
+    classes = [int(c) for c in classes]
+    if task not in TASKS:
+        raise ExplainError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
+    if task == "detect":
+        return Detection(score_threshold=score_threshold, classes=classes or None, output=output, ranks=ranks)
+    if task == "segment":
+        if len(classes) != 1:
+            raise ExplainError("segmentation explains one class: give its index as the target")
+        return Segmentation(classes[0], output=output)
+    if task == "embed":
+        if concept is None:
+            raise ExplainError("an embedding is explained by its similarity to a concept vector: give one")
+        return Similarity(np.asarray(concept, dtype=np.float32), output=output)
+    if top is not None:
+        if classes:
+            raise ExplainError("give class indices or a number of top classes, not both")
+        return Classes(top=top, output=output)
+    if len(classes) > 1 or output:
+        return Classes(*classes, output=output) if classes else Classes(top=1, output=output)
+    return classes[0] if classes else None

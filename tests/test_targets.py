@@ -388,3 +388,17 @@ def test_detections_after_nms_and_by_rank():
     np.testing.assert_array_equal(picks[1].seed, expected)
     assert [p.score for p in Detection(score_threshold=0.3, ranks=[2, 0, 7]).picks(rows)] == pytest.approx([0.4, 0.9])
     assert [p.target for p in Detection(score_threshold=0.0, classes=[0]).picks(rows)] == [0]
+
+
+def test_targets_from_plain_options():
+    from onnxcam.targets import from_options
+
+    assert from_options() is None and from_options([3]) == 3
+    assert from_options([3, 5]) == Classes(3, 5) and from_options(top=5) == Classes(top=5)
+    assert from_options([2], task="detect", score_threshold=0.5) == Detection(0.5, classes=[2])
+    assert from_options([1], task="segment") == Segmentation(1)
+    np.testing.assert_array_equal(from_options(task="embed", concept=[1, 2]).concept, [1, 2])
+    for bad, message in [({"task": "segment"}, "one class"), ({"classes": [1], "top": 2}, "not both"),
+                         ({"task": "embed"}, "concept"), ({"task": "pose"}, "unknown task 'pose'")]:
+        with pytest.raises(ExplainError, match=message):
+            from_options(**bad)
