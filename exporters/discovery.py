@@ -19,8 +19,10 @@ from .autodiff import GraphBuilder, Value, append_gradients
 IMAGE_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.BFLOAT16: None, onnx.TensorProto.UINT8: np.uint8}
 PROBE_BATCH = 2
-PROJECTIONS = ("MatMul", "Gemm")
-MAX_PROBED = 12  # candidates whose gradient reach is measured, last first
+PROJECTIONS = ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul")
+QUANTIZERS = ("QuantizeLinear", "DynamicQuantizeLinear", "DequantizeLinear", "Cast")
+MAX_PROBED = 48  # candidates whose gradient reach is measured, last first, PROBE_GROUP at a time
+PROBE_GROUP = 8
 
 
 @dataclass
@@ -136,21 +138,35 @@ def grid_candidates(model: onnx.ModelProto, score: str, shapes: dict[str, list |
     for node in reversed(model.graph.node):
         if any(o in feeds for o in node.output):
             feeds.update(node.input)
-    attention_sizes = {s[-1] for s in (shapes.get(a) for a in _softmax_outputs(model)) if s and len(s) == 4}
+    attention_sizes = attention_token_counts(model, shapes)
     found = []
     for name, shape in shapes.items():
         if name not in feeds or not shape or len(shape) not in (3, 4) or None in shape[1:]:
             continue
         if shape[0] not in (None, image.batch) or shape[-1] == 1:
             continue
-        if len(shape) == 4 and shape[-1] == shape[-2] and shape[-1] in attention_sizes:
-            continue  # attention matrices
+        if is_attention_matrix(shape, attention_sizes):
+            continue
         if len(shape) == 3 and attention_sizes and shape[1] not in attention_sizes:
             continue  # in a transformer, token sequences are those its attention reads (not B x C x T transposes)
         layout = guess_layout(shape, image.size)
         if layout is not None:
             found.append(Candidate(name, shape, layout))
     return found
+
+
+def attention_token_counts(model: onnx.ModelProto, shapes: dict[str, list | None]) -> set[int]:
+    """The numbers of tokens attention runs over: the last axis of each 4-D Softmax."""
+    return {s[-1] for s in (shapes.get(a) for a in _softmax_outputs(model)) if s and len(s) == 4}
+
+
+def is_attention_matrix(shape, token_counts: set[int]) -> bool:
+    """Whether a 4-D shape is attention over one of the token counts rather than a map: B x heads x T x T (the
+    probabilities), or B x heads x T x d (queries, keys, values, and their product, with fewer heads than
+    the head size)."""
+    if len(shape) != 4 or shape[2] not in token_counts:
+        return False
+    return shape[3] == shape[2] or shape[1] < shape[3]
 
 
 def _softmax_outputs(model: onnx.ModelProto) -> list[str]:
@@ -177,31 +193,47 @@ def attention_probabilities(model: onnx.ModelProto, shapes: dict[str, list | Non
 def attention_reads(model: onnx.ModelProto, shapes: dict[str, list | None], image: ImageInput) -> str | None:
     """The token sequence that the last attention over the image's grid projects into keys: in a pre-norm
     transformer block the normalised tokens, however the exporter wrote the normalisation (one
-    LayerNormalization node, or ReduceMean, Sub, Pow, Sqrt, Div) and the attention (fused or not).
+    LayerNormalization node, or ReduceMean, Sub, Pow, Sqrt, Div) and the attention (fused or not, quantized).
 
     The last Softmax whose last axis counts P + H*W tokens of a grid over the image is followed upstream,
-    through the scores' MatMul and the reshapes of the keys, to the first projection (MatMul or Gemm with a
-    constant weight) whose other input is a B x T x C sequence of those T tokens."""
+    through the scores' MatMul and the reshapes of the keys, to the first projection (a matrix product with a
+    constant weight) whose other input is, past any quantization, a B x T x C sequence of those T tokens."""
     producers = {o: node for node in model.graph.node for o in node.output}
-    constants = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    constants = constant_tensors(model)
     for softmax in reversed(_softmax_outputs(model)):
         shape = shapes.get(softmax)
         if not shape or shape[-1] is None or guess_layout((None, shape[-1], None), image.size) is None:
             continue
-        tokens = shape[-1]
         queue, seen = [producers[softmax].input[0]] if softmax in producers else [], set()
         while queue:
             node = producers.get(queue.pop(0))
             if node is None or node.output[0] in seen:
                 continue
             seen.add(node.output[0])
-            if node.op_type in PROJECTIONS and any(i in constants for i in node.input[1:2]):
-                source = shapes.get(node.input[0])
-                if source and len(source) == 3 and source[1] == tokens and guess_layout(source, image.size):
-                    return node.input[0]
+            if node.op_type in PROJECTIONS and len(node.input) > 1 and node.input[1] in constants:
+                source = _unquantized(node.input[0], producers)
+                found = shapes.get(source)
+                if found and len(found) == 3 and found[1] == shape[-1] and guess_layout(found, image.size):
+                    return source
                 continue
             queue += [i for i in node.input if i and i not in constants]
     return None
+
+
+def _unquantized(name: str, producers: dict[str, onnx.NodeProto]) -> str:
+    """The float tensor a quantized operand was made from (the tensor itself when it was not quantized)."""
+    while name in producers and producers[name].op_type in QUANTIZERS:
+        name = producers[name].input[0]
+    return name
+
+
+def constant_tensors(model: onnx.ModelProto) -> set[str]:
+    """Initializers and the tensors computed from them alone (dequantized weights, transposed weights)."""
+    known = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if all(not name or name in known for name in node.input):
+            known.update(node.output)
+    return known
 
 
 def reached_cells(model: onnx.ModelProto, score: str, candidates: list[Candidate], image: ImageInput) -> dict[str, int]:
@@ -270,18 +302,33 @@ def describe(candidates: list[Candidate], limit: int = 5) -> str:
 def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list | None], image: ImageInput) -> Candidate:
     """The target a user would pick: in a transformer with attention over the image's grid, the normalised
     tokens its last attention reads; otherwise the last grid tensor before the score that the score depends
-    on at more than one cell (for a CNN, the last map before global pooling). Refused when none exists."""
+    on at more than one cell (for a CNN, the last map before global pooling). Candidates are measured a few
+    at a time, last first; one whose gradient cannot be built (an operator with no rule on its way to the
+    score) is passed over. Refused, with the candidates named, when none qualifies."""
     candidates = grid_candidates(model, score, shapes, image)
     if not candidates:
         raise ExportError("no tensor that feeds the output lies on a grid over the image: name a target layer",
                           option="target_layers")
     tokens = attention_reads(model, shapes, image)
-    ordered = [c for c in candidates if c.name == tokens] + candidates[::-1]
-    checked = ordered[:MAX_PROBED]
-    reached = reached_cells(model, score, checked, image)
-    for candidate in checked:
-        if reached[candidate.name] > 1:
-            return candidate
-    raise ExportError(f"the class score depends on no grid tensor at more than one cell (checked: "
-                      f"{describe(checked)}): name a target layer", option="target_layers")
+    ordered = ([c for c in candidates if c.name == tokens] + candidates[::-1])[:MAX_PROBED]
+    passed_over = []
+    for start in range(0, len(ordered), PROBE_GROUP):
+        group = ordered[start:start + PROBE_GROUP]
+        reached = _reached_or_none(model, score, group, image)
+        if reached is None:  # some candidate's gradient cannot be built: measure them one by one
+            reached = {}
+            for candidate in group:
+                reached.update(_reached_or_none(model, score, [candidate], image) or {candidate.name: -1})
+        for candidate in group:
+            if reached[candidate.name] > 1:
+                return candidate
+            passed_over.append(candidate)
+    raise ExportError(f"the class score depends at more than one cell on none of the grid tensors checked "
+                      f"({describe(passed_over)}): name a target layer", option="target_layers")
 
+
+def _reached_or_none(model, score, candidates: list[Candidate], image: ImageInput) -> dict[str, int] | None:
+    try:
+        return reached_cells(model, score, candidates, image)
+    except ExportError:
+        return None

@@ -17,8 +17,8 @@ from ..files import atomic_path
 from .autodiff import (NON_DIFFERENTIABLE, QUANTIZED_RULES, RULES, GraphBuilder, Value, append_gradients,
                        expose_dequantized, prune)
 from .bundle import bundle
-from .discovery import (ImageInput, attention_probabilities, default_target, grid_candidates, image_input,
-                        one_hot_seed)
+from .discovery import (ImageInput, attention_probabilities, attention_token_counts, default_target, grid_candidates,
+                        image_input, is_attention_matrix, one_hot_seed)
 from .functions import expand_functions
 from .head import head_cuts
 from .input_gradients import add_input_gradients
@@ -118,7 +118,7 @@ def inspect_onnx(src, *, input=None, input_layout=None, input_size=None, output=
     model = load_model(src)
     spec = read_spec(model)
     if spec is None:
-        model = expose_dequantized(_upgraded(model))
+        model = _prepared(model)
     image = image_input(model, input or (spec and spec.input), input_layout or (spec and spec.input_layout),
                         input_size)
     model = infer_shapes(model, image)
@@ -140,7 +140,7 @@ def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, i
                      output=None, mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
                      attention_gradients=False) -> onnx.ModelProto:
     """The model with the explanation outputs and the onnxcam metadata added (see export_onnx)."""
-    model = expand_functions(expose_dequantized(_upgraded(model)), DIFFERENTIABLE)
+    model = _prepared(model)
     image = image_input(model, input, input_layout, input_size)
     model = infer_shapes(model, image)
     builder = GraphBuilder(model)
@@ -167,6 +167,12 @@ def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, i
         raise ExportError(f"the explainable graph fails ONNX's checker, an onnxcam bug worth reporting: "
                           f"{str(error).splitlines()[0]}") from None
     return model
+
+
+def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as the engine reads it: at opset 17 or later, quantized activations given float twins, and
+    operators with no rule but a function body in the standard (Attention at opset 23) expanded."""
+    return expand_functions(expose_dequantized(_upgraded(model)), DIFFERENTIABLE)
 
 
 def _upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -208,12 +214,16 @@ def _targets(model, score, shapes, image: ImageInput, given, layouts, names) -> 
     if len(layouts) != len(given):
         raise ExportError(f"{len(layouts)} layouts given for {len(given)} targets", option="layouts")
     checked, known = [], {**shapes, image.name: image.shape}
+    token_counts = attention_token_counts(model, shapes)
     for target, layout, name in zip(given, layouts, names, strict=True):
         shape = known.get(target, False)
         if shape is False:
             raise unknown_name_error("target tensor", target, shapes)
         if not shape or None in shape[1:]:
             raise ExportError(f"target '{name}' has unknown sizes {shape}: the gradient needs static ones")
+        if layout is None and is_attention_matrix(shape, token_counts):
+            raise ExportError(f"target '{name}' of shape {shape} is attention between tokens, not a grid over the "
+                              f"image; give its layout if it is one", option="layouts")
         checked.append(_checked_layout(name, shape, layout, image))
     return given, checked
 

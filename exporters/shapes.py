@@ -1,30 +1,47 @@
 """Tensor shapes of a model: ONNX shape inference, completed by running the model where inference stops.
 
-Legacy (TorchScript) exports, Paddle and tf2onnx files often reshape by shapes computed at run time, which
-shape inference cannot follow; the gradient rules need static sizes. Where inference leaves a float tensor's
-size unknown, the model is run on random images at two batch sizes: a size equal to the batch in both runs
-is the batch, a size equal in both is static, anything else stays unknown.
+Legacy (TorchScript) exports, Paddle and tf2onnx files often reshape and pad by sizes computed at run time
+(Shape -> Gather -> Concat -> Reshape), which shape inference cannot always follow, while the gradient rules
+need static sizes and constant pads, starts and axes. Once the image size is fixed, such a computation can
+depend on the batch only. So the model is run on random images at two batch sizes:
+- a float tensor's size equal in both runs is static, one equal to the batch in both is the batch;
+- an integer tensor computed from shapes alone (no data flows into it) that is equal in both runs is a
+  constant, and becomes one in the graph.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper, shape_inference
+from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import ExportError
 from .autodiff import GraphBuilder
 from .discovery import PROBE_BATCH, ImageInput, random_images, run_model
 
 PROTOBUF_LIMIT = 2**31 - 2**24  # serialised models past this size need their initializers moved out first
+SHAPE_SOURCES = {"Shape", "Size"}
+MAX_FOLDED = 4096  # elements: shape computations are small
 
 
 def infer_shapes(model: onnx.ModelProto, image: ImageInput, limit: int = PROTOBUF_LIMIT) -> onnx.ModelProto:
-    """The model with every float tensor's shape recorded in its value_info, as far as it can be told."""
+    """The model with every float tensor's shape recorded in its value_info, as far as it can be told, and its
+    batch-independent shape computations folded into constants."""
     model = _inferred(model, limit)
+    if model.ByteSize() >= limit:
+        return model
     builder = GraphBuilder(model)
     unknown = [name for node in model.graph.node for name in node.output if name and _unsure(builder, name)]
-    if unknown and model.ByteSize() < limit:
-        _complete(model, unknown, image)
+    computed = _shape_computations(model, builder)
+    if not unknown and not computed:
+        return model
+    runs = _measure(model, unknown + computed, image)
+    if runs is None:
+        return model
+    batches, values = runs
+    if _fold(model, computed, values[len(unknown):]):
+        model = _inferred(model, limit)
+    _record_shapes(model, unknown, values[:len(unknown)], batches, image)
     return model
 
 
@@ -49,8 +66,23 @@ def _inferred(model: onnx.ModelProto, limit: int) -> onnx.ModelProto:
     return inferred
 
 
-def _complete(model: onnx.ModelProto, names: list[str], image: ImageInput) -> None:
-    """Record the sizes the model really computes for `names` (see the module's docstring)."""
+def _shape_computations(model: onnx.ModelProto, builder: GraphBuilder) -> list[str]:
+    """Integer tensors computed from tensor shapes and constants alone, not yet constants, that a node other
+    than a shape computation reads (as Reshape's shape, Pad's pads, Slice's starts)."""
+    constants = {t.name for t in model.graph.initializer}
+    derived = set()
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            constants.update(node.output)
+        elif node.op_type in SHAPE_SOURCES or all(not i or i in derived or i in constants for i in node.input):
+            derived.update(o for o in node.output if builder.elem_type(o) in (onnx.TensorProto.INT64,
+                                                                              onnx.TensorProto.INT32))
+    read = {i for node in model.graph.node if node.output[0] not in derived for i in node.input}
+    return [name for name in derived if name in read and name not in constants]
+
+
+def _measure(model: onnx.ModelProto, names: list[str], image: ImageInput):
+    """(batch sizes, per name the values it took at each) from running the model, or None when it cannot run."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
@@ -58,25 +90,52 @@ def _complete(model: onnx.ModelProto, names: list[str], image: ImageInput) -> No
     batches = [image.batch] if isinstance(image.batch, int) else [PROBE_BATCH, PROBE_BATCH + 1]
     try:
         runs = [run_model(probe, names, random_images(image, batch)) for batch in batches]
-    except Exception:  # noqa: BLE001 - a model ORT cannot run keeps what inference told
-        return
+    except ExportError:  # a model ORT cannot run keeps what inference told
+        return None
+    return batches, [[run[i] for run in runs] for i in range(len(names))]
+
+
+def _fold(model: onnx.ModelProto, names: list[str], values: list[list[np.ndarray]]) -> bool:
+    """Replace each computation whose value did not change with the batch by a Constant; whether any was."""
+    constant = {name: runs[0] for name, runs in zip(names, values, strict=True)
+                if runs[0].size <= MAX_FOLDED and all(np.array_equal(runs[0], r) for r in runs[1:])}
+    if not constant:
+        return False
+    for node in model.graph.node:
+        node.output[:] = [f"{o}/measured" if o in constant else o for o in node.output]
+    folded = [helper.make_node("Constant", [], [name], name=f"{name}/constant",
+                               value=numpy_helper.from_array(value, f"{name}/value"))
+              for name, value in constant.items()]
+    nodes = folded + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    known = [v for v in model.graph.value_info if v.name not in constant]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(known)
+    return True
+
+
+def _record_shapes(model: onnx.ModelProto, names: list[str], values: list[list[np.ndarray]], batches: list[int],
+                   image: ImageInput) -> None:
+    """Write the sizes measured for `names` into the model's value_info (see the module's docstring)."""
     known = {info.name: info for info in model.graph.value_info}
-    for index, name in enumerate(names):
-        shapes = [run[index].shape for run in runs]
-        if len({len(s) for s in shapes}) != 1:
+    for name, runs in zip(names, values, strict=True):
+        shapes = [r.shape for r in runs]
+        if len({len(s) for s in shapes}) != 1 or (name in known and not _is_unsure(known[name])):
             continue
-        dims = []
-        for sizes in zip(*shapes, strict=True):
-            if len(set(sizes)) == 1:
-                dims.append(sizes[0])
-            else:
-                dims.append(image.batch if list(sizes) == batches else None)
-        elem_type = helper.np_dtype_to_tensor_dtype(runs[0][index].dtype)
-        info = helper.make_tensor_value_info(name, elem_type, dims)
+        dims = [sizes[0] if len(set(sizes)) == 1 else image.batch if list(sizes) == batches else None
+                for sizes in zip(*shapes, strict=True)]
+        info = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(runs[0].dtype), dims)
         if name in known:
             known[name].CopyFrom(info)
         else:
             model.graph.value_info.append(info)
+
+
+def _is_unsure(info: onnx.ValueInfoProto) -> bool:
+    tensor_type = info.type.tensor_type
+    return not tensor_type.HasField("shape") or any(
+        not (d.HasField("dim_value") and d.dim_value > 0) for d in list(tensor_type.shape.dim)[1:])
 
 
 def _unsure(builder: GraphBuilder, name: str) -> bool:

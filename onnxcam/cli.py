@@ -167,6 +167,8 @@ def inspect(model, input_size, image_input, input_layout):
 
             survey = inspect_onnx(model, input=image_input, input_layout=input_layout, input_size=input_size)
             rows, default = survey.rows, survey.default
+            if survey.spec is not None:
+                click.echo(f"explainable: targets {', '.join(survey.spec.layers)}, {survey.spec.num_classes} classes")
         else:
             from .exporters import default_layer, module_outputs
 

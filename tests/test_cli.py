@@ -49,7 +49,7 @@ def exported(workdir):
     result = run_cli("export", "tiny_models:build", "-o", "tiny.onnx", "--input-size", "32", "--target-layer", "4",
                      "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--labels", "labels.txt", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    assert "targets 4, 4 classes, input 32x32" in result.stdout
+    assert "input 'input' nchw 32x32 float32, scores 'logits' (4 classes), targets 4" in result.stdout
     return workdir / "tiny.onnx"
 
 

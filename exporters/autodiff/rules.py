@@ -184,6 +184,16 @@ def zeros_like(x: Value) -> Value:
     return x.g.op("ConstantOfShape", x.g.op("Shape", x), value=zero)
 
 
+def scatter_add(op_type: str, zeros: Value, indices: Value, updates: Value, **attrs) -> Value:
+    """ScatterND or ScatterElements with reduction="add", in float32 for 16-bit floats (ONNX Runtime's CPU
+    kernels cannot add them) and cast back."""
+    g, elem_type = zeros.g, zeros.elem_type
+    if elem_type not in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+        return g.op(op_type, zeros, indices, updates, reduction="add", **attrs)
+    wide = [g.op("Cast", t, to=onnx.TensorProto.FLOAT) for t in (zeros, updates)]
+    return g.op("Cast", g.op(op_type, wide[0], indices, wide[1], reduction="add", **attrs), to=elem_type)
+
+
 def unbroadcast(grad: Value, x: Value, y: Value) -> Value:
     """Sum `grad` (shaped like y) over the axes numpy broadcasting stretched x along."""
     return sum_to(grad, x.shape, y.shape)
@@ -349,7 +359,7 @@ def max_pool(g: GraphBuilder, n: Node, dy: Value) -> Value:
     indices = n.outputs[1] if len(n.outputs) > 1 and n.outputs[1] is not None else \
         g.op_multi("MaxPool", x, outputs=2, **{a.name: helper.get_attribute_value(a) for a in n.proto.attribute})[1]
     flat = lambda t: g.op("Reshape", t, g.ints([-1]))  # noqa: E731
-    summed = g.op("ScatterElements", flat(zeros_like(x)), flat(indices), flat(dy), axis=0, reduction="add")
+    summed = scatter_add("ScatterElements", flat(zeros_like(x)), flat(indices), flat(dy), axis=0)
     return reshape_like(summed, x)
 
 
@@ -701,8 +711,8 @@ def gather(g: GraphBuilder, n: Node, dy: Value) -> Value:
                                                    g.ints([INT64_MAX])), axis=0)
     positive = nonnegative(indices, data, axis)
     front = [axis, *[i for i in range(rank) if i != axis]]
-    scattered = g.op("ScatterND", g.op("Transpose", zeros_like(data), perm=front),
-                     g.op("Reshape", positive, g.ints([-1, 1])), g.op("Reshape", updates, flat_shape), reduction="add")
+    scattered = scatter_add("ScatterND", g.op("Transpose", zeros_like(data), perm=front),
+                            g.op("Reshape", positive, g.ints([-1, 1])), g.op("Reshape", updates, flat_shape))
     return g.op("Transpose", scattered, perm=[int(i) for i in np.argsort(front)])
 
 
@@ -710,7 +720,7 @@ def gather_elements(g: GraphBuilder, n: Node, dy: Value) -> Value:
     """Scatter-add dy back to where each element was read."""
     data, indices = n.inputs
     axis = axis_of(n, data)
-    return g.op("ScatterElements", zeros_like(data), nonnegative(indices, data, axis), dy, axis=axis, reduction="add")
+    return scatter_add("ScatterElements", zeros_like(data), nonnegative(indices, data, axis), dy, axis=axis)
 
 
 def gather_nd(g: GraphBuilder, n: Node, dy: Value) -> Value:
@@ -721,11 +731,11 @@ def gather_nd(g: GraphBuilder, n: Node, dy: Value) -> Value:
     dims = lambda t, start, end: g.op("Slice", g.op("Shape", t), g.ints([start]), g.ints([end]))  # noqa: E731
     indices = g.op("Where", indices < 0, indices + dims(data, batch, batch + depth), indices)
     if not batch:
-        return g.op("ScatterND", zeros_like(data), indices, dy, reduction="add")
+        return scatter_add("ScatterND", zeros_like(data), indices, dy)
     positions = g.op("Range", g.ints(0), g.op("ReduceProd", dims(data, 0, batch), keepdims=0), g.ints(1))
     positions = g.op("Reshape", positions, g.op("Concat", dims(indices, 0, batch),
                                                 g.ints([1] * (n.inputs[1].rank - batch)), axis=0))
     prefixed = g.op("Concat", g.op("Expand", positions, g.op("Concat", dims(indices, 0, -1), g.ints([1]), axis=0)),
                     indices, axis=-1)
     flat = g.op("Reshape", zeros_like(data), g.op("Concat", g.ints([-1]), dims(data, batch, INT64_MAX), axis=0))
-    return reshape_like(g.op("ScatterND", flat, prefixed, dy, reduction="add"), data)
+    return reshape_like(scatter_add("ScatterND", flat, prefixed, dy), data)
