@@ -6,6 +6,7 @@ and aug_smooth options of every CAM. Each strategy returns (heatmaps, scores, se
 
 from __future__ import annotations
 
+import importlib.util
 import weakref
 from dataclasses import dataclass
 
@@ -99,6 +100,8 @@ def capabilities(explainer) -> dict[str, str | None]:
         reasons["grad-rollout"] = "needs a file exported with attention gradients"
     if len(spec.layers) > 1:
         reasons["ablationcam"] = "explains one target layer; this file has several"
+    if importlib.util.find_spec("sklearn") is None:
+        reasons["kpcacam"] = "needs scikit-learn (the family extra)"
     try:
         linear_head_weights(explainer)
     except ExplainError as error:

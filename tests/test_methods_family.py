@@ -416,3 +416,19 @@ def test_fullgrad_matches_its_definition(tmp_path):
         terms = _scaled((bias[None, :, None, None] * kept[layer]).abs().detach())
         total = total + F.interpolate(terms, size=(32, 32), mode="bilinear", align_corners=False).sum(1)
     np.testing.assert_allclose(result.heatmaps, _scaled(total).numpy(), atol=2e-4)
+
+
+def test_cli_offers_the_family_and_refuses_in_one_line(tmp_path, plain):
+    import cv2
+    from conftest import random_images, run_cli
+
+    image = tmp_path / "image.png"
+    cv2.imwrite(str(image), random_images(1)[0])
+    model = plain.head.path
+    done = run_cli("explain", model, image, "-o", tmp_path / "out", "--method", "cam")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "predictions.json").exists()
+    refused = run_cli("explain", model, image, "-o", tmp_path / "refused", "--method", "saliency")
+    assert refused.returncode == 1
+    assert "exported on request (set --input-gradients)" in refused.stderr
+    assert "Traceback" not in refused.stderr
