@@ -68,6 +68,18 @@ def test_a_slow_sender_is_cut_off_by_the_request_timeout(url):
     assert answer.startswith("HTTP/1.1 408") and time.monotonic() - start < 5
 
 
+def test_an_answer_later_than_the_request_timeout_is_a_504(small_onnx, png):
+    """The batcher waits a second for company; the request's timeout is shorter, so it gets 504 in time."""
+    app = create_app(small_onnx, provider="cpu", max_wait_ms=1000, max_batch=64, request_timeout=0.3)
+    with serving(app) as base:
+        start = time.monotonic()
+        response = httpx.post(f"{base}/explain", content=png, timeout=10)
+        assert response.status_code == 504 and "no answer within 0.3 s" in response.json()["error"]
+        assert time.monotonic() - start < 0.9
+        time.sleep(1.2)  # the batch it left behind runs without it, and the server goes on
+        assert httpx.get(f"{base}/v2/health/live").status_code == 200
+
+
 def test_a_stalled_oversized_upload_is_cut_off_not_waited_for(url, monkeypatch):
     """An oversized body is drained only while it keeps coming: a sender that stops is let go."""
     from onnxcam.serving import middleware
