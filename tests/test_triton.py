@@ -93,3 +93,37 @@ def test_export_writes_the_repository_from_the_command_line(tmp_path):
     config = _parse(tmp_path / "models" / "net" / "config.pbtxt")
     assert config.name == "net" and config.max_batch_size == 8
     assert (tmp_path / "models" / "net" / "1" / "model.onnx").stat().st_size > 0
+
+
+class _OnnxRuntimeAsTriton:
+    """Answers as Triton's HTTP client would, from the repository's model run by ONNX Runtime: the class input
+    arrives as N x 1 and is reshaped to N, as the config's `reshape` tells Triton to."""
+
+    def __init__(self, folder: Path):
+        self.config = {"parameters": {"onnxcam": {"string_value": _parse(folder / "config.pbtxt")
+                                                  .parameters["onnxcam"].string_value}}}
+        self.session = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def get_model_config(self, name):
+        return self.config
+
+    def infer(self, name, inputs, outputs):
+        types = {"FP32": np.float32, "INT64": np.int64}
+        feed = {i.name(): np.frombuffer(i._raw_data, types[i.datatype()]).reshape(i.shape()) for i in inputs}
+        feed["onnxcam_class"] = feed["onnxcam_class"].reshape(-1)
+        names = [o.name() for o in outputs]
+        answer = dict(zip(names, self.session.run(names, feed), strict=True))
+        return type("Result", (), {"as_numpy": staticmethod(answer.__getitem__)})
+
+
+def test_triton_explainer_asks_for_the_outputs_its_method_needs(small_onnx, tmp_path):
+    pytest.importorskip("tritonclient.http")
+    from onnxcam.triton import TritonExplainer
+
+    folder = write_repository(small_onnx, tmp_path / "models")
+    explainer = TritonExplainer("unused:8000", "small", client=_OnnxRuntimeAsTriton(folder))
+    batch = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    expected = onnxcam.Explainer(small_onnx, provider="cpu")
+    for method, targets in [("hirescam", [1, 2, 3]), ("eigencam", None)]:
+        result = explainer.explain(batch, method, targets)
+        np.testing.assert_allclose(result.heatmaps, expected.explain(batch, method, targets).heatmaps, atol=1e-5)
