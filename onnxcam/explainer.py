@@ -225,6 +225,10 @@ class Explainer:
         if method == "grad-rollout":
             raise ExplainError("grad-rollout explains one class per image: give a class index, not a target object")
         outputs = list(dict.fromkeys([spec.scores, *(t.output or spec.scores for t in targets)]))
+        known = [o.name for o in self.session.get_outputs() if not o.name.startswith("onnxcam_")]
+        for output in outputs:
+            if output not in known:
+                raise ExplainError(f"the model has no output '{output}'; its outputs: {', '.join(known)}")
         count = len(targets)
         fetched = self.runner.run([*outputs, *spec.activations, *spec.cuts],
                                   {spec.input: batch, spec.class_input: np.full(count, -1, dtype=np.int64)})

@@ -3,6 +3,8 @@ the target activations and cut tensors of each map's image, with each map's seed
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,6 +22,7 @@ class HeadRunner:
         self.path, self.session, self.spec = path, session, spec
         self._model: onnx.ModelProto | None = None
         self._runners: dict[str, BoundRunner] = {}
+        self._building = threading.Lock()  # a server's threads may ask for the same head at once
         self.inputs: list[str] = []
         self.cuts: list[str] = []
 
@@ -32,20 +35,24 @@ class HeadRunner:
 
     def runner(self, output: str) -> BoundRunner:
         """The head session for `output`, built on first use."""
-        if output not in self._runners:
-            model = self._load()
-            try:
-                head = build_head(model, self.inputs, self.cuts, output)
-            except ExportError as error:
-                raise ExplainError(f"cannot explain output '{output}': {error.message}") from None
-            del head.graph.value_info[:]  # the forward graph's sizes name its batch; the head's batch is the maps
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.session.get_session_options().intra_op_num_threads
-            # the head is small: threads left spinning after it would take the cores from the next backbone run
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = ort.InferenceSession(head.SerializeToString(), options, providers=self.session.get_providers())
-            self._runners[output] = BoundRunner(session)
+        with self._building:
+            if output not in self._runners:
+                self._runners[output] = self._build(output)
         return self._runners[output]
+
+    def _build(self, output: str) -> BoundRunner:
+        model = self._load()
+        try:
+            head = build_head(model, self.inputs, self.cuts, output)
+        except ExportError as error:
+            raise ExplainError(f"cannot explain output '{output}': {error.message}") from None
+        del head.graph.value_info[:]  # the forward graph's sizes name its batch; the head's batch is the maps
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.session.get_session_options().intra_op_num_threads
+        # the head is small: threads left spinning after it would take the cores from the next backbone run
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(head.SerializeToString(), options, providers=self.session.get_providers())
+        return BoundRunner(session)
 
     def gradients(self, output: str, activations: list[np.ndarray], cuts: list[np.ndarray],
                   image_index: np.ndarray, seeds: np.ndarray) -> list[np.ndarray]:

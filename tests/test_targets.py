@@ -322,6 +322,8 @@ def test_bad_targets_get_one_line(explainer, tmp_path):
         explainer.explain(x, targets=[Classes(1, 2), 0])
     with pytest.raises(ExplainError, match="exactly one"):
         Classes(1, top=2)
+    with pytest.raises(ExplainError, match="the model has no output 'probs'; its outputs: logits"):
+        explainer.explain(x, targets=Classes(top=2, output="probs"))
 
 
 def test_nudenet_yolov8n_detects_and_explains_the_astronauts_face(tmp_path):
