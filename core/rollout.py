@@ -60,5 +60,5 @@ def rollout(attentions: list[np.ndarray], prefix: int, grid: tuple[int, int], he
 def grad_rollout(attentions: list[np.ndarray], gradients: list[np.ndarray], prefix: int, grid: tuple[int, int],
                  discard_ratio: float = 0.9) -> np.ndarray:
     """Gradient attention rollout: heads fused as mean(ReLU(A (.) dy/dA)), then rollout as above."""
-    fused = [np.maximum(a * g, 0).mean(axis=1) for a, g in zip(attentions, gradients)]
+    fused = [np.maximum(a * g, 0).mean(axis=1) for a, g in zip(attentions, gradients, strict=True)]
     return _cls_map(_roll(fused, discard_ratio), prefix, grid)

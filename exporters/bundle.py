@@ -59,7 +59,8 @@ def bundle(model: onnx.ModelProto, spec: ExplainSpec) -> onnx.ModelProto:
     graph.initializer.extend(g.initializers)
     kept = [o for o in graph.output if o.name in (spec.scores, spec.selected)]
     del graph.output[:]
-    graph.output.extend(kept + [helper.make_tensor_value_info(HEATMAP_OUTPUT, onnx.TensorProto.FLOAT, [1, height, width])])
+    heatmap = helper.make_tensor_value_info(HEATMAP_OUTPUT, onnx.TensorProto.FLOAT, [1, height, width])
+    graph.output.extend([*kept, heatmap])
     model.opset_import.append(helper.make_opsetid(EXTENSIONS_DOMAIN, 1))
     spec.bundled = True
     helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: spec.to_json()})

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from ..core.layouts import MAX_PREFIX, fits_image, grid_of, guess_layout, parse_tokens, to_grid
+from ..core.layouts import grid_of, guess_layout, parse_tokens, to_grid
 from ..errors import ExportError
 from .autodiff import GraphBuilder, Value, append_gradients
 
@@ -83,8 +83,8 @@ def image_input(model: onnx.ModelProto, name: str | None = None, layout: str | N
                           option="input_layout")
     _fix_size(value.name, [dims[a] for a in spatial], size)
     batch = values[0] or dims[0].dim_param or "batch"
-    return ImageInput(value.name, layout, tensor_type.elem_type, (dims[spatial[0]].dim_value, dims[spatial[1]].dim_value),
-                      values[channel], batch)
+    fixed = (dims[spatial[0]].dim_value, dims[spatial[1]].dim_value)
+    return ImageInput(value.name, layout, tensor_type.elem_type, fixed, values[channel], batch)
 
 
 def _input_layout(values: list[int | None], name: str) -> str:
@@ -239,7 +239,16 @@ def constant_tensors(model: onnx.ModelProto) -> set[str]:
 def reached_cells(model: onnx.ModelProto, score: str, candidates: list[Candidate], image: ImageInput) -> dict[str, int]:
     """For each candidate, on how many grid cells the gradient of the top class's score is non-zero, measured
     on a random batch: a map over a tensor that the score reads at one cell only (a CLS token, a pooled
-    vector) says nothing about the image."""
+    vector) says nothing about the image. Raises ExportError where a candidate's gradient cannot be built."""
+    probe, outputs = _probe_model(model, score, candidates)
+    feed = random_images(image)
+    batch = len(next(iter(feed.values())))
+    values = run_model(probe, outputs, feed)
+    return {c.name: _cells(v, c.layout) if v.shape[0] == batch else 0 for c, v in zip(candidates, values, strict=True)}
+
+
+def _probe_model(model: onnx.ModelProto, score: str, candidates: list[Candidate]) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of the model that also outputs the top class's gradient with respect to each candidate."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     builder = GraphBuilder(probe, prefix="onnxcam_probe")
@@ -253,10 +262,7 @@ def reached_cells(model: onnx.ModelProto, score: str, candidates: list[Candidate
     probe.graph.initializer.extend(builder.initializers)
     probe.graph.output.extend(helper.make_tensor_value_info(o, builder.elem_type(c.name), None)
                               for o, c in zip(outputs, candidates, strict=True))
-    feed = random_images(image)
-    batch = len(next(iter(feed.values())))
-    values = run_model(probe, outputs, feed)
-    return {c.name: _cells(v, c.layout) if v.shape[0] == batch else 0 for c, v in zip(candidates, values, strict=True)}
+    return probe, outputs
 
 
 def _cells(gradient: np.ndarray, layout: str) -> int:
@@ -268,7 +274,9 @@ def one_hot_seed(builder: GraphBuilder, score: str, classes: Value) -> Value:
     """A seed shaped like the score output, one at each image's class: the VJP seed that picks that score."""
     flat = builder.op("Flatten", score, axis=1)
     count = builder.op("Slice", builder.op("Shape", flat), builder.ints([1]), builder.ints([2]))
-    one_hot = builder.op("OneHot", classes, count, builder.const(np.array([0.0, 1.0]), like=score), axis=-1)
+    one_hot = builder.op("OneHot", classes, count, builder.const(np.array([0.0, 1.0])), axis=-1)
+    if builder.elem_type(score) != onnx.TensorProto.FLOAT:  # ONNX Runtime's OneHot writes float32, not others
+        one_hot = builder.op("Cast", one_hot, to=builder.elem_type(score))
     return builder.op("Reshape", one_hot, builder.op("Shape", score))
 
 
@@ -328,7 +336,9 @@ def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list | 
 
 
 def _reached_or_none(model, score, candidates: list[Candidate], image: ImageInput) -> dict[str, int] | None:
+    """reached_cells, or None where a candidate's gradient cannot be built; a model that does not run says so."""
     try:
-        return reached_cells(model, score, candidates, image)
+        _probe_model(model, score, candidates)
     except ExportError:
         return None
+    return reached_cells(model, score, candidates, image)

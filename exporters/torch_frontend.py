@@ -40,7 +40,7 @@ def _probe(model, input_shape):
     differentiable = [o for _, _, o in outputs if o.requires_grad]
     grads = torch.autograd.grad(scores.flatten(1).max(1).values.sum(), differentiable, allow_unused=True) \
         if differentiable else []
-    grad_of = {id(o): g for o, g in zip(differentiable, grads)}
+    grad_of = {id(o): g for o, g in zip(differentiable, grads, strict=True)}
     probed = []
     for name, module, output in outputs:
         grad = grad_of.get(id(output))

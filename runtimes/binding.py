@@ -17,7 +17,8 @@ import onnxruntime as ort
 from .session import PROVIDERS
 
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+               "tensor(bool)": np.bool_}
 
 
 def as_ortvalue(value) -> ort.OrtValue:
@@ -73,14 +74,14 @@ class BoundRunner:
         self.session.run_with_iobinding(binding)
         if any(array is None for array in arrays):
             values = binding.get_outputs()
-            arrays = [value.numpy() if array is None else array for array, value in zip(arrays, values)]
+            arrays = [value.numpy() if array is None else array for array, value in zip(arrays, values, strict=True)]
         return arrays
 
     def _symbolic_sizes(self, feeds: dict) -> dict[str, int]:
         """The value of each named dimension ('batch', ...) of the model's inputs, read off the feeds."""
         sizes = {}
         for name, value in feeds.items():
-            for declared, actual in zip(self._input_shapes.get(name, ()), shape_of(value)):
+            for declared, actual in zip(self._input_shapes.get(name, ()), shape_of(value), strict=False):
                 if isinstance(declared, str):
                     sizes[declared] = actual
         return sizes

@@ -54,7 +54,8 @@ def test_foreign_file_is_explained(entry, tmp_path):
     if _is_quantized(entry):
         pytest.skip("a quantized file's score is a step function: its STE gradient is checked in test_quantized.py")
     original = onnx.load(str(FOREIGN / entry["name"]))
-    original = original if any(spec.layers[0] in n.output for n in original.graph.node) else expose_dequantized(original)
+    if not any(spec.layers[0] in node.output for node in original.graph.node):
+        original = expose_dequantized(original)  # a QOperator file's float twin of its codes
     exported, differences = directional_check(original, spec.layers[0], {spec.input: batch}, activation, gradient,
                                               selected, spec.scores)
     tolerance = 0.1 if activation.dtype == np.float16 else 0.03  # half precision: the file's own rounding

@@ -24,7 +24,8 @@ FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
 
 Dims = list[int | None]
 _TYPE_FROM_INPUT = {"Where": 1, "OneHot": 2}  # the input whose element type the output takes, where not the first
-_BOOLEAN_OPS = {"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "And", "Or", "Not", "Xor", "IsNaN", "IsInf"}
+_BOOLEAN_OPS = {"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "And", "Or", "Not", "Xor", "IsNaN",
+                "IsInf"}
 
 
 class Value:

@@ -25,7 +25,7 @@ def make(count: int, seed: int):
     images = np.clip(rng.normal(0.35, 0.15, (count, SIZE, SIZE, 3)), 0, 1)
     labels = rng.integers(0, len(stamps), count)
     corners = rng.integers(0, SIZE - SHAPE + 1, (count, 2))
-    for image, label, (x, y) in zip(images, labels, corners):
+    for image, label, (x, y) in zip(images, labels, corners, strict=True):
         patch = image[y:y + SHAPE, x:x + SHAPE]
         patch[stamps[label] > 0] = 1.0
     boxes = np.column_stack([corners, corners + SHAPE - 1])

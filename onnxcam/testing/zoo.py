@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -486,11 +487,11 @@ class _DenseBlock(nn.ModuleDict):
         super().__init__()
         for i in range(num_layers):
             layer = _DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate)
-            self.add_module("denselayer%d" % (i + 1), layer)
+            self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, init_features):
         features = [init_features]
-        for name, layer in self.items():
+        for _, layer in self.items():
             new_features = layer(features)
             features.append(new_features)
         return torch.cat(features, 1)
@@ -518,11 +519,11 @@ class DenseNet(nn.Module):
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
             block = _DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate)
-            self.features.add_module("denseblock%d" % (i + 1), block)
+            self.features.add_module(f"denseblock{i + 1}", block)
             num_features = num_features + num_layers * growth_rate
             if i != len(block_config) - 1:
                 trans = _Transition(num_features, num_features // 2)
-                self.features.add_module("transition%d" % (i + 1), trans)
+                self.features.add_module(f"transition{i + 1}", trans)
                 num_features = num_features // 2
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
         self.classifier = nn.Linear(num_features, num_classes)
@@ -582,7 +583,7 @@ class ConvNeXt(nn.Module):
         norm_layer = lambda c: LayerNorm2d(c, eps=1e-6)  # noqa: E731
         layers = [Conv2dNormActivation(3, dims[0], kernel_size=4, stride=4, padding=0, norm_layer=norm_layer,
                                        activation_layer=None, bias=True)]
-        for i, (dim, depth) in enumerate(zip(dims, depths)):
+        for i, (dim, depth) in enumerate(zip(dims, depths, strict=True)):
             layers.append(nn.Sequential(*[CNBlock(dim, layer_scale=1e-6) for _ in range(depth)]))
             if i + 1 < len(dims):
                 layers.append(nn.Sequential(norm_layer(dim), nn.Conv2d(dim, dims[i + 1], kernel_size=2, stride=2)))
@@ -643,7 +644,7 @@ class ConvNeXtBlock(nn.Module):
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
         self.pwconv2 = nn.Linear(4 * dim, dim)
-        self.gamma = nn.Parameter(layer_scale_init_value * torch.ones((dim)), requires_grad=True)
+        self.gamma = nn.Parameter(layer_scale_init_value * torch.ones(dim), requires_grad=True)
         self.drop_path = nn.Identity()
 
     def forward(self, x):
@@ -946,7 +947,7 @@ class ShuffleNetV2(nn.Module):
         input_channels = output_channels
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         stage_names = [f"stage{i}" for i in [2, 3, 4]]
-        for name, repeats, output_channels in zip(stage_names, stages_repeats, stages_out_channels[1:]):
+        for name, repeats, output_channels in zip(stage_names, stages_repeats, stages_out_channels[1:], strict=True):
             seq = [ShuffleUnit(input_channels, output_channels, 2)]
             for _ in range(repeats - 1):
                 seq.append(ShuffleUnit(output_channels, output_channels, 1))
@@ -1095,7 +1096,7 @@ class RegNet(nn.Module):
         super().__init__()
         self.stem = Conv2dNormActivation(3, stem_width, kernel_size=3, stride=2)
         blocks, current_width = [], stem_width
-        for i, (width_out, depth) in enumerate(zip(widths, depths)):
+        for i, (width_out, depth) in enumerate(zip(widths, depths, strict=True)):
             blocks.append((f"block{i + 1}", AnyStage(current_width, width_out, 2, depth, stage_index=i + 1)))
             current_width = width_out
         self.trunk_output = nn.Sequential(OrderedDict(blocks))
@@ -1174,7 +1175,7 @@ class ResidualBlock(nn.Module):
 class ChestXRayNet(nn.Module):
     def __init__(self, channels=(3, 8, 16, 32, 64, 128), kernel=2):
         super().__init__()
-        self.features = nn.Sequential(*[ResidualBlock(i, o) for i, o in zip(channels[:-1], channels[1:])])
+        self.features = nn.Sequential(*[ResidualBlock(i, o) for i, o in zip(channels[:-1], channels[1:], strict=True)])
         self.classifier = nn.Sequential(nn.Conv2d(channels[-1], 1, kernel_size=kernel, bias=False),
                                         nn.Dropout(0.2), nn.Sigmoid())
 

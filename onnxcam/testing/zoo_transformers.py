@@ -152,7 +152,8 @@ class SwinStage(nn.Module):
         super().__init__()
         self.downsample = PatchMerging(dim // 2) if downsample else nn.Identity()
         shift = size // 2 if resolution > size else 0
-        self.blocks = nn.Sequential(SwinBlock(dim, heads, resolution, size, 0), SwinBlock(dim, heads, resolution, size, shift))
+        self.blocks = nn.Sequential(SwinBlock(dim, heads, resolution, size, 0),
+                                    SwinBlock(dim, heads, resolution, size, shift))
 
     def forward(self, x):
         return self.blocks(self.downsample(x))
