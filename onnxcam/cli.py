@@ -222,9 +222,11 @@ def _target_of(classes: tuple[int, ...], top: int | None, task: str, score_thres
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1)
-@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Folder for the results.")
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the results.")
 @click.option("-r", "--recursive", is_flag=True, help="Also the images in the folders inside the folders given.")
-@click.option("--from-list", "list_file", type=click.Path(dir_okay=False), help="File with one image path or URI per line.")
+@click.option("--from-list", "list_file", type=click.Path(dir_okay=False),
+              help="File with one image path or URI per line.")
 @click.option("--method", default="gradcam", show_default=True, type=click.Choice(ALL_METHODS))
 @click.option("--target", type=int, multiple=True,
               help="Class index to explain for every image; repeatable (default: each image's top-1).")
@@ -244,7 +246,7 @@ def _target_of(classes: tuple[int, ...], top: int | None, task: str, score_thres
               help="Table rows per Parquet file.")
 @click.option("--resume", is_flag=True, help="Skip the images the record in the output folder holds.")
 @click.option("-v", "--verbose", is_flag=True, help="A line per image instead of the progress bar.")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None,
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
               help="Run on a Ray cluster: its ADDRESS, or alone for RAY_ADDRESS's or a new local one (table only).")
 @click.option("--actors", default=1, show_default=True, type=click.IntRange(min=1),
               help="With --ray: actors, each holding one session (one GPU each where the cluster has GPUs).")
@@ -332,7 +334,7 @@ def _explain_on_ray(model, sources, outdir: Path, outputs, address: str, actors:
     except ImportError as error:
         raise Failed(f"--ray needs its extra: pip install 'onnxcam[ray]' ({error})") from None
     try:
-        summary = explain_on_ray(model, sources, outdir, address=None if address == "auto" else address,
+        summary = explain_on_ray(model, sources, outdir, address=address or None,
                                  actors=actors, **options)
     except OnnxcamError as error:
         raise Failed.of(error) from None
