@@ -19,7 +19,7 @@ from .autodiff import GraphBuilder, Value, append_gradients
 IMAGE_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.BFLOAT16: None, onnx.TensorProto.UINT8: np.uint8}
 PROBE_BATCH = 2
-PROJECTIONS = ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul")
+PROJECTIONS = {"MatMul": 1, "Gemm": 1, "MatMulInteger": 1, "QLinearMatMul": 3}  # matrix products: their weight input
 QUANTIZERS = ("QuantizeLinear", "DynamicQuantizeLinear", "DequantizeLinear", "Cast")
 MAX_PROBED = 48  # candidates whose gradient reach is measured, last first, PROBE_GROUP at a time
 PROBE_GROUP = 8
@@ -170,7 +170,16 @@ def is_attention_matrix(shape, token_counts: set[int]) -> bool:
 
 
 def _softmax_outputs(model: onnx.ModelProto) -> list[str]:
-    return [node.output[0] for node in model.graph.node if node.op_type == "Softmax"]
+    """Softmax outputs; a quantized one (QLinearSoftmax) by the float twin of its codes where it has one."""
+    produced = {o for node in model.graph.node for o in node.output}
+    found = []
+    for node in model.graph.node:
+        if node.op_type == "Softmax":
+            found.append(node.output[0])
+        elif node.op_type == "QLinearSoftmax":
+            twin = f"{node.output[0]}/dequantized"
+            found.append(twin if twin in produced else node.output[0])
+    return found
 
 
 def attention_probabilities(model: onnx.ModelProto, shapes: dict[str, list | None], image: ImageInput) -> list[str]:
@@ -210,7 +219,8 @@ def attention_reads(model: onnx.ModelProto, shapes: dict[str, list | None], imag
             if node is None or node.output[0] in seen:
                 continue
             seen.add(node.output[0])
-            if node.op_type in PROJECTIONS and len(node.input) > 1 and node.input[1] in constants:
+            weight = PROJECTIONS.get(node.op_type)
+            if weight is not None and len(node.input) > weight and node.input[weight] in constants:
                 source = _unquantized(node.input[0], producers)
                 found = shapes.get(source)
                 if found and len(found) == 3 and found[1] == shape[-1] and guess_layout(found, image.size):

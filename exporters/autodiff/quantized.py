@@ -220,9 +220,11 @@ def _real(g: GraphBuilder, n: Node, operand: Operand, scale: Value | None, zero_
         for parameter, combine in ((zero_point, np.subtract), (scale, np.multiply)):
             if parameter is not None:
                 value = n.constant(n.inputs.index(parameter)).astype(dtype)
-                shape = [1] * real.ndim
-                shape[axis % real.ndim] = -1
-                real = combine(real, value if value.ndim == 0 else value.reshape(shape))
+                if value.ndim and real.ndim:  # per-axis parameters line up with their axis
+                    shape = [1] * real.ndim
+                    shape[axis % real.ndim] = -1
+                    value = value.reshape(shape)
+                real = combine(real, value)
         return g.const(real)
     real = g.op("Cast", codes, to=float_type)
     if zero_point is not None:
