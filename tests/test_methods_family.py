@@ -432,3 +432,26 @@ def test_cli_offers_the_family_and_refuses_in_one_line(tmp_path, plain):
     assert refused.returncode == 1
     assert "exported on request (set --input-gradients)" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("method", ["cam", "scorecam", "iscam"])
+def test_cams_match_torchcam_itself(plain, model, method):
+    """The anchor library on the same model: torchcam 0.5's CAM, ScoreCAM and ISCAM (its maps are computed at the
+    layer's resolution and min-max scaled; scaled again after upsampling they are comparable). torchcam's CAM
+    skips the final ReLU that every onnxcam map (and pytorch-grad-cam's) goes through: it is switched on."""
+    methods = pytest.importorskip("torchcam.methods")
+    selected = plain.explain(X.numpy(), method="gradcam", targets=CLASSES).targets
+    options = {"cam": {"fc_layer": "fc"}, "iscam": {"num_samples": 3, "batch_size": 7},
+               "scorecam": {"batch_size": 7}}[method]
+    extractor = {"cam": methods.CAM, "scorecam": methods.ScoreCAM, "iscam": methods.ISCAM}[method](
+        model, "features.8", input_shape=(3, 32, 32), **options)
+    extractor._relu = True
+    try:
+        with torch.no_grad():
+            scores = model(X.clone())
+            (cams,) = extractor(selected.tolist(), scores)
+    finally:
+        extractor.remove_hooks()
+    ours = {"iscam": {"samples": 3}}.get(method, {})
+    result = plain.explain(X.numpy(), method=method, targets=CLASSES, **ours)
+    np.testing.assert_allclose(result.heatmaps, _post(cams), atol=5e-4)
