@@ -67,6 +67,8 @@ def calls(args, configs: list[str]) -> dict:
         elif config.startswith("onnxcam"):
             _, provider, method = config.split(":")
             functions[config] = lambda e=explainer(provider), m=method: e.explain(batch, method=m)
+        elif config == "torchcam":
+            functions[config] = torchcam_gradcam(args)
         elif config.startswith("eager"):
             import torch
 
@@ -94,6 +96,36 @@ def worker(args) -> dict:
     configs = args.config.split(",")
     times = interleaved(calls(args, configs), args.repeats, args.budget)
     return {"times": times, "peak_mb": peak_memory_mb()}
+
+
+def torchcam_gradcam(args):
+    """torchcam's GradCAM, the second anchor: forward, then torch.autograd.grad from the scores down to the layer
+    only (no full backward pass), on the CPU."""
+    import torch
+    from torchcam.methods import GradCAM
+
+    sys.path.insert(0, str(HERE))
+    from models import MODELS
+
+    torch.set_num_threads(args.threads)
+    build, layer = MODELS[args.model]
+    model = build()
+    extractor = GradCAM(model, layer)
+    inputs = torch.from_numpy(np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size))
+                              .astype(np.float32))
+
+    def run():
+        scores = model(inputs)
+        return extractor(scores.argmax(1).tolist(), scores)
+
+    return run
+
+
+def _torchcam_applies(model_name: str) -> bool:
+    """torchcam installed, and a CNN target (its GradCAM expects N x C x H x W maps)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torchcam") is not None and model_name != "vit-b16"
 
 
 def eager_gradcam(model, layer, inputs):
@@ -190,6 +222,7 @@ def main():
         cuda = _cuda_works(explainable)
         for batch in args.batches:
             groups = worker_groups(batch, cuda, _torch_cuda_works())
+            groups += [["torchcam"]] if _torchcam_applies(model_name) else []
             times, peaks = {}, {}
             for _ in range(ROUNDS):  # workers take turns, so that drift falls on all alike
                 for group in groups:

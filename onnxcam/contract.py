@@ -51,6 +51,9 @@ class ExplainSpec:
     # initializer that switches its ReLUs to guided backpropagation's rule (False in the file)
     input_gradient: str | None = None
     guided_input: str | None = None
+    # FullGrad's layers with a bias (with input_gradients): the gradient w.r.t. each output, and its bias
+    bias_gradients: list[str] = field(default_factory=list)
+    biases: list[str] = field(default_factory=list)
     bundled: bool = False  # input is encoded image bytes, output a Grad-CAM heatmap (exporters.bundle)
     version: int = VERSION
 
