@@ -120,3 +120,12 @@ def test_every_truncation_decodes_or_fails_cleanly(extension, length):
 @given(st.binary(max_size=256))
 def test_random_bytes_fail_cleanly(data):
     _decode_or_refuse(data)
+
+
+def test_a_png_chunk_claiming_more_than_the_file_is_refused_unread():
+    """Found by this fuzzer: a 1.6 KB PNG whose IDAT claims 436 MB made OpenCV allocate 416 MiB before failing."""
+    seed = SEEDS[".png"]
+    at = seed.index(b"IDAT") - 4
+    claimed = seed[:at] + (436_208_767).to_bytes(4, "big") + seed[at + 4:]
+    with _peak_memory_under(64), pytest.raises(ImageError, match="truncated PNG"):
+        decode_image(claimed, "claimed", MAX_PIXELS)
