@@ -112,6 +112,8 @@ def capabilities(explainer) -> dict[str, str | None]:
 def explain_family(explainer, batch, classes: np.ndarray, method: str, eigen: bool, augment: bool,
                    options: dict) -> Result:
     """The heatmaps of `method` (a family method, or any CAM with eigen_smooth or aug_smooth)."""
+    if method not in FAMILY_METHODS and method not in METHODS:
+        raise ExplainError(f"eigen_smooth, aug_smooth and method options apply to the CAMs, not to {method}")
     options = method_options(method, options) if method in FAMILY_METHODS else method_options("cam", options)
     if augment:
         if method in INPUT_GRADIENT_METHODS or method in (*SCORE_METHODS, "ablationcam", "refinecam"):

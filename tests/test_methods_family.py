@@ -307,6 +307,8 @@ def test_unknown_options_are_refused(plain):
         plain.explain(X.numpy(), method="scorecam", steps=3)
     with pytest.raises(onnxcam.ExplainError, match="aug_smooth applies to the single-run CAMs"):
         plain.explain(X.numpy(), method="scorecam", aug_smooth=True)
+    with pytest.raises(onnxcam.ExplainError, match="apply to the CAMs, not to rollout"):
+        plain.explain(X.numpy(), method="rollout", eigen_smooth=True)
 
 
 def _dense_imputation(image: np.ndarray, keep: np.ndarray) -> np.ndarray:
