@@ -182,21 +182,35 @@ def _softmax_outputs(model: onnx.ModelProto) -> list[str]:
     return found
 
 
-def attention_probabilities(model: onnx.ModelProto, shapes: dict[str, list | None], image: ImageInput) -> list[str]:
-    """Per-image attention probabilities over a token grid with a CLS token: Softmax outputs B x heads x T x T
-    whose T tokens are one or more prefix tokens and a grid over the image. Windowed attention (whose first
-    dimension counts windows) and attention without a prefix token (rollout reads the CLS row) are left out."""
-    found = []
+def attention_probabilities(model: onnx.ModelProto, shapes: dict[str, list | None], image: ImageInput,
+                            layouts=()) -> tuple[list[str], str | None]:
+    """Per-image attention probabilities over a token grid with a CLS token, for rollout, and that grid's
+    layout: Softmax outputs B x heads x T x T where the graph also holds token sequences B x T x C and T is
+    one or more prefix tokens plus a grid over the image (a target's own tokens:P:HxW layout where one fits).
+    Windowed attention (whose first dimension counts windows), attention over channels (no sequence of T
+    tokens) and attention without a prefix token (rollout reads the CLS row) are left out; where the rest lie
+    on different grids, those of the last one's grid are kept, rollout multiplying matrices of one size."""
+    sequences = {shape[1] for shape in shapes.values() if shape and len(shape) == 3 and shape[0] in (None, image.batch)}
+    found: dict[str, list[str]] = {}
     for name in _softmax_outputs(model):
         shape = shapes.get(name)
-        if not shape or len(shape) != 4 or None in shape[1:] or shape[2] != shape[3]:
+        if not shape or len(shape) != 4 or None in shape[1:] or shape[2] != shape[3] or shape[3] not in sequences:
             continue
         if shape[0] not in (None, image.batch):
             continue
-        layout = guess_layout((None, shape[3], None), image.size)
+        layout = next((t for t in layouts if t.startswith("tokens:") and _token_count(t) == shape[3]), None) \
+            or guess_layout((None, shape[3], None), image.size)
         if layout is not None and parse_tokens(layout)[0] >= 1:
-            found.append(name)
-    return found
+            found.setdefault(layout, []).append(name)
+    if not found:
+        return [], None
+    layout = next(reversed(found))
+    return found[layout], layout
+
+
+def _token_count(layout: str) -> int:
+    prefix, height, width = parse_tokens(layout)
+    return prefix + height * width
 
 
 def attention_reads(model: onnx.ModelProto, shapes: dict[str, list | None], image: ImageInput) -> str | None:

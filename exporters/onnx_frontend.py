@@ -14,11 +14,27 @@ from ..contract import CLASS_INPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
 from ..core.layouts import attention_layout, check_layout, guess_layout
 from ..errors import ExportError
 from ..files import atomic_path
-from .autodiff import (NON_DIFFERENTIABLE, QUANTIZED_RULES, RULES, GraphBuilder, Value, append_gradients,
-                       expose_dequantized, prune)
+from .autodiff import (
+    NON_DIFFERENTIABLE,
+    QUANTIZED_RULES,
+    RULES,
+    GraphBuilder,
+    Value,
+    append_gradients,
+    expose_dequantized,
+    prune,
+)
 from .bundle import bundle
-from .discovery import (ImageInput, attention_probabilities, attention_token_counts, default_target, grid_candidates,
-                        image_input, is_attention_matrix, one_hot_seed)
+from .discovery import (
+    ImageInput,
+    attention_probabilities,
+    attention_token_counts,
+    default_target,
+    grid_candidates,
+    image_input,
+    is_attention_matrix,
+    one_hot_seed,
+)
 from .functions import expand_functions
 from .head import head_cuts
 from .input_gradients import add_input_gradients
@@ -242,10 +258,11 @@ def _checked_layout(name: str, shape, layout: str | None, image: ImageInput) -> 
 
 
 def _attentions(model, shapes, image: ImageInput, given, layouts) -> tuple[list[str], str | None]:
-    """Attention probabilities for rollout (given, or found by discovery) and their token layout."""
-    attentions = attention_probabilities(model, shapes, image) if given is None else list(given)
+    """Attention probabilities for rollout and their token layout: found by discovery, or as given (checked)."""
+    if given is None:
+        return attention_probabilities(model, shapes, image, layouts)
     found = set()
-    for name in attentions:
+    for name in given:
         shape = shapes.get(name)
         layout = None if not shape or len(shape) != 4 or shape[2] != shape[3] else attention_layout(shape[3], layouts)
         if layout is None:
@@ -254,7 +271,7 @@ def _attentions(model, shapes, image: ImageInput, given, layouts) -> tuple[list[
         found.add(layout)
     if len(found) > 1:
         raise ExportError(f"the attention tensors lie on different token grids: {sorted(found)}")
-    return attentions, found.pop() if found else None
+    return list(given), found.pop() if found else None
 
 
 def _append_outputs(model, builder: GraphBuilder, image: ImageInput, score: str, num_classes: int,
