@@ -130,3 +130,20 @@ def test_large_models_are_written_with_their_data_beside_them(tmp_path):
     result = onnxcam.Explainer(tmp_path / "big.onnx", provider="cpu").explain(
         np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32))
     assert result.heatmaps.shape == (3, 32, 32)
+
+
+VIT_LIKE = [e for e in ENTRIES if (e.get("family") or "").startswith(("vit", "deit")) and "Attention op" not in
+            json.dumps(e.get("structure", ""))]
+
+
+@pytest.mark.parametrize("entry", VIT_LIKE, ids=[e["name"] for e in VIT_LIKE])
+def test_rollout_finds_the_attention_of_every_block(entry, tmp_path):
+    """ViTs and DeiTs from both exporters and onnxslim: the attention probabilities are found by structure
+    (one per block, over the CLS token(s) and the patch grid), whatever the normalisation looks like."""
+    size = tuple(entry["size"]) if entry["spatial"] != "static" else None
+    spec = export_onnx(FOREIGN / entry["name"], tmp_path / "explainable.onnx", input_size=size)
+    prefix = 2 if entry["family"].startswith("deit") else 1
+    assert spec.attention_layout == f"tokens:{prefix}:4x4" and len(spec.attentions) == 2
+    images = [np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8)] * 3
+    maps = onnxcam.Explainer(tmp_path / "explainable.onnx", provider="cpu").explain(images, method="rollout").heatmaps
+    assert maps.shape == (3, *spec.input_size) and maps.max() == pytest.approx(1)
