@@ -269,8 +269,8 @@ def explain(model, images, outdir, recursive, list_file, method, target, provide
     except OnnxcamError as error:
         raise Failed.of(error) from None
     if ray_address is not None:
-        return _explain_on_ray(model, sources, Path(outdir), outputs, ray_address, actors, resume, method=method,
-                               target=target, batch_size=batch_size, provider=provider)
+        return _explain_on_ray(model, sources, Path(outdir), outputs, ray_address, actors, resume, verbose,
+                               method=method, target=target, batch_size=batch_size, provider=provider)
     try:
         explainer = Explainer(model, provider=provider)
         if isinstance(target, int):
@@ -325,7 +325,8 @@ def _progress(verbose: bool):
             bar.close()
 
 
-def _explain_on_ray(model, sources, outdir: Path, outputs, address: str, actors: int, resume: bool, **options):
+def _explain_on_ray(model, sources, outdir: Path, outputs, address: str, actors: int, resume: bool, verbose: bool,
+                    **options):
     """`explain --ray`: the same job on Ray Data (onnxcam.ray), writing the table only."""
     if resume or outputs.files or not outputs.table:
         raise Failed("with --ray the job writes the table only, and starts over: use --save table, without --resume")
@@ -333,9 +334,14 @@ def _explain_on_ray(model, sources, outdir: Path, outputs, address: str, actors:
         from .ray import explain_on_ray
     except ImportError as error:
         raise Failed(f"--ray needs its extra: pip install 'onnxcam[ray]' ({error})") from None
+    if not verbose:  # Ray's own progress bars and logs
+        from ray.data import DataContext
+
+        logging.getLogger("ray").setLevel(logging.ERROR)
+        DataContext.get_current().enable_progress_bars = False
     try:
-        summary = explain_on_ray(model, sources, outdir, address=address or None,
-                                 actors=actors, **options)
+        summary = explain_on_ray(model, sources, outdir, address=address or None, actors=actors,
+                                 complain=_reporting()["complain"], **options)
     except OnnxcamError as error:
         raise Failed.of(error) from None
     _summarise(summary.explained, summary.failed, 0, outdir)

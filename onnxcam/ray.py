@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +70,14 @@ class ExplainActor:
 
 def explain_on_ray(model: str | os.PathLike, sources: Iterable[Source | str | os.PathLike], outdir, *,
                    address: str | None = None, actors: int = 1, method: str = "gradcam", target: int | None = None,
-                   batch_size: int = 8, provider: str = "auto") -> Summary:
+                   batch_size: int = 8, provider: str = "auto",
+                   complain: Callable[[str], None] = lambda line: None) -> Summary:
     """Explain `sources` on the Ray cluster at `address` (None: RAY_ADDRESS's, or a new local one; a cluster
     already joined by this process is used as it is) into the Parquet table `outdir`/table.
 
     `actors` sessions run at once: one GPU each where the cluster has GPUs (provider CUDA), else one CPU
-    each, with one ONNX Runtime thread.
+    each, with one ONNX Runtime thread. Each image that could not be read is told to `complain` in one line
+    when the run is over.
     """
     paths = [item.path if isinstance(item, Source) else os.fspath(item) for item in sources]
     if not paths:
@@ -97,7 +99,7 @@ def explain_on_ray(model: str | os.PathLike, sources: Iterable[Source | str | os
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
     explained.write_parquet(str(table), ray_remote_args={"num_cpus": 0})
-    return _summary(table, outdir)
+    return _summary(table, outdir, complain)
 
 
 def _as_uri(path: str) -> str:
@@ -112,12 +114,14 @@ def _check_model(model) -> None:
     Explainer(model, provider="cpu", threads=1)
 
 
-def _summary(table: Path, outdir: Path) -> Summary:
-    """Counts from the table written: images with explained rows, and failed images (rows with an error)."""
+def _summary(table: Path, outdir: Path, complain: Callable[[str], None]) -> Summary:
+    """Counts from the table written (images with explained rows, images with an error), each error told."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pds
 
     rows = pds.dataset(table, format="parquet").to_table(columns=["path", "error"])
     failed = rows.filter(pc.is_valid(rows.column("error")))
+    for message in failed.column("error").to_pylist():
+        complain(message)
     explained = pc.count_distinct(rows.filter(pc.is_null(rows.column("error"))).column("path")).as_py()
     return Summary(explained=explained, failed=failed.num_rows, outdir=outdir, table=table)
