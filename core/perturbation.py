@@ -62,13 +62,6 @@ def ablation_value(activations: np.ndarray) -> float:
     return 0.0 if low == 0 else low - 1e7
 
 
-def ablated_copies(activation: np.ndarray, channels: np.ndarray, value: float) -> np.ndarray:
-    """One copy of a K x h x w activation per channel in `channels`, that channel set to `value`."""
-    copies = np.repeat(activation[None], len(channels), axis=0)
-    copies[np.arange(len(channels)), channels] = value
-    return copies
-
-
 def ablation_weights(scores: np.ndarray, ablated_scores: np.ndarray) -> np.ndarray:
     """Ablation-CAM's weights (Desai & Ramaswamy, WACV 2020, eq. 3; pytorch-grad-cam): the relative drop of the
     class score when channel k is ablated, (y_c - y_c^k) / y_c. scores: B, ablated_scores: B x K."""

@@ -36,7 +36,6 @@ from .core.methods import (
     refine,
 )
 from .core.perturbation import (
-    ablated_copies,
     ablation_value,
     ablation_weights,
     iscam_coefficients,
@@ -259,13 +258,17 @@ def _ablation_cam(explainer, batch, classes, options: dict) -> Result:
     ablated = np.empty(grid.shape[:2])
     for image in range(len(grid)):
         value = ablation_value(activation[image])
-        for start in range(0, grid.shape[1], options["batch_size"]):
-            channels = np.arange(start, min(start + options["batch_size"], grid.shape[1]))
+        copies = np.repeat(grid[image][None], min(options["batch_size"], grid.shape[1]), axis=0)
+        for start in range(0, grid.shape[1], len(copies)):
+            channels = np.arange(start, min(start + len(copies), grid.shape[1]))
+            rows = np.arange(len(channels))
+            copies[rows, channels] = value  # copy i has channel start + i ablated; restored after the run
             exposed = {name: np.ascontiguousarray(np.repeat(cut[image:image + 1], len(channels), axis=0))
                        for name, cut in zip(spec.cuts, cuts, strict=True)}
-            exposed[spec.activations[0]] = _from_grid(ablated_copies(grid[image], channels, value), spec.layouts[0])
+            exposed[spec.activations[0]] = _from_grid(copies[:len(channels)], spec.layouts[0])
             head_scores = head.scores(spec.scores, exposed).reshape(len(channels), -1)
             ablated[image, channels] = head_scores[:, selected[image]]
+            copies[rows, channels] = grid[image][channels]
     weights = ablation_weights(scores[np.arange(len(grid)), selected], ablated)
     return Result(heatmaps([class_activation_map(grid, weights.astype(grid.dtype))], spec.input_size), scores,
                   selected)
