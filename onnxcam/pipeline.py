@@ -566,13 +566,13 @@ class _Job:
 
 def _map_entries(explanation: Explanation, image: int, indices: list[int], labels) -> list[dict]:
     """Per map of one image: the class explained (-1 for a target that is not a class), its label and score
-    (the target's own score where the explanation has one, else the class probability)."""
+    (the class probability; for a target that is not a class, the target's own score)."""
     probability = probabilities(explanation.logits[image:image + 1])[0]
     own = getattr(explanation, "scores", None)
     entries = []
     for m in indices:
         target = int(explanation.targets[m])
-        score = own[m] if own is not None else probability[target] if target >= 0 else None
+        score = probability[target] if target >= 0 else None if own is None else own[m]
         entries.append({"target": target, "label": labels[target] if labels and target >= 0 else None,
                         "score": None if score is None else float(score)})
     return entries
