@@ -125,7 +125,9 @@ def measure(args, files: dict) -> list[dict]:
 
 
 def write(rows: list[dict], path: Path) -> None:
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores (CPU); median of the timed runs, "
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores (CPU; load average at the end {load}: "
+             f"other jobs shared the cores); median of the timed runs, "
              f"[p10, p90]; x floor = latency / plain ONNX Runtime inference of the same model and batch (medians; "
              f"then p10s, less sensitive to a busy machine); head: the head run alone, for all the maps.", "",
              "| model | batch | configuration | maps | median ms | [p10, p90] | x floor | x floor (p10) |",
