@@ -90,7 +90,9 @@ class Explainer:
 
         The batch may also be an OrtValue or a DLPack tensor (PyTorch, CuPy): one already on the GPU is
         bound there, with no copy through the host.
-        `targets`: None (each image's top-1 class), one class index for all, or one per image.
+        `targets`: None (each image's top-1 class), one class index for all, or one per image; or targets of
+        onnxcam.targets (Classes, Segmentation, Detection, Similarity, Contrast), one for all or one per image: the
+        heatmaps are then M x H x W, one per (image, target) pair (see Explanation.image_index).
         `head_fusion` and `discard_ratio` apply to the rollout methods only. `eigen_smooth` and `aug_smooth`
         (pytorch-grad-cam's options) apply to the CAMs; `options` are a method's own (onnxcam.strategies.OPTIONS).
         """
