@@ -404,3 +404,25 @@ def test_targets_from_plain_options():
                          ({"task": "embed"}, "concept"), ({"task": "pose"}, "unknown task 'pose'")]:
         with pytest.raises(ExplainError, match=message):
             from_options(**bad)
+
+
+def test_a_vit_head_reads_the_residual_stream_as_a_cut(tmp_path):
+    """A ViT's target (the first LayerNorm of its last block) does not hold the residual stream the rest of the
+    block adds to: the head reads it as a cut tensor, and several classes still equal single-class runs."""
+    from onnxcam.testing.zoo_transformers import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image=32, patch=8, dim=32, depth=2, heads=2, classes=5).eval()
+    plain, path = tmp_path / "vit.onnx", tmp_path / "vit.explain.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, 32, 32),), plain, dynamo=False, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    spec = export_onnx(plain, path)
+    assert len(spec.cuts) >= 1
+    explainer = onnxcam.Explainer(path, provider="cpu")
+    x = _images(10).numpy()
+    result = explainer.explain(x, targets=Classes(1, 3))
+    for position, class_index in enumerate((1, 3)):
+        np.testing.assert_allclose(result.heatmaps[position::2], explainer.explain(x, targets=class_index).heatmaps,
+                                   atol=1e-6)
