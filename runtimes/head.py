@@ -60,6 +60,8 @@ class HeadRunner:
         runner = self.runner(output)
         feeds = {name: np.ascontiguousarray(value[image_index])
                  for name, value in zip([*self.inputs, *self.cuts], [*activations, *cuts], strict=True)}
-        feeds[SEED_INPUT] = np.ascontiguousarray(seeds, dtype=np.float32)
+        seed_type = next(i.type for i in runner.session.get_inputs() if i.name == SEED_INPUT)
+        feeds[SEED_INPUT] = np.ascontiguousarray(seeds, dtype=np.float16 if seed_type == "tensor(float16)" else
+                                                 np.float64 if seed_type == "tensor(double)" else np.float32)
         names = [o.name for o in runner.session.get_outputs()]
         return runner.run(names, feeds)
