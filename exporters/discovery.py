@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from ..contract import CLASS_INPUT
 from ..core.layouts import grid_of, guess_layout, parse_tokens, to_grid
 from ..errors import ExportError
 from .autodiff import GraphBuilder, Value, append_gradients
@@ -63,7 +64,7 @@ def image_input(model: onnx.ModelProto, name: str | None = None, layout: str | N
         if len(chosen) != 1:
             raise ExportError(f"expected one 4-D image input, found {len(chosen)} among {[i.name for i in inputs]}",
                               option="input")
-    others = [i.name for i in inputs if i is not chosen[0]]
+    others = [i.name for i in inputs if i is not chosen[0] and i.name != CLASS_INPUT]  # an explainable file's own
     if others:
         raise ExportError(f"the model has inputs besides the image ({', '.join(others)}) with no default value")
     value = chosen[0]

@@ -64,7 +64,8 @@ class Explainer:
         self.runner = BoundRunner(self.session)
         spec = ExplainSpec.from_metadata(self.session.get_modelmeta().custom_metadata_map)
         if spec is None:
-            raise ExplainError(f"{path} has no gradient outputs: make it explainable first (onnxcam export)")
+            raise ExplainError(f"{path} has no gradient outputs: make it explainable first with "
+                               f"`onnxcam export {path} -o OUT.onnx`")
         self.spec: ExplainSpec = spec
         self.head = HeadRunner(path, self.session, spec)
 

@@ -147,7 +147,7 @@ def test_explain_on_a_plain_onnx_file_suggests_export(workdir, tmp_path):
     (["tiny_models:build", "--target-layer", "44"], "error: unknown layer '44'; closest: 4"),
     (["tiny_models:nothing"], "error: cannot load tiny_models:nothing"),
     (["missing.onnx"], "error: missing.onnx: no such file"),
-    (["tiny_models:build", "--mean", "0.5,0.5"], "error: --mean needs 3 values"),
+    (["tiny_models:build", "--mean", "0.5,0.5"], "error: mean needs 3 values, one per input channel; got 2 (set --mean)"),
     (["tiny_models:build", "--weights", "labels.txt"], "error: labels.txt: cannot load as a state dict"),
 ])
 def test_export_refuses_mistakes_in_one_line(workdir, args, message):
