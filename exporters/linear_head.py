@@ -128,3 +128,23 @@ class HeadScores:
     def scores(self, output: str, exposed: dict[str, np.ndarray]) -> np.ndarray:
         """`output` for the exposed tensors given (all with the same number of rows)."""
         return self.session.run([output], {name: exposed[source] for name, source in self.inputs.items()})[0]
+
+
+def forward_model(path, spec: ExplainSpec) -> onnx.ModelProto:
+    """The explainable file cut down to the nodes that compute the scores from the image: no class selection, no
+    gradients (the perturbation methods' many runs need the scores only)."""
+    model = onnx.load(str(path))
+    needed, kept = {spec.scores}, []
+    for node in reversed(model.graph.node):
+        if any(output in needed for output in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    graph = model.graph
+    scores = next(info for info in graph.output if info.name == spec.scores)
+    inputs = [info for info in graph.input if info.name in needed and info.name not in
+              {t.name for t in graph.initializer}]
+    forward = helper.make_graph(kept[::-1], "onnxcam_scores", inputs, [scores],
+                                [t for t in graph.initializer if t.name in needed])
+    result = helper.make_model(forward, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    result.functions.extend(model.functions)
+    return result

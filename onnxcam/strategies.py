@@ -199,16 +199,37 @@ _HEAD_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _class_scores(explainer, inputs: np.ndarray, targets: np.ndarray, batch_size: int) -> np.ndarray:
-    """The score of class targets[i] for each input i: session runs of `batch_size` inputs fetching the scores only."""
+    """The score of class targets[i] for each input i: runs of `batch_size` inputs on the forward-only session."""
     spec = explainer.spec
+    runner = _scores_runner(explainer)
     found = np.empty(len(inputs))
     for start in range(0, len(inputs), batch_size):
         part = np.ascontiguousarray(inputs[start:start + batch_size], dtype=np.float32)
-        (scores,) = explainer.runner.run([spec.scores], {spec.input: part,
-                                                         spec.class_input: np.zeros(len(part), np.int64)})
+        (scores,) = runner.run([spec.scores], {spec.input: part})
         scores = scores.reshape(len(part), -1)
         found[start:start + len(part)] = scores[np.arange(len(part)), targets[start:start + len(part)]]
     return found
+
+
+def _scores_runner(explainer):
+    """A session computing the scores alone: ONNX Runtime runs every node of a graph whatever is fetched, so the
+    explainable file would pay its backward pass on every masked batch (exporters.linear_head.forward_model)."""
+    cached = _SCORES_RUNNERS.get(explainer)
+    if cached is None:
+        import onnxruntime as ort
+
+        from .exporters.linear_head import forward_model
+        from .runtimes.binding import BoundRunner
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = explainer.session.get_session_options().intra_op_num_threads
+        model = forward_model(explainer.head.path, explainer.spec)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=explainer.session.get_providers())
+        cached = _SCORES_RUNNERS[explainer] = BoundRunner(session)
+    return cached
+
+
+_SCORES_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _score_cam(explainer, batch, classes, method: str, options: dict) -> Result:
