@@ -43,7 +43,7 @@ CONFIGS = {
     "torchcam:gradcam": (5, True), "pytorch-grad-cam:gradcam": (5, True),
     "onnxcam:ablationcam": (3, False), "pytorch-grad-cam:ablationcam": (1, True),
     "onnxcam:scorecam": (1, False), "torchcam:scorecam": (1, True),
-    "onnxcam:integrated-gradients": (3, False), "captum:integrated-gradients": (3, True),
+    "onnxcam:integrated-gradients": (2, False), "captum:integrated-gradients": (2, True),
 }
 COMPARISONS = [("Ablation-CAM", "onnxcam:ablationcam", "pytorch-grad-cam:ablationcam"),
                ("Score-CAM, layer1, 256 channels", "onnxcam:scorecam", "torchcam:scorecam"),
