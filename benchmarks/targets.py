@@ -1,6 +1,7 @@
 """What targets beyond one class cost, side by side in one run (issue 11): plain ONNX Runtime inference (the floor),
 one Grad-CAM map per image (the exported class, one session run), five class maps per image (Classes(top=5):
-one backbone run, then the head alone for the five maps) on ResNet-50 at batches 1 and 8; and every detection
+one backbone run, then the head alone for the five maps), and the eager PyTorch way (a forward pass, five backward
+passes), on ResNet-50 at batches 1 and 8; and every detection
 of nudenet's YOLOv8n (320 x 320) on scikit-image's astronaut against its plain inference.
 
     python benchmarks/targets.py                    # writes benchmarks/results/targets.md
@@ -29,8 +30,8 @@ RESULTS = HERE / "results"
 ROUNDS = 3
 YOLO_SIZE = (320, 320)
 CASES = [("resnet50", 1), ("resnet50", 8), ("yolov8n", 1)]
-CONFIGS = {"resnet50": ["floor", "top-1", "top-5", "head:top-5"], "yolov8n": ["floor", "top-1", "detections",
-                                                                             "head:detections"]}
+CONFIGS = {"resnet50": ["floor", "top-1", "top-5", "head:top-5", "eager:top-5"],
+           "yolov8n": ["floor", "top-1", "detections", "head:detections"]}
 
 
 def prepare_yolo(folder: Path) -> tuple[Path, Path]:
@@ -70,10 +71,12 @@ def worker(args) -> dict:
         call = lambda: session.run(None, {name: batch})  # noqa: E731
     elif args.config.startswith("head:"):
         call = head_call(explainer, batch, targets[args.config[5:]])
+    elif args.config == "eager:top-5":
+        call = eager_top5(batch, args.threads)
     else:
         call = lambda: explainer.explain(batch, targets=targets[args.config])  # noqa: E731
-    maps = len(explainer.explain(batch, targets=targets.get(args.config.removeprefix("head:"))).targets)
-    maps = 0 if args.config == "floor" else maps
+    kind = args.config.removeprefix("head:").removeprefix("eager:")
+    maps = 0 if args.config == "floor" else len(explainer.explain(batch, targets=targets.get(kind)).targets)
     times = interleaved({args.config: call}, args.repeats, args.budget)[args.config]
     return {"times": times, "maps": maps}
 
@@ -88,6 +91,33 @@ def head_call(explainer, batch: np.ndarray, target):
     index = np.array([image for image, _ in picks], dtype=np.int64)
     seeds = np.stack([pick.seed for _, pick in picks])
     return lambda: explainer.head.gradients(spec.scores, activations, cuts, index, seeds)
+
+
+def eager_top5(batch: np.ndarray, threads: int):
+    """The eager PyTorch way, as generous as it gets: one forward pass with a hook on layer4, then one backward
+    pass (from the scores down) per class of the five, Grad-CAM weights from each gradient, maps upsampled."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(HERE))
+    from models import MODELS
+
+    torch.set_num_threads(threads)
+    build, layer = MODELS["resnet50"]
+    model, inputs, captured = build(), torch.from_numpy(batch), {}
+    model.get_submodule(layer).register_forward_hook(lambda m, i, o: captured.__setitem__("A", o))
+
+    def run():
+        scores = model(inputs)
+        maps = []
+        for rank in range(5):
+            chosen = scores.topk(5, dim=1).indices[:, rank]
+            (gradient,) = torch.autograd.grad(scores.gather(1, chosen[:, None]).sum(), captured["A"], retain_graph=True)
+            cam = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * captured["A"]).sum(1, keepdim=True))
+            maps.append(F.interpolate(cam.detach(), size=inputs.shape[2:], mode="bilinear", align_corners=False))
+        return maps
+
+    return run
 
 
 def run_worker(args, model, batch, plain, explainable, config) -> dict:
