@@ -1,8 +1,8 @@
 """The `input_gradients` export option: the gradient of the selected class score down to the input image, for
 guided backpropagation, Guided Grad-CAM, saliency, SmoothGrad and Integrated Gradients. It costs a backward pass
-through the whole network on every run of the file, so it is opt-in. A boolean initializer, `onnxcam_guided`
-(False), switches the ReLUs' rule to guided backpropagation's: ONNX Runtime folds it away, and a runtime that
-wants guided gradients loads the file a second time with it set to True (onnxcam.strategies). The target-layer
+through the whole network on every run of the file, so it is opt-in. The ReLUs' masks of that backward pass are
+marked (autodiff.guided): a runtime that wants guided backpropagation loads the file a second time with them
+rewritten (onnxcam.strategies), and the file's own runs pay nothing for it. The target-layer
 gradients keep the plain rule either way (they come from the first walk), so one run serves Guided Grad-CAM.
 """
 
@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..contract import METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
 from ..errors import ExportError
 from .autodiff import GraphBuilder, append_gradients, prune
-from .autodiff.guided import guided_rules
+from .autodiff.guided import GUIDED_MARK, input_gradient_rules
 
 INPUT_GRADIENT_OUTPUT = "onnxcam_input_gradient"
-GUIDED_INPUT = "onnxcam_guided"
 
 
 def bias_layers(model: onnx.ModelProto, builder: GraphBuilder) -> list[tuple[str, np.ndarray]]:
@@ -39,7 +38,7 @@ def bias_layers(model: onnx.ModelProto, builder: GraphBuilder) -> list[tuple[str
 
 
 def add_input_gradients(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The explainable `model` with the input gradient output and the guided switch added (in place)."""
+    """The explainable `model` with the input gradient (and FullGrad's bias gradients) added (in place)."""
     props = {p.key: p.value for p in model.metadata_props}
     spec = ExplainSpec.from_json(props[METADATA_KEY])
     if spec.input_type not in ("float32", "float16", "float64") or spec.input_layout != "nchw":
@@ -50,10 +49,9 @@ def add_input_gradients(model: onnx.ModelProto) -> onnx.ModelProto:
     one_hot = builder.op("OneHot", builder.value(SELECTED_OUTPUT), builder.ints([spec.num_classes]),
                          builder.const(np.array([0.0, 1.0]), like=score), axis=-1)
     seed = builder.op("Reshape", one_hot, builder.op("Shape", score))
-    switch = builder.value(GUIDED_INPUT)
     layers = bias_layers(model, builder)
     gradient, *bias_gradients = append_gradients(model, [spec.input, *(name for name, _ in layers)], spec.scores,
-                                                 seed, builder, overrides=guided_rules(switch))
+                                                 seed, builder, overrides=input_gradient_rules())
     builder.nodes.append(helper.make_node("Identity", [gradient.name], [INPUT_GRADIENT_OUTPUT]))
     outputs = [helper.make_tensor_value_info(INPUT_GRADIENT_OUTPUT, builder.elem_type(spec.input),
                                              _dims(model, spec.input))]
@@ -66,9 +64,9 @@ def add_input_gradients(model: onnx.ModelProto) -> onnx.ModelProto:
         outputs.append(helper.make_tensor_value_info(f"onnxcam_bias_{index}", onnx.TensorProto.FLOAT, [len(bias)]))
     prune(builder, [o.name for o in outputs])
     model.graph.node.extend(builder.nodes)
-    model.graph.initializer.extend([*builder.initializers, numpy_helper.from_array(np.array(False), GUIDED_INPUT)])
+    model.graph.initializer.extend(builder.initializers)
     model.graph.output.extend(outputs)
-    spec.input_gradient, spec.guided_input = INPUT_GRADIENT_OUTPUT, GUIDED_INPUT
+    spec.input_gradient, spec.guided_input = INPUT_GRADIENT_OUTPUT, GUIDED_MARK
     spec.bias_gradients = [f"onnxcam_bias_gradient_{i}" for i in range(len(layers))]
     spec.biases = [f"onnxcam_bias_{i}" for i in range(len(layers))]
     helper.set_model_props(model, {**props, METADATA_KEY: spec.to_json()})

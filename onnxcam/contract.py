@@ -47,8 +47,8 @@ class ExplainSpec:
     # float tensors the head (the nodes between the targets and the outputs) reads besides the targets,
     # exposed so that it can run alone on them (exporters.head)
     cuts: list[str] = field(default_factory=list)
-    # the gradient of the score w.r.t. the input image (export option input_gradients), and the boolean
-    # initializer that switches its ReLUs to guided backpropagation's rule (False in the file)
+    # the gradient of the score w.r.t. the input image (export option input_gradients), and the name prefix of
+    # its ReLU masks' Where nodes, which a runtime rewrites for guided backpropagation (exporters.autodiff.guided)
     input_gradient: str | None = None
     guided_input: str | None = None
     # FullGrad's layers with a bias (with input_gradients): the gradient w.r.t. each output, and its bias

@@ -329,7 +329,7 @@ def _refine_cam(explainer, batch, classes, base: str, eigen: bool) -> Result:
 
 def _input_gradient_run(explainer, batch, classes, guided: bool, names: list[str]):
     """One session run fetching the scores, the classes, `names` and the gradient of the score w.r.t. the input
-    (guided backpropagation's where `guided`: on the file's second session, with its guided switch on)."""
+    (guided backpropagation's where `guided`: on the file's second session, its ReLU masks rewritten)."""
     spec = explainer.spec
     runner = _guided_runner(explainer) if guided else explainer.runner
     return runner.run([spec.scores, spec.selected, *names, spec.input_gradient],
@@ -337,19 +337,16 @@ def _input_gradient_run(explainer, batch, classes, guided: bool, names: list[str
 
 
 def _guided_runner(explainer):
-    """A second session on the file with its guided switch set to True (built once, on first use)."""
+    """A second session on the file with its ReLU masks rewritten to guided backpropagation's (built once)."""
     cached = _GUIDED_RUNNERS.get(explainer)
     if cached is None:
         import onnx
         import onnxruntime as ort
-        from onnx import numpy_helper
 
+        from .exporters.autodiff.guided import guided
         from .runtimes.binding import BoundRunner
 
-        model = onnx.load(str(explainer.head.path))
-        for index, tensor in enumerate(model.graph.initializer):
-            if tensor.name == explainer.spec.guided_input:
-                model.graph.initializer[index].CopyFrom(numpy_helper.from_array(np.array(True), tensor.name))
+        model = guided(onnx.load(str(explainer.head.path)))
         options = ort.SessionOptions()
         options.intra_op_num_threads = explainer.session.get_session_options().intra_op_num_threads
         session = ort.InferenceSession(model.SerializeToString(), options,

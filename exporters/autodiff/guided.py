@@ -1,24 +1,50 @@
-"""Override tables for the walk (walk.append_gradients's `overrides`) of the input-gradient export: guided
-backpropagation's rule for ReLU, and a faster Conv rule; the other operators keep their rules."""
+"""The input-gradient walk's override table (walk.append_gradients's `overrides`): ReLU's plain rule with its
+masks marked, so that a runtime can rewrite them into guided backpropagation's (guided()), and a faster Conv rule;
+the other operators keep their rules."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
+from onnx import helper
 
-from .graph import GraphBuilder, Node, Value
+from .graph import GraphBuilder, Node
 from .rules import RULES, Grads, Rule, explicit_pads, mask
 
+GUIDED_MARK = "onnxcam_guided_relu/"  # names the Where node of each ReLU's mask in the input-gradient walk
 
-def guided_rules(switch: Value) -> dict[str, Rule]:
-    """Relu's guided rule (Springenberg et al., arXiv 1412.6806, sec. 3.4, eq. for R^l): the gradient passes only
-    where the ReLU's input is positive AND the incoming gradient is positive. `switch`, a boolean scalar, turns it
-    on at run time; off, the rule is the plain ReLU's."""
+
+def input_gradient_rules() -> dict[str, Rule]:
+    """Relu's plain rule with its Where node named GUIDED_MARK + k, so that guided() can find it, and the faster
+    Conv rule."""
+    count = [0]
 
     def relu(g: GraphBuilder, n: Node, dys: Grads) -> Grads:
-        plain = mask(dys[0], n.outputs[0] > 0)
-        return [g.op("Where", switch, mask(plain, dys[0] > 0), plain)]
+        grad = mask(dys[0], n.outputs[0] > 0)
+        g.nodes[-1].name = f"{GUIDED_MARK}{count[0]}"
+        count[0] += 1
+        return [grad]
 
     return {"Relu": relu, "Conv": stride_one_conv}
+
+
+def guided(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with guided backpropagation's ReLU rule (Springenberg et al., arXiv 1412.6806, sec. 3.4): each
+    marked mask Where(y > 0, dy, 0) becomes Where(y > 0 and dy > 0, dy, 0), passing only positive gradients at
+    positive inputs. The forward pass and every other gradient are unchanged (in place)."""
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Where" and node.name.startswith(GUIDED_MARK):
+            positive, both = f"{node.name}/dy_positive", f"{node.name}/guided"
+            zero = f"{node.name}/zero"
+            nodes.append(helper.make_node("Sub", [node.input[1], node.input[1]], [zero], name=zero))
+            nodes.append(helper.make_node("Greater", [node.input[1], zero], [positive], name=positive))
+            nodes.append(helper.make_node("And", [node.input[0], positive], [both], name=both))
+            node.input[0] = both
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
 
 
 def stride_one_conv(g: GraphBuilder, n: Node, dys: Grads) -> Grads:
