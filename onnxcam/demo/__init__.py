@@ -13,7 +13,7 @@ from .. import __version__
 from ..exporters import export_torch
 from ..explainer import Explainer
 from ..files import write_png
-from ..pipeline import explain_files
+from ..pipeline import Summary, explain_files
 from .efficientnet_lite import efficientnet_lite0_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,7 +54,7 @@ def demo_photos(cache: Path) -> list[Path]:
     return paths
 
 
-def run_demo(outdir: Path, method: str = "gradcam", provider: str = "auto", **reporting) -> int:
+def run_demo(outdir: Path, method: str = "gradcam", provider: str = "auto", **reporting) -> Summary:
     """Explain the photos into `outdir`; `reporting` (report, complain) as in pipeline.explain_files."""
     cache = cache_dir()
     explainer = Explainer(demo_model(cache), provider=provider)
