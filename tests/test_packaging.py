@@ -17,6 +17,12 @@ def test_wheel_holds_only_the_onnxcam_namespace(tmp_path):
     wheel = next(tmp_path.glob("onnxcam-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"onnxcam", wheel.name.split("-py3")[0] + ".dist-info"}
-    for module in ["onnxcam/core/methods.py", "onnxcam/exporters/gradients.py", "onnxcam/runtimes/session.py",
-                   "onnxcam/cli.py"]:
+    for module in ["onnxcam/core/methods.py", "onnxcam/exporters/autodiff/rules.py", "onnxcam/runtimes/session.py",
+                   "onnxcam/serving/page.html", "onnxcam/demo/efficientnet_lite.py", "onnxcam/testing/zoo.py",
+                   "onnxcam/contract.py", "onnxcam/cli.py"]:
         assert module in names
+    sources = {str(p.relative_to(ROOT)) for folder in ("core", "exporters", "runtimes", "onnxcam")
+               for p in (ROOT / folder).rglob("*.py")}
+    installed = {name.removeprefix("onnxcam/") for name in names if name.endswith(".py")}
+    missing = {s for s in sources if s.removeprefix("onnxcam/") not in installed}
+    assert not missing, f"modules left out of the wheel (add their package to pyproject.toml): {sorted(missing)}"

@@ -947,7 +947,7 @@ class ShuffleNetV2(nn.Module):
         input_channels = output_channels
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         stage_names = [f"stage{i}" for i in [2, 3, 4]]
-        for name, repeats, output_channels in zip(stage_names, stages_repeats, stages_out_channels[1:], strict=True):
+        for name, repeats, output_channels in zip(stage_names, stages_repeats, stages_out_channels[1:-1], strict=True):
             seq = [ShuffleUnit(input_channels, output_channels, 2)]
             for _ in range(repeats - 1):
                 seq.append(ShuffleUnit(output_channels, output_channels, 1))
