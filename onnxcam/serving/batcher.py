@@ -1,4 +1,4 @@
-"""Micro-batching: requests that arrive together share one session run."""
+"""Micro-batching: requests that arrive together share one session run; each gets back its images' maps."""
 
 from __future__ import annotations
 
@@ -8,16 +8,34 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Histogram
 
-from ..explainer import Explainer
+from ..errors import OnnxcamError
+from ..explainer import Explainer, Explanation
+from ..targets import fixed_classes
 from .protocol import HTTPError
 
 
 @dataclass
 class Job:
     batch: np.ndarray
-    classes: np.ndarray
+    targets: list  # one per image: a class index (-1: the top-1) or an onnxcam.targets object
     method: str
     future: asyncio.Future
+    plain: bool  # every target a class known before the run: it can share a run with any other plain job
+
+
+def job_result(result: Explanation, start: int, end: int) -> Explanation:
+    """The maps of images start..end of a shared run, their image_index counted from the job's first image;
+    boxes and masks only where its maps have some (a run shared with detections gives NaN boxes to the others)."""
+    rows = (result.image_index >= start) & (result.image_index < end)
+
+    def part(array, empty):
+        return None if array is None or empty(array[rows]) else array[rows]
+
+    boxes = part(result.boxes, lambda b: np.isnan(b).all())
+    masks = part(result.masks, lambda m: not m.any())
+    return Explanation(result.heatmaps[rows], result.logits[start:end], result.targets[rows], result.method,
+                       result.image_index[rows] - start, part(result.scores, lambda _: False), boxes, masks,
+                       None if result.attributions is None else result.attributions[start:end])
 
 
 class MicroBatcher:
@@ -49,9 +67,12 @@ class MicroBatcher:
         if self.worker:
             self.worker.cancel()
 
-    async def submit(self, batch: np.ndarray, classes: np.ndarray, method: str):
-        """(logits, heatmaps, targets) for the batch, once its session run is done."""
-        job = Job(batch, classes, method, asyncio.get_running_loop().create_future())
+    async def submit(self, batch: np.ndarray, targets, method: str) -> Explanation:
+        """The Explanation of the batch, once its session run is done. `targets`: one per image (class indices,
+        -1 for the top-1, or onnxcam.targets objects), or one for all."""
+        items = list(targets) if isinstance(targets, (list, tuple, np.ndarray)) else [targets] * len(batch)
+        plain = fixed_classes(items, self.explainer.spec.scores) is not None
+        job = Job(batch, items, method, asyncio.get_running_loop().create_future(), plain)
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -71,27 +92,35 @@ class MicroBatcher:
                     jobs.append(await asyncio.wait_for(self.queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
-            for method in dict.fromkeys(j.method for j in jobs):
-                await self._run(loop, method, [j for j in jobs if j.method == method])
+            for kind in dict.fromkeys((j.method, j.plain) for j in jobs):
+                await self._run(loop, kind[0], [j for j in jobs if (j.method, j.plain) == kind])
 
     async def _run(self, loop: asyncio.AbstractEventLoop, method: str, jobs: list[Job]) -> None:
         jobs = [j for j in jobs if not j.future.done()]  # a request that timed out or went away
         if not jobs:
             return
         batch = np.concatenate([j.batch for j in jobs])
-        classes = np.concatenate([j.classes for j in jobs])
+        targets = [target for job in jobs for target in job.targets]
         self.batch_sizes.observe(len(batch))
         try:
-            result = await loop.run_in_executor(None, lambda: self.explainer.explain(batch, method, classes))
+            result = await loop.run_in_executor(None, lambda: self.explainer.explain(batch, method, targets))
+        except OnnxcamError as error:
+            if len(jobs) > 1:  # one request's bad target (known only once the outputs are seen) spares the others
+                for job in jobs:
+                    await self._run(loop, method, [job])
+                return
+            return self._fail(jobs, error)
         except Exception as error:  # noqa: BLE001 (one bad batch must not stop the worker)
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(error)
-            return
+            return self._fail(jobs, error)
         start = 0
         for job in jobs:
             end = start + len(job.batch)
             if not job.future.done():
-                job.future.set_result((result.logits[start:end], result.heatmaps[start:end],
-                                       result.targets[start:end]))
+                job.future.set_result(job_result(result, start, end))
             start = end
+
+    @staticmethod
+    def _fail(jobs: list[Job], error: Exception) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)

@@ -7,6 +7,9 @@
   preprocessed numbers, or an encoded image as `{"b64": ...}` (TensorFlow Serving's binary convention, also
   `{"image_bytes": {"b64": ...}}`).
 
+Both take the targets of the CLI in their `parameters` (`targets_of`); the maps come back one per (image, target)
+pair, with the image each belongs to, its class, and its score and box where the target gives them.
+
 No web framework here: the embedded server and the KServe model (`onnxcam.kserve`) share it.
 """
 
@@ -15,12 +18,15 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..contract import ExplainSpec
 from ..core import top_classes
+from ..explainer import Explanation
+from ..targets import from_options
 
 MAX_IMAGES = 256  # per request: a claimed batch beyond this is refused before anything is read
 
@@ -42,6 +48,7 @@ class Request:
     images: list[bytes]
     method: str | None
     target: object
+    parameters: dict = field(default_factory=dict)
 
 
 def _input_shape(spec: ExplainSpec) -> list[int]:
@@ -84,17 +91,98 @@ def parse_v2(payload, spec: ExplainSpec) -> Request:
     if array.shape != (needed,):
         raise HTTPError(400, "input data must be a flat list of numbers")
     parameters = _parameters(payload)
-    return Request(array.reshape(shape), [], parameters.get("method"), parameters.get("target"))
+    return Request(array.reshape(shape), [], parameters.get("method"), parameters.get("target"), parameters)
 
 
 def v2_tensor(name: str, array: np.ndarray, datatype: str) -> dict:
     return {"name": name, "shape": list(array.shape), "datatype": datatype, "data": array.ravel().tolist()}
 
 
-def v2_response(name: str, spec: ExplainSpec, logits, heatmaps=None, targets=None) -> dict:
+TARGET_OPTIONS = ("classes", "top", "task", "score_threshold", "concept", "output", "ranks")
+
+
+def _number(value, kind: type, name: str):
+    """An int or float parameter, from JSON or from a query string's text."""
+    wanted = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise HTTPError(400, f"{name} must be {wanted}, got {type(value).__name__}")
+    try:
+        number = kind(value)
+    except ValueError:
+        raise HTTPError(400, f"{name} must be {wanted}, got '{str(value)[:40]}'") from None
+    if kind is int and isinstance(value, float) and number != value:
+        raise HTTPError(400, f"{name} must be {wanted}, got {value}")
+    return number
+
+
+def _numbers(value, kind: type, name: str) -> list:
+    """A list parameter: a JSON list, a single number, or comma-separated text."""
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    elif not isinstance(value, list):
+        value = [value]
+    return [_number(item, kind, name) for item in value]
+
+
+def targets_of(parameters: Mapping):
+    """Explainer.explain's `targets` from a request's parameters. `target` alone keeps its meaning: a class index
+    for every image, or a list of one per image (None: each image's top-1). The CLI's options ask for more
+    (onnxcam.targets.from_options): `classes` (several classes of every image; with `target`, added to it),
+    `top`, `task` (classify, segment, detect, embed), `score_threshold`, `concept` (a list of numbers),
+    `output` and `ranks` (detections by rank, 0 the best)."""
+    target = parameters.get("target")
+    asked = {name: parameters[name] for name in TARGET_OPTIONS if parameters.get(name) not in (None, "", [])}
+    if not asked:
+        return None if target in (None, "") else target
+    classes = _numbers(asked.pop("classes", []), int, "classes")
+    if isinstance(target, list):
+        raise HTTPError(400, "a list as target gives one class per image; several classes of every image are "
+                             "given as classes")
+    if target not in (None, ""):
+        classes = [_number(target, int, "target"), *classes]
+    options = {name: _number(asked[name], kind, name) for name, kind in (("top", int), ("score_threshold", float))
+               if name in asked}
+    options |= {name: _numbers(asked[name], kind, name) for name, kind in (("concept", float), ("ranks", int))
+                if name in asked}
+    for name in ("task", "output"):
+        if name in asked:
+            if not isinstance(asked[name], str):
+                raise HTTPError(400, f"{name} must be a string, got {type(asked[name]).__name__}")
+            options[name] = asked[name]
+    return from_options(classes, **options)
+
+
+def in_image_pixels(result: Explanation, sizes: list[tuple[int, int]] | None, input_size) -> Explanation:
+    """`result` with its boxes in the pixels of each image as sent (height, width in `sizes`): the model saw them
+    resized to `input_size`. Tensors (sizes None) were sent at the model's size already."""
+    if result.boxes is None or sizes is None:
+        return result
+    height, width = input_size
+    scales = np.array([[w / width, h / height] * 2 for h, w in sizes], dtype=np.float32).reshape(-1, 4)
+    return Explanation(result.heatmaps, result.logits, result.targets, result.method, result.image_index,
+                       result.scores, result.boxes * scales[result.image_index], result.masks, result.attributions)
+
+
+def label_of(target: int, labels: list[str] | None) -> str | None:
+    return labels[target] if labels and 0 <= target < len(labels) else None
+
+
+def has_boxes(result: Explanation) -> bool:
+    """Whether every map is a detection with its box (a map of another target has NaN there)."""
+    return result.boxes is not None and len(result.boxes) > 0 and not np.isnan(result.boxes).any()
+
+
+def v2_response(name: str, spec: ExplainSpec, logits, result: Explanation | None = None) -> dict:
+    """The scores output; with an explanation, per map: heatmaps, targets (the class, -1 where none), image_index,
+    and scores and boxes (x1 y1 x2 y2) where the targets give them."""
     outputs = [v2_tensor(spec.scores, logits, "FP32")]
-    if heatmaps is not None:
-        outputs += [v2_tensor("heatmaps", heatmaps, "FP32"), v2_tensor("targets", targets, "INT64")]
+    if result is not None:
+        outputs += [v2_tensor("heatmaps", result.heatmaps, "FP32"), v2_tensor("targets", result.targets, "INT64"),
+                    v2_tensor("image_index", result.image_index, "INT64")]
+        if result.scores is not None:
+            outputs.append(v2_tensor("scores", result.scores, "FP32"))
+        if has_boxes(result):
+            outputs.append(v2_tensor("boxes", result.boxes, "FP32"))
     return {"model_name": name, "model_version": "1", "outputs": outputs}
 
 
@@ -105,7 +193,10 @@ def v2_metadata(name: str, spec: ExplainSpec, methods: list[str]) -> dict:
         "inputs": [{"name": spec.input, "datatype": "FP32", "shape": [-1, *_input_shape(spec)]}],
         "outputs": [{"name": spec.scores, "datatype": "FP32", "shape": [-1, spec.num_classes]},
                     {"name": "heatmaps", "datatype": "FP32", "shape": [-1, height, width]},
-                    {"name": "targets", "datatype": "INT64", "shape": [-1]}],
+                    {"name": "targets", "datatype": "INT64", "shape": [-1]},
+                    {"name": "image_index", "datatype": "INT64", "shape": [-1]},
+                    {"name": "scores", "datatype": "FP32", "shape": [-1], "optional": True},
+                    {"name": "boxes", "datatype": "FP32", "shape": [-1, 4], "optional": True}],
         "parameters": {"methods": methods, "labels": bool(spec.labels)},
     }
 
@@ -146,12 +237,12 @@ def parse_v1(payload, spec: ExplainSpec) -> Request:
     encoded = [_encoded(instance) for instance in instances]
     parameters = _parameters(payload)
     if all(data is not None for data in encoded):
-        return Request(None, encoded, parameters.get("method"), parameters.get("target"))
+        return Request(None, encoded, parameters.get("method"), parameters.get("target"), parameters)
     if any(data is not None for data in encoded):
         raise HTTPError(400, "instances must be all tensors or all encoded images, not a mix")
     shape = _input_shape(spec)
     batch = np.stack([_tensor_instance(instance, shape) for instance in instances])
-    return Request(batch, [], parameters.get("method"), parameters.get("target"))
+    return Request(batch, [], parameters.get("method"), parameters.get("target"), parameters)
 
 
 def v1_predictions(logits: np.ndarray, labels: list[str] | None, k: int = 5) -> list[dict]:
@@ -161,7 +252,18 @@ def v1_predictions(logits: np.ndarray, labels: list[str] | None, k: int = 5) -> 
             for row, top in zip(logits, tops, strict=True)]
 
 
-def v1_explanations(heatmaps: np.ndarray, targets: np.ndarray, method: str, labels: list[str] | None) -> list[dict]:
-    """Per instance: the class explained and its H x W heatmap in [0, 1] at the model's input resolution."""
-    return [{"method": method, "target": int(target), "target_label": labels[int(target)] if labels else None,
-             "heatmap": heatmap.tolist()} for heatmap, target in zip(heatmaps, targets, strict=True)]
+def v1_explanations(heatmaps: np.ndarray, targets: np.ndarray, method: str, labels: list[str] | None,
+                    result: Explanation | None = None) -> list[dict]:
+    """Per map (one per instance for class targets): the class explained and its H x W heatmap in [0, 1] at the
+    model's input resolution; with `result`, also the instance it belongs to, and its score and box (x1 y1 x2 y2
+    in the pixels of the instance as sent) where the target gives them."""
+    entries = [{"method": method, "target": int(target), "target_label": label_of(int(target), labels),
+                "heatmap": heatmap.tolist()} for heatmap, target in zip(heatmaps, targets, strict=True)]
+    if result is not None:
+        for row, entry in enumerate(entries):
+            entry["instance"] = int(result.image_index[row])
+            if result.scores is not None:
+                entry["score"] = float(result.scores[row])
+            if has_boxes(result):
+                entry["box"] = result.boxes[row].tolist()
+    return entries

@@ -16,10 +16,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ..core import COLORMAPS, overlay, top_classes
+from ..core.images import annotate
 from ..errors import OnnxcamError
-from ..explainer import ALL_METHODS, Explainer
+from ..explainer import ALL_METHODS, Explainer, Explanation
 from ..files import decode_image, encode_png
 from ..strategies import capabilities
+from ..targets import Target
 from . import protocol
 from .batcher import MicroBatcher
 from .middleware import Metrics
@@ -38,8 +40,10 @@ class Service:
         reasons = capabilities(explainer)  # per method: None where this file supports it, else why not
         self.methods = [method for method, reason in reasons.items() if reason is None]
         unavailable = {method: reason for method, reason in reasons.items() if reason is not None}
+        self.task = task_of(explainer)
+        config = {"methods": self.methods, "unavailable": unavailable, "model": name, "task": self.task}
         self.page_html = resources.files(__package__).joinpath("page.html").read_text().replace(
-            "__CONFIG__", json.dumps({"methods": self.methods, "unavailable": unavailable, "model": name}))
+            "__CONFIG__", json.dumps(config))
 
     def routes(self) -> list[Route]:
         return [
@@ -68,9 +72,14 @@ class Service:
             raise HTTPError(400, f"unknown method '{method}'; choose from {', '.join(ALL_METHODS)}")
         return method
 
-    def classes_of(self, target, count: int) -> np.ndarray:
+    def targets_of(self, parameters, count: int):
+        """Explainer.explain's targets for `count` images: class indices checked now, or a target object (checked
+        once the outputs are seen)."""
+        targets = protocol.targets_of(parameters)
+        if isinstance(targets, Target):
+            return targets
         try:
-            return self.explainer.class_indices(None if target in (None, "") else target, count)
+            return self.explainer.class_indices(targets, count)
         except (ValueError, TypeError) as error:
             raise HTTPError(400, str(error)) from None
 
@@ -81,16 +90,19 @@ class Service:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise HTTPError(400, "the body is not JSON") from None
 
-    async def run(self, asked: protocol.Request, explain: bool):
-        """(method, logits, heatmaps, targets) for a parsed request, through the micro-batcher."""
+    async def run(self, asked: protocol.Request, explain: bool) -> tuple[str, Explanation]:
+        """(method, explanation) for a parsed request, through the micro-batcher; boxes in the pixels of the
+        images as sent."""
         method = self.method_of(asked.method) if explain else "gradcam"
-        batch = asked.batch
+        batch, sizes = asked.batch, None
         if batch is None:
             images = [await run_in_threadpool(decode_image, data, f"instance {i}", self.max_pixels)
                       for i, data in enumerate(asked.images)]
+            sizes = [image.shape[:2] for image in images]
             batch = await run_in_threadpool(self.explainer.prepare, images)
-        classes = self.classes_of(asked.target, len(batch))
-        return (method, *await self.batcher.submit(batch, classes, method))
+        targets = self.targets_of(asked.parameters if explain else {}, len(batch))
+        result = await self.batcher.submit(batch, targets, method)
+        return method, protocol.in_image_pixels(result, sizes, self.spec.input_size)
 
     # health, metadata, metrics, page
     async def live(self, request: Request) -> Response:
@@ -112,13 +124,13 @@ class Service:
 
     # Open Inference Protocol (V2)
     async def infer_v2(self, request: Request) -> Response:
-        _, logits, _, _ = await self.run(protocol.parse_v2(await self.json_of(request), self.spec), explain=False)
-        return JSONResponse(protocol.v2_response(self.name, self.spec, logits))
+        _, result = await self.run(protocol.parse_v2(await self.json_of(request), self.spec), explain=False)
+        return JSONResponse(protocol.v2_response(self.name, self.spec, result.logits))
 
     async def explain_v2(self, request: Request) -> Response:
         asked = protocol.parse_v2(await self.json_of(request), self.spec)
-        _, logits, heatmaps, targets = await self.run(asked, explain=True)
-        return JSONResponse(protocol.v2_response(self.name, self.spec, logits, heatmaps, targets))
+        _, result = await self.run(asked, explain=True)
+        return JSONResponse(protocol.v2_response(self.name, self.spec, result.logits, result))
 
     # KServe V1
     async def models_v1(self, request: Request) -> Response:
@@ -129,15 +141,16 @@ class Service:
         return JSONResponse({"name": self.name, "ready": self.batcher.running and not self.draining})
 
     async def predict_v1(self, request: Request) -> Response:
-        _, logits, _, _ = await self.run(protocol.parse_v1(await self.json_of(request), self.spec), explain=False)
-        return JSONResponse({"predictions": protocol.v1_predictions(logits, self.explainer.labels)})
+        _, result = await self.run(protocol.parse_v1(await self.json_of(request), self.spec), explain=False)
+        return JSONResponse({"predictions": protocol.v1_predictions(result.logits, self.explainer.labels)})
 
     async def explain_v1(self, request: Request) -> Response:
         asked = protocol.parse_v1(await self.json_of(request), self.spec)
-        method, logits, heatmaps, targets = await self.run(asked, explain=True)
+        method, result = await self.run(asked, explain=True)
         labels = self.explainer.labels
-        return JSONResponse({"predictions": protocol.v1_predictions(logits, labels),
-                             "explanations": protocol.v1_explanations(heatmaps, targets, method, labels)})
+        return JSONResponse({"predictions": protocol.v1_predictions(result.logits, labels),
+                             "explanations": protocol.v1_explanations(result.heatmaps, result.targets, method, labels,
+                                                                      result)})
 
     # an encoded image, for people and the page
     async def image_of(self, request: Request) -> np.ndarray:
@@ -152,6 +165,9 @@ class Service:
         return await run_in_threadpool(decode_image, data, "request body", self.max_pixels)
 
     async def explain_image(self, request: Request) -> Response:
+        """One encoded image: the first map's overlay (Accept: image/png), or JSON with every map's overlay and
+        heatmap (base64 PNGs), class, score and box. Targets as query parameters: `target` (repeatable, or
+        comma-separated: several classes), `top`, `task`, `score_threshold`, `concept`, `output`, `ranks`."""
         query = request.query_params
         method = self.method_of(query.get("method"))
         try:
@@ -162,20 +178,71 @@ class Service:
         if not 0 <= alpha <= 1 or colormap not in COLORMAPS:
             raise HTTPError(400, f"alpha must lie in [0, 1] and colormap be one of {', '.join(COLORMAPS)}")
         image = await self.image_of(request)
-        classes = self.classes_of(query.get("target"), 1)
+        targets = self.targets_of(query_parameters(query), 1)
         # pixel work runs in worker threads (OpenCV releases the GIL): the event loop stays free
         batch = await run_in_threadpool(self.explainer.prepare, image)
-        logits, heatmaps, targets = await self.batcher.submit(batch, classes, method)
-        picture = await run_in_threadpool(lambda: encode_png(overlay(image, heatmaps[0], alpha, colormap)))
+        result = protocol.in_image_pixels(await self.batcher.submit(batch, targets, method), [image.shape[:2]],
+                                          self.spec.input_size)
+        labels = self.explainer.labels
         if "image/png" in request.headers.get("accept", ""):
+            if not len(result.heatmaps):
+                raise HTTPError(422, "no map to draw: this target gives none for this image (for detections: "
+                                     "nothing scored at least the score threshold)")
+            picture = await run_in_threadpool(lambda: encode_png(drawn(image, result, 0, labels, alpha, colormap)))
             return Response(picture, media_type="image/png")
-        grey = np.repeat((heatmaps[0] * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
-        heat = await run_in_threadpool(encode_png, grey)
-        target, labels = int(targets[0]), self.explainer.labels
-        return JSONResponse({"method": method, "target": target, "target_label": labels[target] if labels else None,
-                             "top5": top_classes(logits, 5, labels)[0],
-                             "overlay_png": base64.b64encode(picture).decode(),
-                             "heatmap_png": base64.b64encode(heat).decode()})
+        maps = await run_in_threadpool(lambda: [map_entry(image, result, row, labels, alpha, colormap)
+                                                for row in range(len(result.heatmaps))])
+        first = maps[0] if maps else {"target": None, "target_label": None, "overlay_png": None, "heatmap_png": None}
+        top5 = top_classes(result.logits, min(5, result.logits.shape[1]), labels)[0] if self.task == "classify" else []
+        return JSONResponse({"method": method, "target": first["target"], "target_label": first["target_label"],
+                             "top5": top5, "overlay_png": first["overlay_png"], "heatmap_png": first["heatmap_png"],
+                             "maps": maps})
+
+
+def task_of(explainer: Explainer) -> str:
+    """What the file's score output holds, by its rank: classify (B x K), detect (a head, B x rows x columns),
+    segment (B x K x h x w)."""
+    shapes = {output.name: output.shape for output in explainer.session.get_outputs()}
+    rank = len(shapes.get(explainer.spec.scores) or [None, None])
+    return {3: "detect", 4: "segment"}.get(rank, "classify")
+
+
+def query_parameters(query) -> dict:
+    """A query string's target parameters; for one image, several `target`s are several classes."""
+    parameters = {name: query[name] for name in protocol.TARGET_OPTIONS if name in query}
+    classes = [part for value in query.getlist("target") for part in value.split(",") if part.strip()]
+    if len(classes) == 1 and "classes" not in parameters:
+        parameters["target"] = classes[0]
+    elif classes:
+        parameters["classes"] = ",".join([*classes, parameters.get("classes", "")])
+    return parameters
+
+
+def drawn(image: np.ndarray, result: Explanation, row: int, labels, alpha: float, colormap: str) -> np.ndarray:
+    """Map `row`'s overlay on the image, with its detection's box and label, or its segment's mask outline."""
+    picture = overlay(image, result.heatmaps[row], alpha, colormap)
+    target = int(result.targets[row])
+    if protocol.has_boxes(result):
+        name = protocol.label_of(target, labels) or f"class {target}"
+        score = f" {result.scores[row]:.2f}" if result.scores is not None else ""
+        picture = annotate(picture, box=result.boxes[row], label=name + score)
+    if result.masks is not None:
+        picture = annotate(picture, mask=result.masks[row])
+    return picture
+
+
+def map_entry(image: np.ndarray, result: Explanation, row: int, labels, alpha: float, colormap: str) -> dict:
+    """One map of the image route's JSON answer."""
+    target = int(result.targets[row])
+    grey = np.repeat((result.heatmaps[row] * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+    entry = {"target": target, "target_label": protocol.label_of(target, labels),
+             "overlay_png": base64.b64encode(encode_png(drawn(image, result, row, labels, alpha, colormap))).decode(),
+             "heatmap_png": base64.b64encode(encode_png(grey)).decode()}
+    if result.scores is not None:
+        entry["score"] = float(result.scores[row])
+    if protocol.has_boxes(result):
+        entry["box"] = result.boxes[row].tolist()
+    return entry
 
 
 async def http_error(request: Request, error: Exception) -> Response:

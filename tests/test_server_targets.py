@@ -1,0 +1,153 @@
+"""Targets beyond one class over HTTP: several classes, detections and bad targets on the image route and the
+JSON protocols, checked against the Python API (onnxcam.targets)."""
+
+from __future__ import annotations
+
+import base64
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from conftest import random_images
+
+import onnxcam
+from onnxcam.files import decode_image, encode_png
+from onnxcam.serving import create_app, serving
+from onnxcam.targets import Classes, Detection
+
+
+@pytest.fixture(scope="module")
+def url(small_onnx):
+    with serving(create_app(small_onnx, name="small", provider="cpu", max_wait_ms=50)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def explainer(small_onnx):
+    return onnxcam.Explainer(small_onnx, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def png():
+    return encode_png(random_images(1, seed=11, size=(45, 60))[0])
+
+
+def _grey(encoded: str) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(base64.b64decode(encoded), np.uint8), cv2.IMREAD_GRAYSCALE)
+
+
+def _uint8(heatmaps: np.ndarray) -> np.ndarray:
+    return (heatmaps * 255 + 0.5).astype(np.uint8)
+
+
+def _v2(batch: np.ndarray, **parameters) -> dict:
+    tensor = {"name": "input", "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}
+    return {"inputs": [tensor], "parameters": parameters}
+
+
+def _outputs(answer: dict) -> dict:
+    return {o["name"]: np.reshape(o["data"], o["shape"]) for o in answer["outputs"]}
+
+
+def test_several_classes_on_the_image_route_match_the_python_api(url, explainer, png):
+    expected = explainer.explain(decode_image(png), "layercam", targets=Classes(4, 1))
+    answer = httpx.post(f"{url}/explain?method=layercam&target=4&target=1", content=png).json()
+    assert [m["target"] for m in answer["maps"]] == [4, 1] and answer["target"] == 4
+    assert [m["target_label"] for m in answer["maps"]] == ["class 4", "class 1"]
+    np.testing.assert_allclose([m["score"] for m in answer["maps"]], expected.scores, rtol=1e-5)
+    heat = np.stack([_grey(m["heatmap_png"]) for m in answer["maps"]])
+    np.testing.assert_array_equal(heat, _uint8(expected.heatmaps))
+    overlays = [_grey(m["overlay_png"]).astype(float) for m in answer["maps"]]
+    assert overlays[0].shape == (45, 60) and np.abs(overlays[0] - overlays[1]).mean() > 1  # one overlay per map
+    same = httpx.post(f"{url}/explain?method=layercam&target=4,1", content=png).json()
+    assert [m["heatmap_png"] for m in same["maps"]] == [m["heatmap_png"] for m in answer["maps"]]
+    top = httpx.post(f"{url}/explain?top=3", content=png).json()
+    assert [m["target"] for m in top["maps"]] == [c["class"] for c in top["top5"][:3]]
+
+
+def test_several_classes_over_the_json_protocols_match_the_python_api(url, explainer, png):
+    batch = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    expected = explainer.explain(batch, "gradcam++", targets=Classes(2, 0))
+    answer = httpx.post(f"{url}/v2/models/small/explain", json=_v2(batch, method="gradcam++", classes=[2, 0]))
+    outputs = _outputs(answer.json())
+    np.testing.assert_allclose(outputs["heatmaps"], expected.heatmaps, atol=1e-6)
+    np.testing.assert_array_equal(outputs["targets"], [2, 0] * 3)
+    np.testing.assert_array_equal(outputs["image_index"], [0, 0, 1, 1, 2, 2])
+    np.testing.assert_allclose(outputs["scores"], expected.scores, rtol=1e-5)
+    assert "boxes" not in outputs
+
+    body = {"instances": [{"b64": base64.b64encode(png).decode()}] * 2, "parameters": {"classes": [3, 1]}}
+    explanations = httpx.post(f"{url}/v1/models/small:explain", json=body).json()["explanations"]
+    single = explainer.explain(decode_image(png), targets=Classes(3, 1))
+    assert [(e["instance"], e["target"]) for e in explanations] == [(0, 3), (0, 1), (1, 3), (1, 1)]
+    np.testing.assert_allclose([e["heatmap"] for e in explanations[2:]], single.heatmaps, atol=1e-6)
+
+
+@pytest.mark.parametrize("path, parameters, message", [
+    ("/explain", "task=segment&target=1", "Segmentation needs an output of K x h x w per image; this one is 5"),
+    ("/explain", "target=1&target=9", "class index 9 is out of range: the output has 5 classes (0 to 4)"),
+    ("/explain", "task=magic", "unknown task 'magic'; choose from classify, segment, detect, embed"),
+    ("/explain", "top=two", "top must be an integer, got 'two'"),
+    ("/explain", "task=embed&concept=1,2,3", "the concept has 3 values; the embedding has 5"),
+    ("v2", {"task": "embed", "concept": [1.0, 2.0]}, "the concept has 2 values; the embedding has 5"),
+    ("v2", {"target": [1, 2], "top": 2}, "a list as target gives one class per image"),
+    ("v2", {"top": 2, "classes": [1]}, "give class indices or a number of top classes, not both"),
+    ("v2", {"classes": [1, 7]}, "class index 7 is out of range"),
+])
+def test_bad_targets_get_400_and_one_line(url, png, path, parameters, message):
+    if path == "v2":
+        batch = np.zeros((2, 3, 32, 32), np.float32)
+        response = httpx.post(f"{url}/v2/models/small/explain", json=_v2(batch, **parameters))
+    else:
+        response = httpx.post(f"{url}{path}?{parameters}", content=png)
+    error = response.json()["error"]
+    assert response.status_code == 400 and message in error and "\n" not in error, response.text
+
+
+def test_a_bad_target_spares_the_requests_batched_with_it(url, png):
+    """A class out of range in Classes(1, 9) shows only once the outputs are seen, in a run shared with others."""
+    def call(bad: bool):
+        return httpx.post(f"{url}/explain?target=1&target={9 if bad else 2}", content=png, timeout=60)
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(call, [False, True, False, False, True, False]))
+    assert [a.status_code for a in answers] == [200, 400, 200, 200, 400, 200]
+    assert all([m["target"] for m in a.json()["maps"]] == [1, 2] for a in answers if a.status_code == 200)
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    from test_targets import TinyYolo, _explainable
+
+    folder = tmp_path_factory.mktemp("detector")
+    _explainable(TinyYolo().eval(), folder, "backbone.3")
+    path = folder / "explain.onnx"
+    with serving(create_app(path, name="yolo", provider="cpu")) as base:
+        yield base, onnxcam.Explainer(path, provider="cpu")
+
+
+def test_detections_come_back_in_the_pixels_of_the_image_as_sent(detector):
+    base, explainer = detector
+    image = cv2.GaussianBlur(random_images(1, seed=12, size=(64, 48))[0], (9, 9), 0)
+    expected = explainer.explain(image, targets=Detection(score_threshold=0.575))
+    assert len(expected.boxes) >= 2 and (expected.boxes[:, [1, 3]] > 32).any()  # past the model's 32 x 32
+    answer = httpx.post(f"{base}/explain?task=detect&score_threshold=0.575", content=encode_png(image)).json()
+    assert answer["top5"] == [] and [m["target"] for m in answer["maps"]] == expected.targets.tolist()
+    np.testing.assert_allclose([m["box"] for m in answer["maps"]], expected.boxes, atol=1e-3)
+    np.testing.assert_allclose([m["score"] for m in answer["maps"]], expected.scores, rtol=1e-5)
+    np.testing.assert_array_equal(np.stack([_grey(m["heatmap_png"]) for m in answer["maps"]]),
+                                  _uint8(expected.heatmaps))
+    second = httpx.post(f"{base}/explain?task=detect&score_threshold=0.575&ranks=1", content=encode_png(image),
+                        headers={"Accept": "image/png"})
+    picture = cv2.cvtColor(cv2.imdecode(np.frombuffer(second.content, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    x1, y1, x2, y2 = np.round(expected.boxes[1]).astype(int)
+    edge = picture[y1 + 1:min(y2, 64), min(x1, 47)]
+    assert picture.shape == (64, 48, 3) and (edge == 255).all(axis=1).mean() > 0.8  # the box drawn, in white
+
+    batch = explainer.prepare(image)
+    tensors = _outputs(httpx.post(f"{base}/v2/models/yolo/explain", json=_v2(batch, task="detect",
+                                                                              score_threshold=0.575)).json())
+    np.testing.assert_allclose(tensors["boxes"] * np.array([48, 64, 48, 64]) / 32, expected.boxes, atol=1e-3)
+    np.testing.assert_allclose(tensors["heatmaps"], expected.heatmaps, atol=1e-6)
