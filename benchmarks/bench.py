@@ -226,7 +226,8 @@ def main():
             times, peaks = {}, {}
             for _ in range(ROUNDS):  # workers take turns, so that drift falls on all alike
                 for group in groups:
-                    done = run_worker(args, model_name, batch, plain, explainable, group, max(3, args.repeats // ROUNDS),
+                    repeats = max(3, args.repeats // ROUNDS)
+                    done = run_worker(args, model_name, batch, plain, explainable, group, repeats,
                                       args.budget / ROUNDS)
                     for config, values in done["times"].items():
                         times.setdefault(config, []).extend(values)
@@ -282,7 +283,8 @@ def write(rows, args):
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine_name()} ({machine}); input {args.size}x{args.size}; "
              f"median of up to {args.repeats} runs, [p10, p90].", "",
-             "| model | batch | configuration | median ms | [p10, p90] | images/s | peak MB | x floor | speed-up vs eager |",
+             "| model | batch | configuration | median ms | [p10, p90] | images/s | peak MB | x floor "
+             "| speed-up vs eager |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | {r['median_ms']:.1f} | "

@@ -48,7 +48,8 @@ def main():
     model = train(args.steps)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "vit.onnx"
-        spec = export_torch(model, path, input_shape=(3, 32, 32), mean=[0.5] * 3, std=[0.5] * 3, attention_gradients=True,
+        spec = export_torch(model, path, input_shape=(3, 32, 32), mean=[0.5] * 3, std=[0.5] * 3,
+                            attention_gradients=True,
                             labels=["plus", "ring", "cross"])
         explainer = onnxcam.Explainer(path, provider="cpu")
         images, labels, boxes = shapes.make(200, seed=7)
@@ -61,7 +62,8 @@ def main():
             hits = pointing_game(result.heatmaps, boxes, tolerance=4).mean()
             print(f"{method:>13}: pointing game {hits:.1%} (tolerance 4 px of 32)")
             rows.append(np.hstack([onnxcam.overlay(cv2.resize(image, (128, 128), interpolation=cv2.INTER_NEAREST),
-                                                   heat, alpha=0.5) for image, heat in zip(images[:5], result.heatmaps)]))
+                                                   heat, alpha=0.5)
+                                         for image, heat in zip(images[:5], result.heatmaps)]))
     picture = np.vstack(rows)
     cv2.imwrite(str(args.output), picture[..., ::-1])
     print(f"wrote {args.output}: rows are the input, then {', '.join(METHODS)}")

@@ -17,4 +17,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ExportError", "UnsupportedOperator", "export_onnx", *sorted(_TORCH_NAMES)]
+__all__ = ["ExportError", "UnsupportedOperator", "default_layer", "export_onnx", "export_torch",  # noqa: F822
+           "module_outputs"]  # the last three load torch on first use (__getattr__)

@@ -19,7 +19,8 @@ from .pipeline import collect_images, explain_files
 
 # the flag of each keyword argument that errors name (OnnxcamError.option)
 FLAGS = {"save": "--save", "target_layers": "--target-layer", "layouts": "--layout", "mean": "--mean", "std": "--std",
-         "attention_gradients": "--grad-rollout", "input_gradients": "--input-gradients", "output": "--score-output", "input_size": "--input-size"}
+         "attention_gradients": "--grad-rollout", "input_gradients": "--input-gradients", "output": "--score-output",
+         "input_size": "--input-size", "input": "--input", "input_layout": "--input-layout"}
 
 
 class Failed(click.ClickException):
@@ -52,8 +53,10 @@ def main():
 
 @main.command()
 @click.argument("model")
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Explainable ONNX file to write.")
-@click.option("--target-layer", "targets", multiple=True, help="Module name (PyTorch) or tensor name (ONNX); repeatable.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Explainable ONNX file to write.")
+@click.option("--target-layer", "targets", multiple=True,
+              help="Module name (PyTorch) or tensor name (ONNX); repeatable.")
 @click.option("--input-size", "input_size", callback=lambda c, p, v: _size(v),
               help="H x W (or one side) to explain at: fixes an ONNX file's dynamic sizes; PyTorch default 224.")
 @click.option("--input", "image_input", help="ONNX: the image input, where there are several.")
@@ -71,11 +74,12 @@ def main():
               help="Also export the gradient down to the image, for guided-backprop, guided-gradcam, saliency, "
                    "smoothgrad, integrated-gradients (a backward pass through the whole network).")
 @click.option("--bundle", "bundled", is_flag=True,
-              help="One file taking encoded image bytes, returning logits and the Grad-CAM heatmap (onnxruntime-extensions).")
+              help="One file taking encoded image bytes, returning logits and the Grad-CAM heatmap "
+                   "(onnxruntime-extensions).")
 @click.option("--triton-repo", type=click.Path(file_okay=False),
               help="Also write a Triton model repository for the file here (model.onnx and config.pbtxt).")
-def export(model, out, targets, input_size, image_input, input_layout, weights, mean, std, labels, score_output, layouts,
-           attention_gradients, input_gradients, bundled, triton_repo):
+def export(model, out, targets, input_size, image_input, input_layout, weights, mean, std, labels, score_output,
+           layouts, attention_gradients, input_gradients, bundled, triton_repo):
     """Make MODEL explainable: MODEL is package.module:callable returning a torch.nn.Module, or an .onnx file."""
     names = _read_labels(labels)
     options = dict(target_layers=list(targets) or None, mean=_triple(mean), std=_triple(std), labels=names,
@@ -149,7 +153,8 @@ def _load_module(spec: str, weights):
             state = torch.load(weights, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except Exception as error:  # torch.load reports a bad file with many exception types
-            raise ExportError(f"{weights}: cannot load as a state dict for {spec} ({str(error).splitlines()[0]})") from None
+            reason = str(error).splitlines()[0]
+            raise ExportError(f"{weights}: cannot load as a state dict for {spec} ({reason})") from None
     return model
 
 
@@ -423,7 +428,7 @@ def evaluate(model, images, method, boxes, steps, tolerance, provider, with_road
             given = json.loads(Path(boxes).read_text())
             height, width = explainer.spec.input_size
             scaled = []
-            for path, picture in zip(paths, pictures):
+            for path, picture in zip(paths, pictures, strict=True):
                 if path.name not in given:
                     raise ExplainError(f"{boxes} has no box for {path.name}")
                 x0, y0, x1, y1 = given[path.name]
@@ -464,9 +469,9 @@ def bench(model, batches, methods, provider, threads, repeats):
     for batch_size in batches:
         batch = np.random.default_rng(0).standard_normal((batch_size, channels, height, width)).astype(np.float32)
         classes = np.full(batch_size, -1, np.int64)
-        calls = {"inference (scores only)": lambda: explainer.session.run(
-            [spec.scores], {spec.input: batch, spec.class_input: classes})}
-        calls.update({method: (lambda m=method: explainer.explain(batch, method=m)) for method in methods})
+        calls = {"inference (scores only)": lambda feeds={spec.input: batch, spec.class_input: classes}:
+                 explainer.session.run([spec.scores], feeds)}
+        calls.update({method: (lambda m=method, b=batch: explainer.explain(b, method=m)) for method in methods})
         medians = {name: float(np.median(t)) * 1000 for name, t in interleaved(calls, repeats, 30.0).items()}
         floor = medians["inference (scores only)"]
         for name, ms in medians.items():

@@ -139,7 +139,8 @@ class Explainer:
         """One map per target layer, from the layer's activations and gradients laid out as a grid."""
         compute, needs_gradients = METHODS[method]
         spec = self.spec
-        scores, selected, *tensors = self._run(batch, classes, spec.activations + (spec.gradients if needs_gradients else []))
+        names = spec.activations + (spec.gradients if needs_gradients else [])
+        scores, selected, *tensors = self._run(batch, classes, names)
         activations = tensors[:len(spec.activations)]
         gradients = tensors[len(spec.activations):] or [None] * len(activations)
         maps = [compute(to_grid(a, layout), None if g is None else to_grid(g, layout))
@@ -192,7 +193,8 @@ class Explainer:
         if not images:
             raise ExplainError("no images given")
         for image in images:
-            if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+            if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+                    and image.shape[2] == 3):
                 raise ExplainError("images must be uint8 RGB arrays of shape H x W x 3")
         return preprocess(list(images), spec.input_size, spec.mean, spec.std, spec.input_layout, spec.input_type)
 

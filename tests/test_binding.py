@@ -96,7 +96,7 @@ def test_outputs_of_open_shape_are_copied_out_once():
 
 
 @pytest.mark.parametrize("wrap", [
-    pytest.param(lambda x: ort.OrtValue.ortvalue_from_numpy(x), id="ortvalue"),
+    pytest.param(ort.OrtValue.ortvalue_from_numpy, id="ortvalue"),
     pytest.param(torch.from_numpy, id="dlpack-torch"),
 ])
 def test_explainer_takes_batches_outside_numpy(small_onnx, wrap):

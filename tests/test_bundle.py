@@ -6,12 +6,12 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+from conftest import random_images, run_cli
 
 import onnxcam
 from onnxcam.exporters import export_torch
 from onnxcam.files import decode_image, encode_png
 from onnxcam.runtimes import Bundle, create_session
-from conftest import random_images, run_cli
 from onnxcam.testing.zoo_transformers import swin, vit
 
 OPTIONS = dict(input_shape=(3, 32, 32), target_layers=["features.6", "features.8"], mean=[0.5] * 3, std=[0.25] * 3)
@@ -89,7 +89,8 @@ def test_cli_export_bundle(tmp_path):
     from pathlib import Path
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    result = run_cli("export", "nets:small_net", "-o", "b.onnx", "--input-size", "32", "--bundle", cwd=tmp_path, env=env)
+    result = run_cli("export", "nets:small_net", "-o", "b.onnx", "--input-size", "32", "--bundle", cwd=tmp_path,
+                     env=env)
     assert result.returncode == 0, result.stderr
     logits, chosen, heatmap = Bundle(tmp_path / "b.onnx", provider="cpu").explain(encode_png(random_images(1)[0]))
     assert logits.shape == (5,) and heatmap.shape == (32, 32)

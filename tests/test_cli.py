@@ -12,7 +12,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import random_images, run_cli
 
 MODEL_SOURCE = '''
@@ -147,7 +146,8 @@ def test_explain_on_a_plain_onnx_file_suggests_export(workdir, tmp_path):
     (["tiny_models:build", "--target-layer", "44"], "error: unknown layer '44'; closest: 4"),
     (["tiny_models:nothing"], "error: cannot load tiny_models:nothing"),
     (["missing.onnx"], "error: missing.onnx: no such file"),
-    (["tiny_models:build", "--mean", "0.5,0.5"], "error: mean needs 3 values, one per input channel; got 2 (set --mean)"),
+    (["tiny_models:build", "--mean", "0.5,0.5"],
+     "error: mean needs 3 values, one per input channel; got 2 (set --mean)"),
     (["tiny_models:build", "--weights", "labels.txt"], "error: labels.txt: cannot load as a state dict"),
 ])
 def test_export_refuses_mistakes_in_one_line(workdir, args, message):
@@ -175,7 +175,8 @@ def test_export_loads_weights(workdir, tmp_path):
     assert result.returncode == 0, result.stderr
     explained = run_cli("explain", out, workdir / "images" / "a.png", "-o", tmp_path / "o")
     assert explained.returncode == 0, explained.stderr
-    assert json.loads((tmp_path / "o" / "predictions.json").read_text())[str(workdir / "images" / "a.png")]["target"] == 2
+    predictions = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert predictions[str(workdir / "images" / "a.png")]["target"] == 2
 
 
 def test_deploy_path_needs_no_torch(exported, images, tmp_path):
@@ -212,4 +213,5 @@ def test_demo_explains_the_bundled_photos(tmp_path):
     cached = list((tmp_path / "cache" / "onnxcam").glob("*.onnx"))
     assert len(cached) == 1
     again = run_cli("demo", "-o", tmp_path / "again", env=env)  # second run reuses the cached export
-    assert again.returncode == 0 and cached[0].stat().st_mtime == list((tmp_path / "cache" / "onnxcam").glob("*.onnx"))[0].stat().st_mtime
+    reused = list((tmp_path / "cache" / "onnxcam").glob("*.onnx"))[0]
+    assert again.returncode == 0 and cached[0].stat().st_mtime == reused.stat().st_mtime

@@ -90,7 +90,8 @@ def reference_heatmaps(model, layers, x, method, classes):
 @pytest.fixture(scope="module")
 def two_layer_onnx(tmp_path_factory, small_model):
     path = tmp_path_factory.mktemp("two") / "two.onnx"
-    onnxcam.exporters.export_torch(small_model, path, input_shape=(3, 32, 32), target_layers=["features.6", "features.8"])
+    onnxcam.exporters.export_torch(small_model, path, input_shape=(3, 32, 32),
+                                   target_layers=["features.6", "features.8"])
     return path
 
 

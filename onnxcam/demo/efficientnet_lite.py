@@ -22,7 +22,7 @@ class SameConv2d(nn.Conv2d):
 
     def forward(self, x):
         pads = []
-        for size, k, s in zip(reversed(x.shape[2:]), reversed(self.kernel_size), reversed(self.stride)):
+        for size, k, s in zip(reversed(x.shape[2:]), reversed(self.kernel_size), reversed(self.stride), strict=True):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
         return super().forward(F.pad(x, pads))
