@@ -17,18 +17,39 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def page(small_onnx):
+def browser():
     playwright = pytest.importorskip("playwright.sync_api")
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian's chromium is not installed")
-    with serving(create_app(small_onnx, name="small", provider="cpu")) as url, playwright.sync_playwright() as p:
+    with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, small_onnx):
+    with serving(create_app(small_onnx, name="small", provider="cpu")) as url:
         page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
         page.goto(url)
         yield page
-        browser.close()
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def detector_page(browser, tmp_path_factory):
+    """The page of a tiny YOLOv8-layout detector (its file's score output is a detection head)."""
+    from test_targets import TinyYolo, _explainable
+
+    folder = tmp_path_factory.mktemp("detector")
+    _explainable(TinyYolo().eval(), folder, "backbone.3")
+    with serving(create_app(folder / "explain.onnx", name="yolo", provider="cpu")) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        yield page
+        page.close()
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +89,13 @@ def test_top_classes_are_items_to_click_and_to_reach_by_keyboard(page, photo):
     items = page.locator("#classes button")
     assert items.count() == 5 and page.locator("#classes button[aria-pressed='true']").count() == 1
     assert items.nth(0).get_attribute("data-kind") == "class"
+    assert page.input_value("#task") == "classify" and page.inner_text("#targets-title") == "Top classes"
+    first = _shot(page.locator("#overlay"))
     other = items.nth(3).get_attribute("data-class")
     items.nth(3).click()
     page.wait_for_selector(f"#classes button[aria-pressed='true'][data-class='{other}']")
     assert f"class {other}" in page.inner_text("#overlay-caption")
+    assert np.abs(_shot(page.locator("#overlay")) - first).mean() > 1  # that class's map is shown
     chosen = page.locator("#classes button[aria-pressed='true']")
     chosen.focus()
     page.keyboard.press("ArrowDown")
@@ -127,3 +151,26 @@ def test_drag_and_drop_and_clear_errors(page, photo):
     page.set_input_files("#file", str(notes))
     page.wait_for_function("document.getElementById('error').textContent.includes('notes.txt')")
     assert "is not an image file" in page.inner_text("#error")
+
+
+def test_detections_are_items_and_clicking_one_shows_its_map(detector_page, photo):
+    page = detector_page
+    assert page.input_value("#task") == "detect"  # the file's score output is a detection head
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#classes button[data-kind='detection']")
+    page.wait_for_selector("#overlay[data-drawn]")
+    items = page.locator("#classes button")
+    assert items.count() >= 2 and items.nth(0).get_attribute("aria-pressed") == "true"
+    assert page.inner_text("#targets-title") == "Detections" and page.inner_text("#error") == ""
+    assert "detection 1: class" in page.inner_text("#overlay-caption")
+    page.locator("#opacity").fill("100")
+    first = _shot(page.locator("#overlay"))
+    items.nth(1).click()
+    page.wait_for_selector("#classes button[aria-pressed='true'][data-rank='1']")
+    assert "detection 2: class" in page.inner_text("#overlay-caption")
+    assert items.count() >= 2  # the list stays: one detection was asked for, by its rank
+    assert np.abs(_shot(page.locator("#overlay")) - first).mean() > 1  # its map (and box) is shown
+    page.select_option("#task", "classify")  # a detector's head has no classes to list: said in words
+    page.wait_for_selector("#classes li:not(:has(button))")
+    assert "No classes to list" in page.inner_text("#classes")
+    page.select_option("#task", "detect")
