@@ -393,6 +393,10 @@ class Table:
             self.pq.write_table(table, tmp, compression="snappy")
         self.staged.append(batch)
         self.rows += table.num_rows
+
+    def merge_if_full(self) -> None:
+        """Merge the staged files once they hold a part's rows. Called only after the record holds their batches:
+        a part must never hold a batch the record lacks, or a resumed run would explain its images again."""
         if self.rows >= self.rows_per_part:
             self.merge()
 
@@ -542,6 +546,8 @@ class _Job:
         if self.table is not None and columns["path"]:
             self.table.stage(number, columns)
         self.record.append(lines)
+        if self.table is not None:
+            self.table.merge_if_full()
         self._tell(lines)
 
     def _add_rows(self, columns: dict, line: dict, maps: list[dict], levels: list[np.ndarray]) -> None:

@@ -171,6 +171,35 @@ def test_a_record_cut_short_keeps_whole_batches_only(tmp_path):
     assert path.read_text() == "".join(json.dumps(line) + "\n" for line in whole)
 
 
+class Crash(Exception):
+    """Stands for a kill -9: the job stops where it is raised."""
+
+
+@pytest.mark.parametrize("crash_at", range(4))
+def test_a_crash_before_a_batch_is_recorded_leaves_it_out_of_the_table(explainer, tmp_path, monkeypatch, crash_at):
+    """A batch whose record lines were not written must not be in a table part either: a resumed run explains
+    it again. (A part merged from staged rows before their record lines held a batch twice after resuming.)"""
+    paths = _write_images(tmp_path / "images", 8, seed=4)
+    out, outputs = tmp_path / "out", Outputs.parse("overlays,table", rows_per_part=4)  # a part per two batches
+    append, calls = Record.append, []
+
+    def crashing(record: Record, entries: list[dict]) -> None:
+        calls.append(len(entries))
+        if len(calls) > crash_at:
+            raise Crash
+        append(record, entries)
+
+    monkeypatch.setattr(Record, "append", crashing)
+    with pytest.raises(Crash):
+        explain_files(explainer, Listing(paths), out, batch_size=2, outputs=outputs)
+    monkeypatch.setattr(Record, "append", append)
+    summary = explain_files(explainer, Listing(paths), out, batch_size=2, outputs=outputs, resume=True)
+    assert (summary.skipped, summary.explained) == (2 * crash_at, 8 - 2 * crash_at)
+    assert sorted(line["path"] for line in _record(out)) == sorted(map(str, paths))
+    assert sorted(row["path"] for row in _table(out)) == sorted(map(str, paths))
+    assert not (out / ".staging").exists() and len(list(out.glob("*.png"))) == 8
+
+
 def _run_cli(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "onnxcam", "explain", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
