@@ -167,7 +167,8 @@ def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, i
     names = _append_outputs(model, builder, image, score, num_classes, targets,
                             attentions, attention_gradients)
     spec = ExplainSpec(
-        input=image.name, scores=score, num_classes=num_classes, input_size=image.size,
+        input=image.name, scores=score, num_classes=num_classes, score_shape=builder.shape(score)[1:],
+        input_size=image.size,
         input_layout=image.layout, input_type=image.dtype, layers=list(layer_names or targets), layouts=layouts,
         attention_layout=attention_layout, mean=_triple(mean, "mean", image.channels),
         std=_triple(std, "std", image.channels), labels=_labels(labels, num_classes), **names,

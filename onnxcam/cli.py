@@ -20,7 +20,7 @@ from .pipeline import collect_images, explain_files
 # the flag of each keyword argument that errors name (OnnxcamError.option)
 FLAGS = {"save": "--save", "target_layers": "--target-layer", "layouts": "--layout", "mean": "--mean", "std": "--std",
          "attention_gradients": "--grad-rollout", "input_gradients": "--input-gradients", "output": "--score-output",
-         "input_size": "--input-size", "input": "--input", "input_layout": "--input-layout"}
+         "input_size": "--input-size", "input": "--input", "input_layout": "--input-layout", "targets": "--task"}
 
 
 class Failed(click.ClickException):

@@ -34,6 +34,7 @@ class ExplainSpec:
     activations: list[str]
     gradients: list[str]
     layouts: list[str]  # per layer: nchw, nhwc or tokens:P:HxW (see onnxcam.core.layouts)
+    score_shape: list[int] | None = None  # the score output's shape per image (K for a classifier)
     input_layout: str = "nchw"  # the image input's layout: nchw or nhwc
     input_type: str = "float32"  # its numpy element type: float32, float16, float64 or uint8 (normalised inside)
     class_input: str = CLASS_INPUT

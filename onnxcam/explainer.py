@@ -209,7 +209,14 @@ class Explainer:
         return f"N x {height} x {width} x C" if self.spec.input_layout == "nhwc" else f"N x C x {height} x {width}"
 
     def class_indices(self, targets, batch: int) -> np.ndarray:
-        """int64 [batch]: -1 (top-1) when targets is None, else the classes asked for, range-checked."""
+        """int64 [batch]: -1 (top-1) when targets is None, else the classes asked for, range-checked. An output
+        that is not a vector of class scores (a detector's raw head, a segmentation map) is refused: its
+        flattened 'top-1' would name a box coordinate or a pixel."""
+        shape = self.spec.score_shape
+        if shape is not None and sum(d > 1 for d in shape) > 1:
+            raise ExplainError(f"output '{self.spec.scores}' is N x {' x '.join(map(str, shape))}, not class scores: "
+                               f"explain it with a target (onnxcam.targets: Detection, Segmentation, Similarity)",
+                               option="targets")
         if targets is None:
             return np.full(batch, -1, dtype=np.int64)
         classes = np.asarray(targets, dtype=np.int64).reshape(-1)

@@ -147,3 +147,27 @@ def test_rollout_finds_the_attention_of_every_block(entry, tmp_path):
     images = [np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8)] * 3
     maps = onnxcam.Explainer(tmp_path / "explainable.onnx", provider="cpu").explain(images, method="rollout").heatmaps
     assert maps.shape == (3, *spec.input_size) and maps.max() == pytest.approx(1)
+
+
+def test_an_output_that_is_not_class_scores_needs_a_target(tmp_path):
+    """A segmentation head (N x K x h x w) exports, but its flattened 'top-1 class' would be a pixel: explaining
+    it without a target is refused in one line that says what to give instead."""
+    rng = np.random.default_rng(4)
+    nodes = [onnx.helper.make_node("Conv", ["x", "w"], ["features"], pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Relu", ["features"], ["relu"]),
+             onnx.helper.make_node("Conv", ["relu", "k"], ["segments"])]
+    graph = onnx.helper.make_graph(
+        nodes, "segmenter", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [onnx.helper.make_tensor_value_info("segments", onnx.TensorProto.FLOAT, ["N", 4, 16, 16])],
+        [onnx.numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(rng.standard_normal((4, 6, 1, 1)).astype(np.float32), "k")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=9)
+    spec = export_onnx(model, tmp_path / "segmenter.onnx", target_layers=["relu"])
+    assert spec.score_shape == [4, 16, 16]
+    explainer = onnxcam.Explainer(tmp_path / "segmenter.onnx", provider="cpu")
+    with pytest.raises(onnxcam.ExplainError, match="not class scores: explain it with a target"):
+        explainer.explain(rng.standard_normal((3, 3, 16, 16)).astype(np.float32))
+    from onnxcam.targets import Segmentation
+
+    maps = explainer.explain(rng.standard_normal((3, 3, 16, 16)).astype(np.float32), targets=Segmentation(1))
+    assert maps.heatmaps.shape == (3, 16, 16)
