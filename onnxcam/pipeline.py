@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from .core import overlay, preprocess
+from .core.images import annotate
 from .core.scores import probabilities
 from .errors import ExplainError, ImageError
 from .explainer import Explainer, Explanation
@@ -134,6 +135,7 @@ class FileBatch:
     explanation: Explanation | None  # None when no file of the batch could be decoded
     images: list[np.ndarray] | None  # the decoded uint8 RGB images, when kept
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line message)
+    sizes: list[tuple[int, int]] | None = None  # (height, width) of each decoded image, in the order of `paths`
 
 
 def maps_per_image(explanation: Explanation) -> list[list[int]]:
@@ -150,13 +152,13 @@ def maps_per_image(explanation: Explanation) -> list[list[int]]:
 
 
 def _decode(source: str, spec, keep_image: bool):
-    """(input tensor, image or None) for one file, or the ImageError's message."""
+    """(input tensor, image or None, (height, width)) for one file, or the ImageError's message."""
     try:
         image = load_image(source)
     except ImageError as error:
         return str(error)
     tensor = preprocess([image], spec.input_size, spec.mean, spec.std)[0]
-    return tensor, image if keep_image else None
+    return tensor, image if keep_image else None, image.shape[:2]
 
 
 def _decoded(paths: Iterable[str], spec, workers: int, ahead: int, keep_images: bool):
@@ -202,10 +204,10 @@ def explain_batches(explainer: Explainer, paths: Iterable[str], *, method: str =
 def _run(explainer, batch, errors, method, targets, keep_images, options) -> FileBatch:
     if not batch:
         return FileBatch([], None, None, errors)
-    tensors = np.stack([tensor for _, (tensor, _) in batch])
+    tensors = np.stack([tensor for _, (tensor, _, _) in batch])
     explanation = explainer.explain(tensors, method=method, targets=targets, **options)
-    images = [image for _, (_, image) in batch] if keep_images else None
-    return FileBatch([path for path, _ in batch], explanation, images, errors)
+    images = [image for _, (_, image, _) in batch] if keep_images else None
+    return FileBatch([path for path, _ in batch], explanation, images, errors, [size for _, (_, _, size) in batch])
 
 
 @dataclass(frozen=True)
@@ -261,14 +263,18 @@ def _encode(image: np.ndarray, image_format: str) -> bytes:
     return encoded.tobytes()
 
 
-def _write_maps(outdir: Path, outputs: Outputs, names: list[str], image, heatmaps: np.ndarray) -> list[dict]:
-    """Write one image's overlays and heatmaps (whole files); per map, the files written."""
+def _write_maps(outdir: Path, outputs: Outputs, names: list[str], image, heatmaps: np.ndarray,
+                regions: list[dict]) -> list[dict]:
+    """Write one image's overlays (with each map's box and label, or mask outline, from `regions`: keyword
+    arguments of core.images.annotate) and heatmaps, whole files; per map, the files written."""
     written = []
-    for name, heatmap in zip(names, heatmaps, strict=True):
+    for name, heatmap, region in zip(names, heatmaps, regions, strict=True):
         files = {}
         if outputs.overlays:
             suffix = ".jpg" if outputs.image_format == "jpeg" else ".png"
             picture = overlay(image, heatmap, alpha=outputs.alpha, colormap=outputs.colormap)
+            if region:
+                picture = annotate(picture, **region)
             write_atomic(outdir / f"{name}{suffix}", _encode(picture, outputs.image_format))
             files["overlay"] = f"{name}{suffix}"
         if outputs.heatmaps and outputs.heatmap_format == "npy":
@@ -422,9 +428,9 @@ class Table:
             self.staging.rmdir()
 
 
-def _finish_image(outdir: Path, outputs: Outputs, names, image, heatmaps: np.ndarray):
+def _finish_image(outdir: Path, outputs: Outputs, names, image, heatmaps: np.ndarray, regions: list[dict]):
     """In the writing pool: one image's files, and its maps as 8-bit levels for the table."""
-    files = _write_maps(outdir, outputs, names, image, heatmaps) if outputs.files else [{} for _ in heatmaps]
+    files = _write_maps(outdir, outputs, names, image, heatmaps, regions) if outputs.files else [{} for _ in heatmaps]
     levels = [uint8_map(heatmap) for heatmap in heatmaps] if outputs.table else None
     return files, levels
 
@@ -510,19 +516,21 @@ class _Job:
         explanation, labels = batch.explanation, self.explainer.labels
         if explanation is None:
             return number, entries
-        tops = explanation.top_k(5, labels)
+        input_size = self.explainer.spec.input_size
+        tops = [[] for _ in batch.paths] if _has_regions(explanation) else explanation.top_k(5, labels)
         for i, (path, indices) in enumerate(zip(batch.paths, maps_per_image(explanation), strict=True)):
             classes = [int(explanation.targets[m]) for m in indices]
-            maps = _map_entries(explanation, i, indices, labels)
+            maps = _map_entries(explanation, i, indices, labels, _box_scale(batch.sizes[i], input_size))
             line = {"path": path, "batch": number, "method": self.method, "top5": tops[i]}
             files = None
             if self.outputs.files:
                 line["name"] = self.unique_name(names.pop(path))
-                files = [line["name"]] if len(classes) == 1 else [f"{line['name']}.class{c}" for c in classes]
+                files = _map_names(line["name"], classes)
             else:
                 names.pop(path)
             image = batch.images[i] if batch.images is not None else None
-            future = pool.submit(_finish_image, self.outdir, self.outputs, files, image, explanation.heatmaps[indices])
+            future = pool.submit(_finish_image, self.outdir, self.outputs, files, image, explanation.heatmaps[indices],
+                                 _regions(explanation, indices, maps))
             entries.append((line, maps, future))
         return number, entries
 
@@ -570,27 +578,84 @@ class _Job:
             self.progress(self.summary.explained + self.summary.failed, self.total)
 
 
-def _map_entries(explanation: Explanation, image: int, indices: list[int], labels) -> list[dict]:
+def _map_names(name: str, classes: list[int]) -> list[str]:
+    """The output names of one image's maps: the image's own for a single map, else one per class explained,
+    numbered from the second map of a class on (two detections of one class: NAME.class2, NAME.class2_2)."""
+    if len(classes) == 1:
+        return [name]
+    seen: dict[int, int] = {}
+    named = []
+    for klass in classes:
+        seen[klass] = seen.get(klass, 0) + 1
+        named.append(f"{name}.class{klass}" + (f"_{seen[klass]}" if seen[klass] > 1 else ""))
+    return named
+
+
+def _has_regions(explanation: Explanation) -> bool:
+    """Whether the maps are of detections or segments: their scores are their own, not class probabilities."""
+    return getattr(explanation, "boxes", None) is not None or getattr(explanation, "masks", None) is not None
+
+
+def _box_scale(size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+    """From the model input's pixels (boxes of a preprocessed batch) to those of an image of `size`."""
+    return np.array([size[1] / input_size[1], size[0] / input_size[0]] * 2, dtype=np.float32)
+
+
+def _map_entries(explanation: Explanation, image: int, indices: list[int], labels,
+                 box_scale: np.ndarray | None = None) -> list[dict]:
     """Per map of one image: the class explained (-1 for a target that is not a class), its label and score
-    (the class probability; for a target that is not a class, the target's own score)."""
-    probability = probabilities(explanation.logits[image:image + 1])[0]
-    own = getattr(explanation, "scores", None)
+    (the class probability; for a detection, a segment or a target that is not a class, the target's own
+    score); for a detection its box, x1 y1 x2 y2 in the pixels of the image (times `box_scale`, else in the
+    model input's)."""
+    own, boxes = getattr(explanation, "scores", None), getattr(explanation, "boxes", None)
+    regions = _has_regions(explanation)
+    probability = None if regions else probabilities(explanation.logits[image:image + 1])[0]
     entries = []
     for m in indices:
         target = int(explanation.targets[m])
-        score = probability[target] if target >= 0 else None if own is None else own[m]
-        entries.append({"target": target, "label": labels[target] if labels and target >= 0 else None,
-                        "score": None if score is None else float(score)})
+        score = own[m] if regions or target < 0 else probability[target]
+        entry = {"target": target, "label": labels[target] if labels and target >= 0 else None,
+                 "score": None if score is None else float(score)}
+        if boxes is not None and not np.isnan(boxes[m]).any():
+            scaled = boxes[m] * (1 if box_scale is None else box_scale)
+            entry["box"] = [round(float(v), 2) for v in scaled]
+        entries.append(entry)
     return entries
 
 
+def _regions(explanation: Explanation, indices: list[int], maps: list[dict]) -> list[dict]:
+    """Per map, what its overlay shows besides the heatmap (core.images.annotate's keywords): a detection's box
+    (in the image's pixels) and label with its score, a segment's mask outline; empty for a plain class map."""
+    masks = getattr(explanation, "masks", None)
+    regions = []
+    for m, entry in zip(indices, maps, strict=True):
+        region = {}
+        if "box" in entry:
+            region = {"box": entry["box"], "label": f"{entry['label'] or entry['target']} {entry['score']:.2f}"}
+        if masks is not None and masks[m].any():
+            region["mask"] = masks[m]
+        regions.append(region)
+    return regions
+
+
 def _describe(line: dict, outdir: Path) -> str:
-    """One line for one image: its top classes, and the map(s) written."""
-    ranked = ", ".join(f"{p['label'] or p['class']} {p['score']:.3f}" for p in line["top5"])
+    """One line for one image: its top classes, or its detections or segments (label, score and box per map)
+    when the maps are of those; and the map(s) written."""
     maps = line.get("maps", [line])
+    if line["top5"]:
+        ranked = ", ".join(f"{p['label'] or p['class']} {p['score']:.3f}" for p in line["top5"])
+    else:
+        ranked = ", ".join(_found(m) for m in maps) or "nothing found"
     where = "; ".join(f"map of class {m['target']} -> {outdir / m.get('overlay', m.get('heatmap', TABLE))}"
                       for m in maps)
     return f"{line['path']}: {ranked}; {where}"
+
+
+def _found(entry: dict) -> str:
+    """A detection or segment as told: its label (or class), score and box."""
+    score = "" if entry["score"] is None else f" {entry['score']:.3f}"
+    box = f" at {entry['box']}" if "box" in entry else ""
+    return f"{entry['label'] or entry['target']}{score}{box}"
 
 
 def _write_predictions(record: Record, path: Path) -> None:

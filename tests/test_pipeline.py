@@ -160,6 +160,47 @@ def test_several_maps_per_image_follow_image_index(explainer, tmp_path):
     assert {m["overlay"] for m in line["maps"]} == {f"{paths[0].stem}.class{m['target']}.png" for m in line["maps"]}
 
 
+def test_detections_are_drawn_on_the_overlays_and_listed_in_the_record(tmp_path):
+    from test_targets import TinyYolo, _explainable
+
+    from onnxcam.targets import Detection
+
+    explainer = _explainable(TinyYolo().eval(), tmp_path, "backbone.3")
+    paths = _write_images(tmp_path / "images", 3, seed=5)
+    for path in paths:  # larger than the model's 32 x 32, and not square, so that boxes are scaled
+        cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), (150, 120)))
+    out, reports, target = tmp_path / "out", [], Detection(0.5, 0.3, max_detections=3)
+    explain_files(explainer, Listing(paths), out, batch_size=2, target=target, report=reports.append,
+                  outputs=Outputs.parse("overlays,table"))
+    record = {line["path"]: line for line in _record(out)}
+    found = 0
+    for path in map(str, paths):
+        reference = explainer.explain([read_image(path)], targets=target)  # boxes in the pixels of the image
+        line = record[path]
+        maps = line.get("maps", [line] if "target" in line else [])
+        assert len(maps) == len(reference.targets) and line["top5"] == []
+        report = next(text for text in reports if text.startswith(f"{path}: "))
+        for entry, box, score, klass in zip(maps, reference.boxes, reference.scores, reference.targets, strict=True):
+            assert entry["target"] == klass and entry["score"] == pytest.approx(score, rel=1e-5)
+            np.testing.assert_allclose(entry["box"], box, atol=0.01)
+            assert f"{klass} {score:.3f} at {entry['box']}" in report
+            x1, y1, x2, y2 = (int(round(v)) for v in box)
+            picture = cv2.imread(str(out / entry["overlay"]))
+            left = picture[(y1 + y2) // 2:min(y2, picture.shape[0] - 1), x1]  # below the label, which sits on top
+            assert left.size and (left == 255).all(), (path, box)  # drawn white along the box's left edge
+            if y2 < picture.shape[0]:  # the lower edge, where the box is not clipped at the image's
+                assert (picture[y2, x1:x2 + 1] == 255).all(), (path, box)
+            assert not (picture[(y1 + y2) // 2 + 1, x1 + 1:x2 - 1] == 255).all(axis=-1).any()  # the map inside
+            found += 1
+        assert len({entry["overlay"] for entry in maps}) == len(maps)  # one file per detection, even of one class
+    assert found >= 2
+    rows = sorted((row["path"], row["score"]) for row in _table(out))
+    listed = sorted((path, m["score"]) for path, line in record.items()
+                    for m in line.get("maps", [line] if "target" in line else []))
+    assert [path for path, _ in rows] == [path for path, _ in listed]
+    assert [score for _, score in rows] == pytest.approx([score for _, score in listed], rel=1e-6)
+
+
 def test_a_record_cut_short_keeps_whole_batches_only(tmp_path):
     path = tmp_path / RECORD
     whole = [{"path": "a", "batch": 0}, {"path": "b", "batch": 0, "batch_end": True}]
