@@ -3,6 +3,8 @@ white shape (plus, ring or cross) at a random place, so the right explanation is
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 import torch
 from torch import nn
@@ -37,8 +39,10 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
 
 
+@cache
 def trained_classifier(steps: int = 250, seed: int = 0) -> nn.Module:
-    """A small CNN trained in a few seconds on the set; it reaches near-perfect accuracy."""
+    """A small CNN trained in a few seconds on the set; it reaches near-perfect accuracy. Trained once per process
+    and shared (callers only read it: export it, run it in eval mode)."""
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
