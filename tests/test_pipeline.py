@@ -201,6 +201,29 @@ def test_detections_are_drawn_on_the_overlays_and_listed_in_the_record(tmp_path)
     assert [score for _, score in rows] == pytest.approx([score for _, score in listed], rel=1e-6)
 
 
+def test_segments_are_outlined_on_the_overlays(tmp_path):
+    import torch
+    from test_targets import TinySegmenter, _explainable
+
+    from onnxcam.core.images import annotate
+    from onnxcam.targets import Segmentation
+
+    torch.manual_seed(0)
+    explainer = _explainable(TinySegmenter().eval(), tmp_path, "encoder.3")
+    path = _write_images(tmp_path / "images", 1, seed=6)[0]
+    cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), (80, 60)))
+    image = read_image(path)
+    segment = max(range(4), key=lambda c: explainer.explain([image], targets=Segmentation(c)).masks.sum())
+    reference = explainer.explain([image], targets=Segmentation(segment))
+    out = tmp_path / "out"
+    explain_files(explainer, Listing([path]), out, target=Segmentation(segment), outputs=Outputs.parse("overlays"))
+    (line,) = _record(out)
+    assert line["target"] == segment and line["score"] == pytest.approx(reference.scores[0], rel=1e-5)
+    picture = read_image(out / line["overlay"])
+    outline = (annotate(np.zeros_like(image), mask=reference.masks[0]) == 255).all(axis=-1)
+    assert outline.any() and (picture[outline] == 255).all() and not (picture[~outline] == 255).all(axis=-1).any()
+
+
 def test_a_record_cut_short_keeps_whole_batches_only(tmp_path):
     path = tmp_path / RECORD
     whole = [{"path": "a", "batch": 0}, {"path": "b", "batch": 0, "batch_end": True}]
