@@ -129,6 +129,9 @@ def detector(tmp_path_factory):
 
 
 def test_detections_come_back_in_the_pixels_of_the_image_as_sent(detector):
+    from onnxcam.core import overlay
+    from onnxcam.core.images import annotate
+
     base, explainer = detector
     image = cv2.GaussianBlur(random_images(1, seed=12, size=(64, 48))[0], (9, 9), 0)
     expected = explainer.explain(image, targets=Detection(score_threshold=0.575))
@@ -141,13 +144,39 @@ def test_detections_come_back_in_the_pixels_of_the_image_as_sent(detector):
                                   _uint8(expected.heatmaps))
     second = httpx.post(f"{base}/explain?task=detect&score_threshold=0.575&ranks=1", content=encode_png(image),
                         headers={"Accept": "image/png"})
-    picture = cv2.cvtColor(cv2.imdecode(np.frombuffer(second.content, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    x1, y1, x2, y2 = np.round(expected.boxes[1]).astype(int)
-    edge = picture[y1 + 1:min(y2, 64), min(x1, 47)]
-    assert picture.shape == (64, 48, 3) and (edge == 255).all(axis=1).mean() > 0.8  # the box drawn, in white
+    label = f"class {expected.targets[1]} {expected.scores[1]:.2f}"
+    drawn = annotate(overlay(image, expected.heatmaps[1]), box=expected.boxes[1], label=label)
+    np.testing.assert_array_equal(_rgb(second.content), drawn)  # the second detection's map, box and label
+    assert (drawn != overlay(image, expected.heatmaps[1])).any()
 
     batch = explainer.prepare(image)
     tensors = _outputs(httpx.post(f"{base}/v2/models/yolo/explain", json=_v2(batch, task="detect",
                                                                               score_threshold=0.575)).json())
     np.testing.assert_allclose(tensors["boxes"] * np.array([48, 64, 48, 64]) / 32, expected.boxes, atol=1e-3)
     np.testing.assert_allclose(tensors["heatmaps"], expected.heatmaps, atol=1e-6)
+
+
+def _rgb(content: bytes) -> np.ndarray:
+    return cv2.cvtColor(cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def test_a_segment_is_drawn_with_its_mask_outline(tmp_path):
+    from test_targets import TinySegmenter, _explainable
+
+    from onnxcam.core import overlay
+    from onnxcam.core.images import annotate
+    from onnxcam.targets import Segmentation
+
+    explainer = _explainable(TinySegmenter().eval(), tmp_path, "encoder.3")
+    image = random_images(1, seed=13, size=(50, 70))[0]
+    found = [explainer.explain(image, targets=Segmentation(k)) for k in range(4)]
+    expected = next(r for r in found if r.masks[0].any())  # a class predicted somewhere
+    segment = int(expected.targets[0])
+    drawn = annotate(overlay(image, expected.heatmaps[0], 0.5, "jet"), mask=expected.masks[0])
+    with serving(create_app(tmp_path / "explain.onnx", name="seg", provider="cpu")) as base:
+        answer = httpx.post(f"{base}/explain?task=segment&target={segment}&alpha=0.5", content=encode_png(image),
+                            headers={"Accept": "image/png"})
+        np.testing.assert_array_equal(_rgb(answer.content), drawn)
+        assert (drawn != overlay(image, expected.heatmaps[0], 0.5, "jet")).any()  # the outline is there
+        entry = httpx.post(f"{base}/explain?task=segment&target={segment}", content=encode_png(image)).json()["maps"][0]
+        assert entry["target"] == segment and entry["score"] == pytest.approx(float(expected.scores[0]), rel=1e-5)
