@@ -185,28 +185,22 @@ def _softmax_outputs(model: onnx.ModelProto) -> list[str]:
 
 def attention_probabilities(model: onnx.ModelProto, shapes: dict[str, list | None], image: ImageInput,
                             layouts=()) -> tuple[list[str], str | None]:
-    """Per-image attention probabilities over a token grid with a CLS token, for rollout, and that grid's
-    layout: Softmax outputs B x heads x T x T where the graph also holds token sequences B x T x C and T is
-    one or more prefix tokens plus a grid over the image (a target's own tokens:P:HxW layout where one fits).
-    Windowed attention (whose first dimension counts windows), attention over channels (no sequence of T
-    tokens) and attention without a prefix token (rollout reads the CLS row) are left out; where the rest lie
-    on different grids, those of the last one's grid are kept, rollout multiplying matrices of one size."""
-    sequences = {shape[1] for shape in shapes.values() if shape and len(shape) == 3 and shape[0] in (None, image.batch)}
-    found: dict[str, list[str]] = {}
+    """Per-image attention probabilities for rollout, and their token layout: Softmax outputs B x heads x T x T
+    over the same tokens as a target laid out as tokens:P:HxW with P >= 1 (rollout reads the CLS row), so
+    that the attention found is the attention between the target's tokens. Windowed attention (whose first
+    dimension counts windows), attention over channels (T is then no target's token count) and attention
+    in models whose targets are maps are left out."""
+    tokens = {_token_count(t): t for t in layouts if t.startswith("tokens:") and parse_tokens(t)[0] >= 1}
+    found = []
     for name in _softmax_outputs(model):
         shape = shapes.get(name)
-        if not shape or len(shape) != 4 or None in shape[1:] or shape[2] != shape[3] or shape[3] not in sequences:
+        if not shape or len(shape) != 4 or None in shape[1:] or shape[2] != shape[3] or shape[3] not in tokens:
             continue
-        if shape[0] not in (None, image.batch):
-            continue
-        layout = next((t for t in layouts if t.startswith("tokens:") and _token_count(t) == shape[3]), None) \
-            or guess_layout((None, shape[3], None), image.size)
-        if layout is not None and parse_tokens(layout)[0] >= 1:
-            found.setdefault(layout, []).append(name)
+        if shape[0] in (None, image.batch):
+            found.append((name, tokens[shape[3]]))
     if not found:
         return [], None
-    layout = next(reversed(found))
-    return found[layout], layout
+    return [name for name, _ in found], found[0][1]
 
 
 def _token_count(layout: str) -> int:
