@@ -371,7 +371,6 @@ class Table:
         self.schema = _table_schema(pa, size)
         self.folder, self.staging = outdir / TABLE, outdir / STAGING
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.staging.mkdir(exist_ok=True)
         merged = []
         for part in self.folder.glob("part-*.parquet"):
             if resume:
@@ -380,7 +379,7 @@ class Table:
                 part.unlink()
         self.staged: list[int] = []
         self.rows = 0
-        for staged in sorted(self.staging.glob("batch-*.parquet")):
+        for staged in sorted(self.staging.glob("batch-*.parquet")):  # none where the folder is not there
             batch = int(staged.stem.split("-")[1])
             if not resume or batch not in recorded or any(first <= batch <= last for first, last in merged):
                 staged.unlink()
@@ -395,6 +394,7 @@ class Table:
     def stage(self, batch: int, columns: dict) -> None:
         """Write a batch's rows to their staging file, whole or not at all."""
         table = self.pa.Table.from_pydict(columns, schema=self.schema)
+        self.staging.mkdir(exist_ok=True)
         with atomic_path(self._staged_path(batch)) as tmp:
             self.pq.write_table(table, tmp, compression="snappy")
         self.staged.append(batch)
@@ -407,9 +407,14 @@ class Table:
             self.merge()
 
     def merge(self) -> None:
-        """Merge the staged files into one part (streamed, row groups of about 1,024 rows), then delete them."""
-        if not self.staged:
-            return
+        """Merge the staged files into one part (streamed, row groups of about 1,024 rows), then delete them,
+        and the staging folder once empty (also when a resumed run had nothing left to stage)."""
+        if self.staged:
+            self._write_part()
+        if self.staging.is_dir() and not any(self.staging.iterdir()):
+            self.staging.rmdir()
+
+    def _write_part(self) -> None:
         first, last = self.staged[0], self.staged[-1]
         part = self.folder / f"part-{first:09d}-{last:09d}.parquet"
         with atomic_path(part) as tmp, self.pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
@@ -424,8 +429,6 @@ class Table:
         for batch in self.staged:
             self._staged_path(batch).unlink()
         self.staged, self.rows = [], 0
-        if not any(self.staging.iterdir()):
-            self.staging.rmdir()
 
 
 def _finish_image(outdir: Path, outputs: Outputs, names, image, heatmaps: np.ndarray, regions: list[dict]):

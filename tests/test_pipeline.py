@@ -262,6 +262,10 @@ def test_a_crash_before_a_batch_is_recorded_leaves_it_out_of_the_table(explainer
     assert sorted(line["path"] for line in _record(out)) == sorted(map(str, paths))
     assert sorted(row["path"] for row in _table(out)) == sorted(map(str, paths))
     assert not (out / ".staging").exists() and len(list(out.glob("*.png"))) == 8
+    recorded = (out / RECORD).read_bytes()
+    again = explain_files(explainer, Listing(paths), out, batch_size=2, outputs=outputs, resume=True)
+    assert (again.skipped, again.explained) == (8, 0) and (out / RECORD).read_bytes() == recorded
+    assert not (out / ".staging").exists() and len(_table(out)) == 8  # nothing left to do leaves nothing behind
 
 
 def _run_cli(*args) -> subprocess.Popen:
