@@ -149,6 +149,12 @@ def test_detections_come_back_in_the_pixels_of_the_image_as_sent(detector):
     np.testing.assert_array_equal(_rgb(second.content), drawn)  # the second detection's map, box and label
     assert (drawn != overlay(image, expected.heatmaps[1])).any()
 
+    none = httpx.post(f"{base}/explain?task=detect&score_threshold=0.99", content=encode_png(image))
+    assert none.status_code == 200 and none.json()["maps"] == [] and none.json()["overlay_png"] is None
+    none = httpx.post(f"{base}/explain?task=detect&score_threshold=0.99", content=encode_png(image),
+                      headers={"Accept": "image/png"})
+    assert none.status_code == 422 and "no map to draw" in none.json()["error"]
+
     batch = explainer.prepare(image)
     tensors = _outputs(httpx.post(f"{base}/v2/models/yolo/explain", json=_v2(batch, task="detect",
                                                                               score_threshold=0.575)).json())
@@ -180,3 +186,40 @@ def test_a_segment_is_drawn_with_its_mask_outline(tmp_path):
         assert (drawn != overlay(image, expected.heatmaps[0], 0.5, "jet")).any()  # the outline is there
         entry = httpx.post(f"{base}/explain?task=segment&target={segment}", content=encode_png(image)).json()["maps"][0]
         assert entry["target"] == segment and entry["score"] == pytest.approx(float(expected.scores[0]), rel=1e-5)
+
+
+def test_the_batcher_splits_maps_by_image_and_a_bad_target_spares_its_neighbours(explainer):
+    """Jobs with several maps per image share one run and get their own maps back; a target that fails once the
+    outputs are seen fails its job alone (the others rerun alone); class jobs run apart from target jobs."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from onnxcam.errors import ExplainError
+    from onnxcam.serving.batcher import MicroBatcher
+
+    registry = CollectorRegistry()
+    sizes = Histogram("sizes", "images per run", registry=registry)
+    batches = [np.random.default_rng(i).standard_normal((n, 3, 32, 32)).astype(np.float32)
+               for i, n in enumerate((2, 1, 3, 2))]
+    asked = [Classes(3, 0), Classes(1, 9), Classes(top=2), np.array([2, 4])]
+
+    async def submit_all():
+        batcher = MicroBatcher(explainer, sizes, max_batch=16, max_wait=0.2, queue_size=8)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*[batcher.submit(b, t, "gradcam") for b, t in zip(batches, asked, strict=True)],
+                                        return_exceptions=True)
+        finally:
+            await batcher.stop(0)
+
+    results = asyncio.run(submit_all())
+    assert isinstance(results[1], ExplainError) and "class index 9 is out of range" in str(results[1])
+    for index in (0, 2, 3):
+        expected = explainer.explain(batches[index], targets=asked[index])
+        np.testing.assert_array_equal(results[index].image_index, expected.image_index)
+        np.testing.assert_array_equal(results[index].targets, expected.targets)
+        np.testing.assert_allclose(results[index].heatmaps, expected.heatmaps, atol=1e-6)
+    assert results[0].heatmaps.shape == (4, 32, 32) and results[2].image_index.tolist() == [0, 0, 1, 1, 2, 2]
+    # the three target jobs together (6 images), each again alone, and the class job on its own
+    assert registry.get_sample_value("sizes_count") == 5 and registry.get_sample_value("sizes_sum") == 6 + 6 + 2
