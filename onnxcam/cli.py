@@ -20,7 +20,8 @@ from .pipeline import collect_images, explain_files
 # the flag of each keyword argument that errors name (OnnxcamError.option)
 FLAGS = {"save": "--save", "target_layers": "--target-layer", "layouts": "--layout", "mean": "--mean", "std": "--std",
          "attention_gradients": "--grad-rollout", "input_gradients": "--input-gradients", "output": "--score-output",
-         "input_size": "--input-size", "input": "--input", "input_layout": "--input-layout", "targets": "--task"}
+         "input_size": "--input-size", "input": "--input", "input_layout": "--input-layout", "targets": "--task",
+         "batch_size": "--batch-size"}
 
 
 class Failed(click.ClickException):
@@ -287,7 +288,8 @@ def explain(model, images, outdir, recursive, list_file, method, target, provide
     with _progress(verbose) as reporting:
         try:
             summary = explain_files(explainer, sources, Path(outdir), method=method, target=target,
-                                    batch_size=batch_size, outputs=outputs, resume=resume, workers=workers,
+                                    batch_size=explainer.fixed_batch or batch_size, outputs=outputs, resume=resume,
+                                    workers=workers,
                                     **reporting)
         except OnnxcamError as error:
             raise Failed.of(error) from None

@@ -73,6 +73,12 @@ class Explainer:
     def labels(self) -> list[str] | None:
         return self.spec.labels
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the file's image input is fixed at, or None where it is free."""
+        size = next(i.shape[0] for i in self.session.get_inputs() if i.name == self.spec.input)
+        return size if isinstance(size, int) and size > 0 else None
+
     def explain_files(self, paths, method: str = "gradcam", targets=None, *, batch_size: int = 8,
                       workers: int | None = None, keep_images: bool = False, **options):
         """Explain image files (paths or URIs, any iterable) batch by batch: yields one `pipeline.FileBatch` per
@@ -101,6 +107,9 @@ class Explainer:
             raise ExplainError(f"unknown method '{method}'; choose from {', '.join(ALL_METHODS)}")
         batch = self.prepare(inputs)
         count = shape_of(batch)[0]
+        if self.fixed_batch not in (None, count):
+            raise ExplainError(f"the model's image input is fixed at batches of {self.fixed_batch}; got {count} "
+                               f"images", option="batch_size")
         items = per_image(targets, count)
         classes = fixed_classes(items, self.spec.scores)
         if method in FAMILY_METHODS or eigen_smooth or aug_smooth or options:

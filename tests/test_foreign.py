@@ -171,3 +171,32 @@ def test_an_output_that_is_not_class_scores_needs_a_target(tmp_path):
 
     maps = explainer.explain(rng.standard_normal((3, 3, 16, 16)).astype(np.float32), targets=Segmentation(1))
     assert maps.heatmaps.shape == (3, 16, 16)
+
+
+def test_a_file_fixed_at_batch_one_is_explained_one_image_at_a_time(tmp_path):
+    """Many deployed files fix the batch at 1: the Explainer refuses other batch sizes in one line, and the
+    command line runs such a file one image at a time."""
+    rng = np.random.default_rng(5)
+    nodes = [onnx.helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Relu", ["conv"], ["relu"]),
+             onnx.helper.make_node("GlobalAveragePool", ["relu"], ["pooled"]),
+             onnx.helper.make_node("Flatten", ["pooled"], ["flat"]),
+             onnx.helper.make_node("Gemm", ["flat", "fc"], ["scores"], transB=1)]
+    graph = onnx.helper.make_graph(
+        nodes, "fixed", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 16])],
+        [onnx.helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=9),
+              tmp_path / "fixed.onnx")
+    assert run_cli("export", tmp_path / "fixed.onnx", "-o", tmp_path / "x.onnx").returncode == 0
+    explainer = onnxcam.Explainer(tmp_path / "x.onnx", provider="cpu")
+    assert explainer.fixed_batch == 1
+    with pytest.raises(onnxcam.ExplainError, match="fixed at batches of 1; got 3 images"):
+        explainer.explain(rng.standard_normal((3, 3, 16, 16)).astype(np.float32))
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"photo{i}.png"), rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    done = run_cli("explain", tmp_path / "x.onnx", *(tmp_path / f"photo{i}.png" for i in range(3)), "-o",
+                   tmp_path / "out", "--provider", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert all(cv2.imread(str(tmp_path / "out" / f"photo{i}.png")).shape == (20, 30, 3) for i in range(3))
