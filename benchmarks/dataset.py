@@ -113,7 +113,7 @@ def worker(args) -> dict:
     if args.kind == "floor":
         spec, batch, workers = explainer.spec, [], os.cpu_count() or 1
         classes = np.full(args.batch, -1, np.int64)
-        for _, (tensor, _) in _decoded((s.path for s in sources), spec, workers, args.batch * (workers + 2), False):
+        for _, (tensor, _, _) in _decoded((s.path for s in sources), spec, workers, args.batch * (workers + 2), False):
             batch.append(tensor)
             if len(batch) == args.batch:
                 explainer.session.run([spec.scores], {spec.input: np.stack(batch), spec.class_input: classes})

@@ -157,7 +157,7 @@ def _decode(source: str, spec, keep_image: bool):
         image = load_image(source)
     except ImageError as error:
         return str(error)
-    tensor = preprocess([image], spec.input_size, spec.mean, spec.std)[0]
+    tensor = preprocess([image], spec.input_size, spec.mean, spec.std, spec.input_layout, spec.input_type)[0]
     return tensor, image if keep_image else None, image.shape[:2]
 
 

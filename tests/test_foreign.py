@@ -200,3 +200,18 @@ def test_a_file_fixed_at_batch_one_is_explained_one_image_at_a_time(tmp_path):
                    tmp_path / "out", "--provider", "cpu")
     assert done.returncode == 0, done.stderr
     assert all(cv2.imread(str(tmp_path / "out" / f"photo{i}.png")).shape == (20, 30, 3) for i in range(3))
+
+
+def test_command_line_explains_photos_for_an_nhwc_uint8_file(tmp_path):
+    """The streaming job preprocesses photos into the model's own layout and type, as the Python API does."""
+    keras = FOREIGN / "keras_mobilenetv2_uint8.onnx"
+    assert run_cli("export", keras, "-o", tmp_path / "x.onnx").returncode == 0
+    photo = tmp_path / "photo.png"
+    image = np.random.default_rng(6).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    cv2.imwrite(str(photo), image[..., ::-1])
+    done = run_cli("explain", tmp_path / "x.onnx", photo, "-o", tmp_path / "out", "--provider", "cpu",
+                   "--save", "heatmaps", "--heatmap-format", "npy")
+    assert done.returncode == 0, done.stderr
+    saved = np.load(next((tmp_path / "out").glob("photo*.npy")))
+    expected = onnxcam.Explainer(tmp_path / "x.onnx", provider="cpu").explain(image).heatmaps[0]
+    np.testing.assert_allclose(saved.astype(np.float32), expected, atol=2e-3)
