@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 
-
 MAX_PREFIX = 8  # tokens before the patches: CLS, distillation, registers
 
 

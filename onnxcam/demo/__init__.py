@@ -10,8 +10,8 @@ from pathlib import Path
 import skimage.data
 
 from .. import __version__
-from ..exporters import export_torch
 from ..explainer import Explainer
+from ..exporters import export_torch
 from ..files import write_png
 from ..pipeline import Summary, explain_files
 from .efficientnet_lite import efficientnet_lite0_pretrained
