@@ -23,7 +23,8 @@ def test_readme_examples_run(tmp_path):
     for folder in ("benchmarks", "tests"):  # the examples run from a checkout's root
         (tmp_path / folder).symlink_to(README.parent / folder)
     blocks = readme_blocks()
-    assert [kind for kind, _ in blocks] == ["bash", "bash", "python", "python", "python", "bash", "bash", "bash", "bash", "bash"]
+    assert [kind for kind, _ in blocks] == ["bash", "bash", "python", "python", "python", "bash", "bash", "bash",
+                                            "bash", "bash"]
     for kind, code in blocks:
         command = ["bash", "-euo", "pipefail", "-c", code] if kind == "bash" else [sys.executable, "-c", code]
         result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
