@@ -338,26 +338,31 @@ def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list | 
                           option="target_layers")
     tokens = attention_reads(model, shapes, image)
     ordered = ([c for c in candidates if c.name == tokens] + candidates[::-1])[:MAX_PROBED]
-    passed_over = []
+    passed_over, unbuilt = [], []
     for start in range(0, len(ordered), PROBE_GROUP):
         group = ordered[start:start + PROBE_GROUP]
-        reached = _reached_or_none(model, score, group, image)
+        reached = _reached_or_none(model, score, group, image, unbuilt)
         if reached is None:  # some candidate's gradient cannot be built: measure them one by one
             reached = {}
             for candidate in group:
-                reached.update(_reached_or_none(model, score, [candidate], image) or {candidate.name: -1})
+                reached.update(_reached_or_none(model, score, [candidate], image, unbuilt) or {candidate.name: -1})
         for candidate in group:
             if reached[candidate.name] > 1:
                 return candidate
             passed_over.append(candidate)
+    if unbuilt and all(reached_ == -1 for reached_ in reached.values()):
+        raise ExportError(f"no grid tensor's gradient could be built: {unbuilt[-1]}")
     raise ExportError(f"the class score depends at more than one cell on none of the grid tensors checked "
                       f"({describe(passed_over)}): name a target layer", option="target_layers")
 
 
-def _reached_or_none(model, score, candidates: list[Candidate], image: ImageInput) -> dict[str, int] | None:
-    """reached_cells, or None where a candidate's gradient cannot be built; a model that does not run says so."""
+def _reached_or_none(model, score, candidates: list[Candidate], image: ImageInput,
+                     unbuilt: list[str]) -> dict[str, int] | None:
+    """reached_cells, or None where a candidate's gradient cannot be built (why is added to `unbuilt`); a model
+    that does not run says so."""
     try:
         _probe_model(model, score, candidates)
-    except ExportError:
+    except ExportError as error:
+        unbuilt.append(str(error))
         return None
     return reached_cells(model, score, candidates, image)
