@@ -51,29 +51,11 @@ FD_RTOL = 1e-2
 
 
 def import_timm():
-    """timm, with torchvision's compiled-operator registrations that fail against this torch build skipped."""
-    import torch
+    """timm, after torchvision has been imported through the shim (benchmarks/torchvision_shim.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from torchvision_shim import import_torchvision
 
-    register_fake = torch.library.register_fake
-
-    def tolerant(*args, **kwargs):
-        try:
-            decorate = register_fake(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - a registration torchvision's binary cannot make
-            return lambda function: function
-
-        def apply(function):
-            try:
-                return decorate(function)
-            except Exception:  # noqa: BLE001
-                return function
-        return apply
-
-    torch.library.register_fake = tolerant
-    try:
-        import torchvision  # noqa: F401 - imported here so that its registrations meet the shim
-    finally:
-        torch.library.register_fake = register_fake
+    import_torchvision()
     import timm
     return timm
 

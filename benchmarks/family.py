@@ -52,29 +52,6 @@ COMPARISONS = [("Ablation-CAM", "onnxcam:ablationcam", "pytorch-grad-cam:ablatio
                ("Grad-CAM", "onnxcam:gradcam", "pytorch-grad-cam:gradcam")]
 
 
-def tolerate_torchvision() -> None:
-    """torchvision's compiled operators fail to register against this torch; its pure-Python part (which
-    pytorch-grad-cam imports) works once those registrations are skipped."""
-    import torch
-
-    register = torch.library.register_fake
-
-    def tolerant(*args, **kwargs):
-        try:
-            decorate = register(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - any failing registration is skipped
-            return lambda function: function
-
-        def wrap(function):
-            try:
-                return decorate(function)
-            except Exception:  # noqa: BLE001
-                return function
-        return wrap
-
-    torch.library.register_fake = tolerant
-
-
 def model_and_batch(threads: int):
     import torch
 
@@ -113,7 +90,10 @@ def anchor_call(config: str, threads: int):
         top = int(model(x).argmax(1))
     library, method = config.split(":")
     if library == "pytorch-grad-cam":
-        tolerate_torchvision()
+        sys.path.insert(0, str(HERE))
+        from torchvision_shim import import_torchvision
+
+        import_torchvision()
         from pytorch_grad_cam import AblationCAM, GradCAM
 
         cam = (AblationCAM(model, [model.layer4], batch_size=32, ratio_channels_to_ablate=0.1)
