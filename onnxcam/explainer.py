@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -73,7 +73,7 @@ class Explainer:
     def labels(self) -> list[str] | None:
         return self.spec.labels
 
-    @property
+    @cached_property
     def fixed_batch(self) -> int | None:
         """The batch size the file's image input is fixed at, or None where it is free."""
         size = next(i.shape[0] for i in self.session.get_inputs() if i.name == self.spec.input)
