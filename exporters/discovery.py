@@ -259,7 +259,11 @@ def reached_cells(model: onnx.ModelProto, score: str, candidates: list[Candidate
     """For each candidate, on how many grid cells the gradient of the top class's score is non-zero, measured
     on a random batch: a map over a tensor that the score reads at one cell only (a CLS token, a pooled
     vector) says nothing about the image. Raises ExportError where a candidate's gradient cannot be built."""
-    probe, outputs = _probe_model(model, score, candidates)
+    return _measured_reach(*_probe_model(model, score, candidates), candidates, image)
+
+
+def _measured_reach(probe: onnx.ModelProto, outputs: list[str], candidates: list[Candidate],
+                    image: ImageInput) -> dict[str, int]:
     feed = random_images(image)
     batch = len(next(iter(feed.values())))
     values = run_model(probe, outputs, feed)
@@ -361,8 +365,8 @@ def _reached_or_none(model, score, candidates: list[Candidate], image: ImageInpu
     """reached_cells, or None where a candidate's gradient cannot be built (why is added to `unbuilt`); a model
     that does not run says so."""
     try:
-        _probe_model(model, score, candidates)
+        probe, outputs = _probe_model(model, score, candidates)
     except ExportError as error:
         unbuilt.append(str(error))
         return None
-    return reached_cells(model, score, candidates, image)
+    return _measured_reach(probe, outputs, candidates, image)
