@@ -192,3 +192,13 @@ def test_not_a_model_is_one_line(tmp_path):
     bad.write_bytes(b"this is not protobuf")
     with pytest.raises(ExportError, match="not a readable ONNX model"):
         export_onnx(bad, tmp_path / "out.onnx")
+
+
+def test_classifier_with_zero_weights_is_refused_as_such(tmp_path):
+    """A score that depends on nothing (timm zero-initialises some heads) has no default target, and says why."""
+    model = conv_bn_relu_maxpool()
+    weights = next(t for t in model.graph.initializer if t.name == "fc_w")
+    weights.CopyFrom(_init("fc_w", value=np.zeros((K, C))))
+    with pytest.raises(ExportError, match="does not depend on the image: its gradient is zero .* weights all zero"):
+        export_onnx(model, tmp_path / "out.onnx")
+    assert not list(tmp_path.iterdir())
