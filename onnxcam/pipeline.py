@@ -18,6 +18,7 @@ import io
 import json
 import os
 import queue
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +34,7 @@ from .core.images import annotate
 from .core.scores import probabilities
 from .errors import ExplainError, ImageError
 from .explainer import Explainer, Explanation
-from .files import atomic_path, decode_image, read_image, write_atomic
+from .files import atomic_path, decode_image, encode_image, read_image, write_atomic
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 RECORD = "record.jsonl"
@@ -255,14 +256,6 @@ def uint8_map(heatmap: np.ndarray) -> np.ndarray:
     return np.uint8(np.clip(heatmap, 0, 1) * 255 + 0.5)
 
 
-def _encode(image: np.ndarray, image_format: str) -> bytes:
-    extension = ".jpg" if image_format == "jpeg" else ".png"
-    ok, encoded = cv2.imencode(extension, np.ascontiguousarray(image[..., ::-1]))
-    if not ok:
-        raise ImageError(f"{image_format.upper()} encoding failed")
-    return encoded.tobytes()
-
-
 def _write_maps(outdir: Path, outputs: Outputs, names: list[str], image, heatmaps: np.ndarray,
                 regions: list[dict]) -> list[dict]:
     """Write one image's overlays (with each map's box and label, or mask outline, from `regions`: keyword
@@ -275,7 +268,7 @@ def _write_maps(outdir: Path, outputs: Outputs, names: list[str], image, heatmap
             picture = overlay(image, heatmap, alpha=outputs.alpha, colormap=outputs.colormap)
             if region:
                 picture = annotate(picture, **region)
-            write_atomic(outdir / f"{name}{suffix}", _encode(picture, outputs.image_format))
+            write_atomic(outdir / f"{name}{suffix}", encode_image(picture, outputs.image_format))
             files["overlay"] = f"{name}{suffix}"
         if outputs.heatmaps and outputs.heatmap_format == "npy":
             buffer = io.BytesIO()
@@ -356,9 +349,11 @@ class Table:
     """The results table, Parquet parts under OUT/table: a row per heatmap with the path, method, class
     explained, its label and score, the top-5 classes, and the heatmap as uint8 (height x width, row-major).
 
-    A batch's rows are first staged in a file of their own (OUT/.staging), written before the batch's record
-    lines; staged files are merged into parts named by the first and last batch they hold, then deleted. On
-    resume a staged file is dropped if a part holds its batch, or if the record lacks its batch.
+    A batch's rows are first staged in a file of their own (OUT/.staging, uncompressed: a quick write), written
+    before the batch's record lines. Once its lines are recorded, the batch's rows go on into the part being
+    written (a hidden temporary file, row groups of about 1,024 rows); a full part is closed, renamed to the
+    first and last batch it holds, and only then are its staged files deleted. On resume a staged file is
+    dropped if a part holds its batch or if the record lacks its batch, and kept for the next part otherwise.
     """
 
     def __init__(self, outdir: Path, size: tuple[int, int], recorded: set[int], resume: bool, rows_per_part: int):
@@ -377,16 +372,16 @@ class Table:
                 merged.append(tuple(int(n) for n in part.stem.split("-")[1:]))
             else:
                 part.unlink()
-        self.staged: list[int] = []
-        self.rows = 0
+        self.staged: dict[int, object] = {}  # batch -> its rows, staged and not yet in the part being written
+        self.part: list[int] = []  # the batches written into the open part
+        self.writer, self.tmp, self.group, self.rows = None, None, [], 0
         for staged in sorted(self.staging.glob("batch-*.parquet")):  # none where the folder is not there
             batch = int(staged.stem.split("-")[1])
             if not resume or batch not in recorded or any(first <= batch <= last for first, last in merged):
                 staged.unlink()
             else:
-                self.staged.append(batch)
-                self.rows += pq.read_metadata(staged).num_rows
-        self.last_batch = max([last for _, last in merged] + self.staged, default=-1)
+                self.staged[batch] = pq.read_table(staged, schema=self.schema)
+        self.last_batch = max([last for _, last in merged] + list(self.staged), default=-1)
 
     def _staged_path(self, batch: int) -> Path:
         return self.staging / f"batch-{batch:09d}.parquet"
@@ -396,39 +391,47 @@ class Table:
         table = self.pa.Table.from_pydict(columns, schema=self.schema)
         self.staging.mkdir(exist_ok=True)
         with atomic_path(self._staged_path(batch)) as tmp:
-            self.pq.write_table(table, tmp, compression="snappy")
-        self.staged.append(batch)
-        self.rows += table.num_rows
+            self.pq.write_table(table, tmp, compression="none")
+        self.staged[batch] = table
 
-    def merge_if_full(self) -> None:
-        """Merge the staged files once they hold a part's rows. Called only after the record holds their batches:
-        a part must never hold a batch the record lacks, or a resumed run would explain its images again."""
-        if self.rows >= self.rows_per_part:
-            self.merge()
+    def add_recorded(self) -> None:
+        """Move the staged batches into the open part, closing it once full. Called only after the record holds
+        their batches: a part must never hold a batch the record lacks, or a resumed run would redo its images."""
+        for batch, table in sorted(self.staged.items()):
+            if self.writer is None:
+                fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".part-", suffix=".tmp")
+                os.close(fd)
+                self.tmp, self.writer = Path(tmp), self.pq.ParquetWriter(tmp, self.schema, compression="zstd")
+            self.part.append(batch)
+            self.group.append(table)
+            self.rows += table.num_rows
+            if sum(t.num_rows for t in self.group) >= 1024:
+                self._write_group()
+            if self.rows >= self.rows_per_part:
+                self._close_part()
+        self.staged.clear()
 
     def merge(self) -> None:
-        """Merge the staged files into one part (streamed, row groups of about 1,024 rows), then delete them,
-        and the staging folder once empty (also when a resumed run had nothing left to stage)."""
-        if self.staged:
-            self._write_part()
+        """At the end of a job: the staged batches into the last part, closed; the staging folder removed once
+        empty (also when a resumed run had nothing left to stage)."""
+        self.add_recorded()
+        if self.writer is not None:
+            self._close_part()
         if self.staging.is_dir() and not any(self.staging.iterdir()):
             self.staging.rmdir()
 
-    def _write_part(self) -> None:
-        first, last = self.staged[0], self.staged[-1]
-        part = self.folder / f"part-{first:09d}-{last:09d}.parquet"
-        with atomic_path(part) as tmp, self.pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
-            group = []
-            for batch in self.staged:
-                group.append(self.pq.read_table(self._staged_path(batch), schema=self.schema))
-                if sum(t.num_rows for t in group) >= 1024:
-                    writer.write_table(self.pa.concat_tables(group))
-                    group = []
-            if group:
-                writer.write_table(self.pa.concat_tables(group))
-        for batch in self.staged:
+    def _write_group(self) -> None:
+        self.writer.write_table(self.pa.concat_tables(self.group))
+        self.group = []
+
+    def _close_part(self) -> None:
+        if self.group:
+            self._write_group()
+        self.writer.close()
+        os.replace(self.tmp, self.folder / f"part-{self.part[0]:09d}-{self.part[-1]:09d}.parquet")
+        for batch in self.part:
             self._staged_path(batch).unlink()
-        self.staged, self.rows = [], 0
+        self.writer, self.tmp, self.part, self.rows = None, None, [], 0
 
 
 def _finish_image(outdir: Path, outputs: Outputs, names, image, heatmaps: np.ndarray, regions: list[dict]):
@@ -558,7 +561,7 @@ class _Job:
             self.table.stage(number, columns)
         self.record.append(lines)
         if self.table is not None:
-            self.table.merge_if_full()
+            self.table.add_recorded()
         self._tell(lines)
 
     def _add_rows(self, columns: dict, line: dict, maps: list[dict], levels: list[np.ndarray]) -> None:

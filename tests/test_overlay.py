@@ -8,6 +8,7 @@ import pytest
 
 from onnxcam import overlay
 from onnxcam.core import preprocess, upsample
+from onnxcam.core.images import COLORMAPS
 
 
 def test_hot_is_red_and_cold_is_blue_in_rgb():
@@ -27,6 +28,19 @@ def test_blend_weights_and_image_size():
     full = overlay(image, heatmap, alpha=1.0)
     half = overlay(image, heatmap, alpha=0.5)
     np.testing.assert_allclose(half.astype(float), (image.astype(float) + full) / 2, atol=1.01)
+
+
+@pytest.mark.parametrize("colormap", ["jet", "viridis"])
+def test_upsampled_colours_follow_the_float_path(colormap):
+    """The map is upsampled as 8-bit levels: each pixel's colour is that of the float-upsampled map within a level."""
+    rng = np.random.default_rng(1)
+    heatmap = cv2.GaussianBlur(rng.random((56, 56)).astype(np.float32), (0, 0), 4)
+    heatmap = (heatmap - heatmap.min()) / (heatmap.max() - heatmap.min())
+    drawn = overlay(np.zeros((300, 400, 3), np.uint8), heatmap, alpha=1.0, colormap=colormap)
+    levels = np.uint8(np.clip(cv2.resize(heatmap, (400, 300), interpolation=cv2.INTER_LINEAR), 0, 1) * 255 + 0.5)
+    table = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), COLORMAPS[colormap])[:, 0, ::-1]
+    within_a_level = [(drawn == table[np.clip(levels.astype(int) + step, 0, 255)]).all(axis=-1) for step in (-1, 0, 1)]
+    assert np.logical_or.reduce(within_a_level).all()
 
 
 def test_bad_overlay_arguments():
