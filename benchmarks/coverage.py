@@ -249,28 +249,31 @@ def check_gradient(plain_path: Path, explainable: Path, spec, batch) -> str:
 
 def cut_objectives(cut_model, spec, batch, classes, activation):
     """(objective, precision) pairs, most practical first: the selected scores' sum as a function of the
-    target's value, by ONNX Runtime (float64 between casts, else float32), then by the reference evaluator."""
+    target's value, by ONNX Runtime (float64 between casts, else float32), then by the reference evaluator.
+    Both run only the part of the cut file that the score needs (for a late target, the head)."""
     import numpy as np
     import onnx
     from onnx.reference import ReferenceEvaluator
 
-    def summed(out) -> float:
-        return float(out.reshape(len(batch), -1)[np.arange(len(batch)), classes].astype(np.float64).sum())
+    head = onnx.utils.Extractor(cut_model).extract_model([spec.input, spec.layers[0]], [spec.scores])
+    reads_image = spec.input in {v.name for v in head.graph.input}
+
+    def objective(run, precision):
+        def value_of(target) -> float:
+            feeds = {spec.layers[0]: target.astype(precision)}
+            if reads_image:
+                feeds[spec.input] = batch.astype(precision)
+            out = run([spec.scores], feeds)[0]
+            return float(out.reshape(len(batch), -1)[np.arange(len(batch)), classes].astype(np.float64).sum())
+        return value_of
 
     try:
-        ort_run, precision = session(in_double(cut_model)).run, np.float64
-        ort_run([spec.scores], {spec.input: batch.astype(precision), spec.layers[0]: activation.astype(precision)})
+        run, precision = session(in_double(head)).run, np.float64
+        objective(run, precision)(activation)
     except Exception:  # noqa: BLE001 - an op ONNX Runtime cannot run in float64 between the casts
-        ort_run, precision = session(cut_model).run, np.float32
-    yield (lambda value: summed(ort_run([spec.scores], {spec.input: batch.astype(precision),
-                                                          spec.layers[0]: value.astype(precision)})[0]),
-           "float64" if precision == np.float64 else "float32")
-    head = onnx.utils.Extractor(cut_model).extract_model([spec.input, spec.layers[0]], [spec.scores])
-    head = in_float64(head)
-    reference = ReferenceEvaluator(head)
-    feeds = {spec.input: batch.astype(np.float64)} if spec.input in {v.name for v in head.graph.input} else {}
-    yield (lambda value: summed(reference.run([spec.scores], {**feeds, spec.layers[0]: value.astype(np.float64)})[0]),
-           "float64, reference evaluator")
+        run, precision = session(head).run, np.float32
+    yield objective(run, precision), "float64" if precision == np.float64 else "float32"
+    yield objective(ReferenceEvaluator(in_float64(head)).run, np.float64), "float64, reference evaluator"
 
 
 def in_float64(model):
