@@ -7,6 +7,9 @@ patch flows into the class token. The head fusion and discard of weak attention 
 vit-explain; the gradient-weighted form follows Chefer et al. (arXiv 2103.15679): each head's
 attention times its gradient, negatives clamped, heads averaged.
 
+LeGrad (Bousselham et al., arXiv 2404.03214) reads per-block gradients instead: each block's layer score (the
+model's readout applied to the block's output tokens) differentiated with respect to the block's attention.
+
 Rows are normalised as the paper says, a / a.sum(-1, keepdims=True). The widely copied script divides
 by `a.sum(dim=-1)` without keeping the dimension, which broadcasts the row sums across columns.
 """
@@ -62,3 +65,12 @@ def grad_rollout(attentions: list[np.ndarray], gradients: list[np.ndarray], pref
     """Gradient attention rollout: heads fused as mean(ReLU(A (.) dy/dA)), then rollout as above."""
     fused = [np.maximum(a * g, 0).mean(axis=1) for a, g in zip(attentions, gradients, strict=True)]
     return _cls_map(_roll(fused, discard_ratio), prefix, grid)
+
+
+def legrad(gradients: list[np.ndarray], prefix: int, grid: tuple[int, int]) -> np.ndarray:
+    """LeGrad (Bousselham et al., arXiv 2404.03214, Sec. 3) from per-block gradients ds^l/dA^l (each B x heads x N
+    x N, s^l the selected class's score read out of block l's tokens): E^l = mean over heads and queries of
+    ReLU(ds^l/dA^l), the prefix keys dropped, on the grid; the map is the mean of E^l over the blocks, B x H x W.
+    It is left unnormalised: the paper's min-max scaling is the heatmaps' own (core.maps.heatmaps)."""
+    per_block = [np.maximum(g, 0).mean(axis=(1, 2))[:, prefix:].reshape(len(g), *grid) for g in gradients]
+    return np.mean(per_block, axis=0).astype(np.float32)

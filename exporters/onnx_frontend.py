@@ -38,6 +38,7 @@ from .discovery import (
 from .functions import expand_functions
 from .head import head_cuts
 from .input_gradients import add_input_gradients
+from .legrad import layer_scores
 from .shapes import infer_shapes, tensor_shapes
 
 MIN_OPSET = 17
@@ -47,7 +48,7 @@ EXTERNAL_DATA_OVER = 2**31 - 2**26  # bytes of weights past which a model is sav
 
 def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, target_layers=None, output=None,
                 mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
-                attention_gradients=False, bundled=False, input_gradients=False) -> ExplainSpec:
+                attention_gradients=False, bundled=False, input_gradients=False, legrad=False) -> ExplainSpec:
     """Rewrite the classifier `src` (a path or ModelProto) into an explainable graph saved at `path`.
 
     `input` names the image input (default: the one 4-D float or uint8 input), `input_layout` says whether it is
@@ -61,7 +62,9 @@ def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, ta
 
     `attentions` names the per-block attention probabilities (B x heads x N x N) exposed for attention
     rollout; by default every such Softmax output is. `attention_gradients` adds their gradients, for
-    gradient rollout: a backward pass through every block, so it is opt-in. `bundled` writes a single file
+    gradient rollout: a backward pass through every block, so it is opt-in. `legrad` adds, per block, the gradient
+    of the block's layer score (the model's readout copied onto the block's output) with respect to its attention,
+    for LeGrad (exporters.legrad): a short backward pass per block, opt-in as well. `bundled` writes a single file
     that takes encoded image bytes and returns the logits and the Grad-CAM heatmap (exporters.bundle).
     `input_gradients` adds the gradient down to the image, with a switch for guided backpropagation
     (exporters.input_gradients): a backward pass through the whole network on every run, so it is opt-in.
@@ -69,7 +72,7 @@ def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, ta
     model = make_explainable(load_model(src), input=input, input_layout=input_layout, input_size=input_size,
                              target_layers=target_layers, output=output, mean=mean, std=std, labels=labels,
                              layer_names=layer_names, layouts=layouts, attentions=attentions,
-                             attention_gradients=attention_gradients)
+                             attention_gradients=attention_gradients, legrad=legrad)
     if input_gradients:
         model = add_input_gradients(model)
     if bundled:
@@ -154,7 +157,7 @@ def unknown_name_error(kind: str, name: str, known) -> ExportError:
 
 def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, input_size=None, target_layers=None,
                      output=None, mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
-                     attention_gradients=False) -> onnx.ModelProto:
+                     attention_gradients=False, legrad=False) -> onnx.ModelProto:
     """The model with the explanation outputs and the onnxcam metadata added (see export_onnx)."""
     model = _prepared(model)
     image = image_input(model, input, input_layout, input_size)
@@ -164,8 +167,11 @@ def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, i
     shapes = tensor_shapes(model, builder)
     targets, layouts = _targets(model, score, shapes, image, target_layers, layouts, layer_names)
     attentions, attention_layout = _attentions(model, shapes, image, attentions, layouts)
+    scores_per_block = layer_scores(model, shapes, attentions, score) if legrad else []
+    if scores_per_block:
+        builder = GraphBuilder(model)  # with the types of the readout's copies
     names = _append_outputs(model, builder, image, score, num_classes, targets,
-                            attentions, attention_gradients)
+                            attentions, attention_gradients, scores_per_block)
     spec = ExplainSpec(
         input=image.name, scores=score, num_classes=num_classes, score_shape=builder.shape(score)[1:],
         input_size=image.size,
@@ -276,12 +282,15 @@ def _attentions(model, shapes, image: ImageInput, given, layouts) -> tuple[list[
 
 
 def _append_outputs(model, builder: GraphBuilder, image: ImageInput, score: str, num_classes: int,
-                    targets: list[str], attentions: list[str], attention_gradients: bool) -> dict[str, list[str]]:
-    """Add the class input and the explanation outputs to the graph; their names, as ExplainSpec fields."""
+                    targets: list[str], attentions: list[str], attention_gradients: bool,
+                    scores_per_block: list[str]) -> dict[str, list[str]]:
+    """Add the class input and the explanation outputs to the graph; their names, as ExplainSpec fields.
+    `scores_per_block`: LeGrad's layer score of each attention block (exporters.legrad), or none."""
     graph = model.graph
     selected, seed = _select_class(builder, score, num_classes)
     cuts = head_cuts(model, targets, [o.name for o in graph.output if builder.is_float(o.name)])
     gradients = append_gradients(model, targets + (attentions if attention_gradients else []), score, seed, builder)
+    legrad_gradients = _layer_score_gradients(model, builder, attentions, scores_per_block, score, seed, selected)
     builder.nodes.append(helper.make_node("Identity", [selected.name], [SELECTED_OUTPUT]))
     # the batch keeps the image input's name for it, so that a runtime can size outputs from the input
     new_outputs = [helper.make_tensor_value_info(SELECTED_OUTPUT, onnx.TensorProto.INT64, [image.batch])]
@@ -300,6 +309,8 @@ def _append_outputs(model, builder: GraphBuilder, image: ImageInput, score: str,
              "attentions": expose("attention", attentions, attentions),
              "attention_gradients": expose("attention_gradient", gradients[len(targets):],
                                            attentions if attention_gradients else []),
+             "legrad_gradients": expose("legrad_gradient", legrad_gradients,
+                                        attentions if scores_per_block else []),
              "cuts": expose("cut", cuts, cuts)}
     prune(builder, [SELECTED_OUTPUT, *(n for group in names.values() for n in group)])
     graph.input.append(helper.make_tensor_value_info(CLASS_INPUT, onnx.TensorProto.INT64, [image.batch]))
@@ -307,6 +318,17 @@ def _append_outputs(model, builder: GraphBuilder, image: ImageInput, score: str,
     graph.initializer.extend(builder.initializers)
     graph.output.extend(new_outputs)
     return names
+
+
+def _layer_score_gradients(model, builder: GraphBuilder, attentions: list[str], scores_per_block: list[str],
+                           score: str, seed: Value, selected: Value) -> list[Value]:
+    """LeGrad's per-block gradients: of the selected class's layer score s^l w.r.t. the block's attention A^l, each
+    a walk through block l and the readout only (none where the file is exported without them)."""
+    if not scores_per_block:
+        return []
+    return [append_gradients(model, [attention], layer_score,
+                             seed if layer_score == score else one_hot_seed(builder, layer_score, selected), builder)[0]
+            for attention, layer_score in zip(attentions, scores_per_block, strict=True)]
 
 
 def _select_class(builder: GraphBuilder, score: str, num_classes: int) -> tuple[Value, Value]:

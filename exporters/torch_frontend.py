@@ -87,7 +87,7 @@ def _default_layer(probed) -> str:
 
 def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std=None, labels=None, layouts=None,
                  attention_layers=None, attention_gradients=False, bundled=False,
-                 input_gradients=False) -> ExplainSpec:
+                 input_gradients=False, legrad=False) -> ExplainSpec:
     """Export `model` (a torch.nn.Module) to an explainable ONNX file at `path`.
 
     `input_shape` is C x H x W (a leading batch size is ignored: the batch is dynamic).
@@ -96,7 +96,7 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
     whose outputs are a block's attention probabilities, for attention rollout (default: modules
     named `attn_drop` that return B x heads x N x N; where none runs, as with fused scaled dot-product
     attention, the exported graph's Softmax outputs of that shape). `attention_gradients`, `bundled`,
-    `input_gradients`: see export_onnx.
+    `input_gradients`, `legrad`: see export_onnx.
     """
     input_shape = tuple(int(d) for d in input_shape[-3:])
     model = model.eval()
@@ -134,7 +134,8 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
     attentions = names[len(layers):] if attention or attention_layers is not None else None
     return export_onnx(onnx_model, path, target_layers=names[:len(layers)], layer_names=layers, mean=mean, std=std,
                        labels=labels, layouts=layouts, attentions=attentions,
-                       attention_gradients=attention_gradients, bundled=bundled, input_gradients=input_gradients)
+                       attention_gradients=attention_gradients, bundled=bundled, input_gradients=input_gradients,
+                       legrad=legrad)
 
 
 class _WithActivations(torch.nn.Module):

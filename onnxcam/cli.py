@@ -21,7 +21,7 @@ from .pipeline import collect_images, explain_files
 FLAGS = {"save": "--save", "target_layers": "--target-layer", "layouts": "--layout", "mean": "--mean", "std": "--std",
          "attention_gradients": "--grad-rollout", "input_gradients": "--input-gradients", "output": "--score-output",
          "input_size": "--input-size", "input": "--input", "input_layout": "--input-layout", "targets": "--task",
-         "batch_size": "--batch-size"}
+         "batch_size": "--batch-size", "legrad": "--legrad"}
 
 
 class Failed(click.ClickException):
@@ -71,6 +71,9 @@ def main():
 @click.option("--layout", "layouts", multiple=True, help="Per target: nchw, nhwc or tokens:P:HxW (default: guessed).")
 @click.option("--grad-rollout", "attention_gradients", is_flag=True,
               help="Also export attention gradients, for method grad-rollout (a backward pass through every block).")
+@click.option("--legrad", is_flag=True,
+              help="Also export each block's gradient of its layer score (the readout applied to the block's "
+                   "output), for method legrad (a short backward pass per block).")
 @click.option("--input-gradients", "input_gradients", is_flag=True,
               help="Also export the gradient down to the image, for guided-backprop, guided-gradcam, saliency, "
                    "smoothgrad, integrated-gradients (a backward pass through the whole network).")
@@ -80,12 +83,12 @@ def main():
 @click.option("--triton-repo", type=click.Path(file_okay=False),
               help="Also write a Triton model repository for the file here (model.onnx and config.pbtxt).")
 def export(model, out, targets, input_size, image_input, input_layout, weights, mean, std, labels, score_output,
-           layouts, attention_gradients, input_gradients, bundled, triton_repo):
+           layouts, attention_gradients, legrad, input_gradients, bundled, triton_repo):
     """Make MODEL explainable: MODEL is package.module:callable returning a torch.nn.Module, or an .onnx file."""
     names = _read_labels(labels)
     options = dict(target_layers=list(targets) or None, mean=_triple(mean), std=_triple(std), labels=names,
                    layouts=list(layouts) or None, attention_gradients=attention_gradients, bundled=bundled,
-                   input_gradients=input_gradients)
+                   input_gradients=input_gradients, legrad=legrad)
     try:
         if model.endswith(".onnx"):
             spec = export_onnx(model, out, input=image_input, input_layout=input_layout, input_size=input_size,

@@ -45,6 +45,9 @@ class ExplainSpec:
     attentions: list[str] = field(default_factory=list)  # per block: attention probabilities, B x heads x N x N
     attention_gradients: list[str] = field(default_factory=list)
     attention_layout: str | None = None  # tokens:P:HxW of the attention's N tokens
+    # per block (export option legrad): the gradient of the block's layer score, the model's readout applied to the
+    # block's output tokens, with respect to its attention probabilities (LeGrad; exporters.legrad)
+    legrad_gradients: list[str] = field(default_factory=list)
     # float tensors the head (the nodes between the targets and the outputs) reads besides the targets,
     # exposed so that it can run alone on them (exporters.head)
     cuts: list[str] = field(default_factory=list)

@@ -11,7 +11,7 @@ from threadpoolctl import ThreadpoolController
 from .contract import ExplainSpec
 from .core import METHODS, heatmaps, preprocess, top_classes
 from .core.layouts import parse_tokens, to_grid
-from .core.rollout import HEAD_FUSIONS, grad_rollout, rollout
+from .core.rollout import HEAD_FUSIONS, grad_rollout, legrad, rollout
 from .errors import ExplainError
 from .runtimes import create_session
 from .runtimes.binding import BoundRunner, as_ortvalue, shape_of
@@ -19,7 +19,7 @@ from .runtimes.head import HeadRunner
 from .strategies import FAMILY_METHODS, explain_family
 from .targets import as_target, fixed_classes, per_image
 
-ROLLOUT_METHODS = ("rollout", "grad-rollout")
+ROLLOUT_METHODS = ("rollout", "grad-rollout", "legrad")  # the attention methods of ViTs
 _ORT_TYPES = {"float32": "float", "float16": "float16", "float64": "double", "uint8": "uint8"}
 ALL_METHODS = (*METHODS, *ROLLOUT_METHODS, *FAMILY_METHODS)
 
@@ -161,6 +161,8 @@ class Explainer:
         if not spec.attentions:
             raise ExplainError(f"{method} needs attention probabilities, and this model exposes none "
                                f"(export a transformer whose attention modules are named attn_drop, or name them)")
+        if method == "legrad":
+            return self._legrad(batch, classes)
         if head_fusion not in HEAD_FUSIONS:
             raise ExplainError(f"unknown head fusion '{head_fusion}'; choose from {', '.join(HEAD_FUSIONS)}")
         if not 0 <= discard_ratio < 1:
@@ -177,6 +179,16 @@ class Explainer:
             count = len(spec.attentions)
             maps = grad_rollout(tensors[:count], tensors[count:], prefix, (height, width), discard_ratio)
         return scores, selected, [maps]
+
+    def _legrad(self, batch, classes):
+        """LeGrad (core.rollout.legrad) from the per-block gradients of the layer scores, in one session run."""
+        spec = self.spec
+        if not spec.legrad_gradients:
+            raise ExplainError("legrad needs each block's gradient of its layer score, which costs a backward pass "
+                               "per block and is exported on request", option="legrad")
+        prefix, height, width = parse_tokens(spec.attention_layout)
+        scores, selected, *gradients = self._run(batch, classes, spec.legrad_gradients)
+        return scores, selected, [legrad(gradients, prefix, (height, width))]
 
     def prepare(self, inputs):
         """The model's input batch. A batch already in the model's layout, type and size passes through (numpy,
@@ -243,8 +255,8 @@ class Explainer:
         """Targets set after seeing the outputs: the backbone runs once; the head runs once for all the maps,
         on the target activations repeated per map with each map's seed (runtimes.head)."""
         spec = self.spec
-        if method == "grad-rollout":
-            raise ExplainError("grad-rollout explains one class per image: give a class index, not a target object")
+        if method in ("grad-rollout", "legrad"):
+            raise ExplainError(f"{method} explains one class per image: give a class index, not a target object")
         outputs = list(dict.fromkeys([spec.scores, *(t.output or spec.scores for t in targets)]))
         known = [o.name for o in self.session.get_outputs() if not o.name.startswith("onnxcam_")]
         for output in outputs:

@@ -86,7 +86,7 @@ def method_options(method: str, given: dict) -> dict:
 
 def capabilities(explainer) -> dict[str, str | None]:
     """Per method, None where the loaded file supports it, else the reason it does not (for menus)."""
-    from .explainer import ALL_METHODS
+    from .explainer import ALL_METHODS, ROLLOUT_METHODS
 
     spec = explainer.spec
     reasons: dict[str, str | None] = dict.fromkeys(ALL_METHODS)
@@ -94,9 +94,13 @@ def capabilities(explainer) -> dict[str, str | None]:
         if not spec.input_gradient:
             reasons[method] = "needs a file exported with input gradients"
     if not spec.attentions:
-        reasons["rollout"] = reasons["grad-rollout"] = "needs attention probabilities (a transformer)"
-    elif not spec.attention_gradients:
-        reasons["grad-rollout"] = "needs a file exported with attention gradients"
+        for method in ROLLOUT_METHODS:
+            reasons[method] = "needs attention probabilities (a transformer)"
+    else:
+        if not spec.attention_gradients:
+            reasons["grad-rollout"] = "needs a file exported with attention gradients"
+        if not spec.legrad_gradients:
+            reasons["legrad"] = "needs a file exported with LeGrad's layer-score gradients"
     if len(spec.layers) > 1:
         reasons["ablationcam"] = "explains one target layer; this file has several"
     if importlib.util.find_spec("sklearn") is None:
