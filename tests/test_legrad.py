@@ -173,7 +173,10 @@ def test_legrad_is_refused_without_the_export_option(exported):
     assert capabilities(onnxcam.Explainer(exported / "torch.onnx", provider="cpu"))["legrad"] is None
 
 
-def test_a_readout_that_reads_more_than_the_last_block_is_refused(tmp_path):
+def test_models_legrad_cannot_explain_are_refused_in_one_line(tmp_path):
     with pytest.raises(ExportError, match="cannot copy the model's readout") as caught:
         export_torch(_model(SkippingReadout), tmp_path / "skip.onnx", input_shape=(3, SIZE, SIZE), legrad=True)
     assert "\n" not in str(caught.value)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with pytest.raises(ExportError, match="LeGrad needs the attention probabilities"):
+        export_torch(cnn, tmp_path / "cnn.onnx", input_shape=(3, SIZE, SIZE), legrad=True)
