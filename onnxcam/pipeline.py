@@ -14,6 +14,7 @@ already in a part are dropped, and only the images without a line are explained 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -38,6 +39,7 @@ from .files import atomic_path, decode_image, encode_image, read_image, write_at
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 RECORD = "record.jsonl"
+SETTINGS = "job.json"  # what the job writes, for --resume to check
 TABLE = "table"
 STAGING = ".staging"
 SAVE_CHOICES = ("overlays", "heatmaps", "table")
@@ -488,15 +490,33 @@ def _cleanup(outdir: Path) -> None:
                 os.unlink(os.path.join(folder, name))
 
 
+def _check_settings(path: Path, settings: dict, resume: bool) -> None:
+    """Keep what a job writes in `path`; a resumed job must write the same, or the images done before would
+    lack what it adds (a table resumed from an overlays-only run would hold the new images alone)."""
+    settings = json.loads(json.dumps({key: value for key, value in settings.items() if key != "rows_per_part"},
+                                     default=repr))  # a target object (a Detection) by its repr
+    if resume and path.exists():
+        before = json.loads(path.read_text())
+        changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in settings.items()
+                   if before.get(key) != value]
+        if changed:
+            raise ExplainError(f"{path.parent} holds a job started with other settings ({'; '.join(changed)}): "
+                               f"resume it with the same ones, or write to another folder")
+        return
+    write_atomic(path, json.dumps(settings).encode())
+
+
 class _Job:
     """The state of one `explain_files` run: the record, the table, output names taken, counts."""
 
-    def __init__(self, explainer: Explainer, outdir: Path, outputs: Outputs, method: str, resume: bool, callbacks):
+    def __init__(self, explainer: Explainer, outdir: Path, outputs: Outputs, method: str, target: int | None,
+                 resume: bool, callbacks):
         outdir.mkdir(parents=True, exist_ok=True)
         if resume:
             _cleanup(outdir)
         self.explainer, self.outdir, self.outputs, self.method = explainer, outdir, outputs, method
         self.report, self.complain, self.progress = callbacks
+        _check_settings(outdir / SETTINGS, {"method": method, "target": target, **dataclasses.asdict(outputs)}, resume)
         self.record = Record(outdir / RECORD, resume)
         self.table = Table(outdir, explainer.spec.input_size, self.record.batches, resume,
                            outputs.rows_per_part) if outputs.table else None
@@ -687,7 +707,7 @@ def explain_files(explainer: Explainer, sources: Iterable[Source | str | os.Path
     be iterated only once). With `resume`, images the record holds are skipped. A source listed twice is
     explained once. Returns the counts.
     """
-    job = _Job(explainer, outdir, outputs, method, resume, (report, complain, progress))
+    job = _Job(explainer, outdir, outputs, method, target, resume, (report, complain, progress))
     job.summary.skipped = len(job.record.done)
     if iter(sources) is not sources:  # listed again rather than held in memory
         job.total = sum(1 for source in _pending(sources, set(job.record.done)))

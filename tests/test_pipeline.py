@@ -18,6 +18,7 @@ import pytest
 from conftest import random_images
 
 from onnxcam import Explainer
+from onnxcam.errors import ExplainError
 from onnxcam.files import read_image
 from onnxcam.pipeline import RECORD, Listing, Outputs, Record, explain_files, iter_sources, uint8_map
 
@@ -121,9 +122,24 @@ def test_table_only_run_writes_a_handful_of_files(explainer, tmp_path):
     assert len(heatmaps) == 60 and np.load(heatmaps[0]).dtype == np.float16
     for path in heatmaps:
         path.unlink()
-    assert sorted(p.name for p in out.rglob("*")) == ["part-000000000-000000008.parquet", "predictions.json",
-                                                      RECORD, "table"]
+    assert sorted(p.name for p in out.rglob("*")) == ["job.json", "part-000000000-000000008.parquet",
+                                                      "predictions.json", RECORD, "table"]
     assert len(_table(out)) == 60
+
+
+def test_resuming_with_other_outputs_is_refused(explainer, tmp_path):
+    """A table resumed from an overlays-only run would hold the new images alone: refused, nothing touched."""
+    paths = _write_images(tmp_path / "images", 6, seed=5)
+    out = tmp_path / "out"
+    explain_files(explainer, Listing(paths[:3]), out, batch_size=2, outputs=Outputs.parse("overlays"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ExplainError, match=r"started with other settings \(table False -> True\): resume it with"):
+        explain_files(explainer, Listing(paths), out, batch_size=2, outputs=Outputs.parse("overlays,table"),
+                      resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    summary = explain_files(explainer, Listing(paths), out, batch_size=2, outputs=Outputs.parse("overlays"),
+                            resume=True)
+    assert (summary.skipped, summary.explained) == (3, 3)
 
 
 class SeveralTargets:
