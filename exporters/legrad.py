@@ -10,6 +10,8 @@ and the readout only (autodiff.append_gradients visits the nodes between A^l and
 
 from __future__ import annotations
 
+from collections import Counter
+
 import onnx
 
 from ..errors import ExportError
@@ -42,7 +44,8 @@ def block_outputs(model: onnx.ModelProto, shapes: dict[str, list | None], attent
     """Each attention block's output z^l, the residual stream after the block: the first Add over the attention's
     tokens (B x T x C) whose operands both depend on A^l (in a pre-norm block, the Add after the MLP; the one
     after the attention also reads the stream from before the block) and through which every path from A^l to
-    the score passes. A block's output must not depend on the next block's attention."""
+    the score passes. A block's output must not depend on the next block's attention, and must be read twice by
+    the next block (by its normalisation and its residual Add): post-norm and parallel blocks are refused."""
     nodes = list(model.graph.node)
     reached = [_descendants(nodes, shapes, attention) for attention in attentions]
     found = []
@@ -56,10 +59,12 @@ def block_outputs(model: onnx.ModelProto, shapes: dict[str, list | None], attent
             raise ExportError(f"LeGrad cannot find the output of the block of attention '{attention}': no residual "
                               f"Add after it that every path to the score passes through")
         found.append(output)
+    readers = Counter(name for node in nodes for name in node.input)
     for output, attention, later in zip(found, attentions, reached[1:], strict=False):
-        if output in later:
-            raise ExportError(f"LeGrad cannot tell the blocks apart: the output found for attention '{attention}' "
-                              f"depends on the next block's attention (blocks that are not pre-norm residual ones)")
+        if output in later or readers[output] < 2:  # the stream feeds the next block and its residual Add
+            raise ExportError(f"LeGrad cannot find the output of the block of attention '{attention}': the Add found "
+                              f"is not a residual stream that the next block reads (LeGrad's blocks are pre-norm "
+                              f"residual ones)")
     return found
 
 

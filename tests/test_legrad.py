@@ -73,6 +73,20 @@ class SkippingReadout(ViT):
         return self.readout(self.blocks(embedded) + embedded)
 
 
+class PostNormBlock(Block):
+    """The original Transformer's order, the norms after the residual Adds: the residual stream is no block's output."""
+
+    def forward(self, x):
+        x = self.norm1(x + self.self_attention(x, x, x, need_weights=False)[0])
+        return self.norm2(x + self.mlp(x))
+
+
+class PostNormViT(ViT):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*[PostNormBlock(32, 4) for _ in range(3)])
+
+
 def _model(cls=ViT):
     torch.manual_seed(0)
     model = cls().eval()
@@ -177,6 +191,8 @@ def test_models_legrad_cannot_explain_are_refused_in_one_line(tmp_path):
     with pytest.raises(ExportError, match="cannot copy the model's readout") as caught:
         export_torch(_model(SkippingReadout), tmp_path / "skip.onnx", input_shape=(3, SIZE, SIZE), legrad=True)
     assert "\n" not in str(caught.value)
+    with pytest.raises(ExportError, match="LeGrad's blocks are pre-norm residual ones"):
+        export_torch(_model(PostNormViT), tmp_path / "post.onnx", input_shape=(3, SIZE, SIZE), legrad=True)
     cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     with pytest.raises(ExportError, match="LeGrad needs the attention probabilities"):
         export_torch(cnn, tmp_path / "cnn.onnx", input_shape=(3, SIZE, SIZE), legrad=True)
