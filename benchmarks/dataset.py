@@ -110,7 +110,7 @@ def worker(args) -> dict:
         return ray_worker(args, sources, count)
     explainer = Explainer(args.model, provider="cpu")
     plain = plain_session(explainer) if args.kind == "floor" else None
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if args.kind == "floor":
         spec, batch, workers = explainer.spec, [], os.cpu_count() or 1
         for _, (tensor, _, _) in _decoded((s.path for s in sources), spec, workers, args.batch * (workers + 2), False):
@@ -123,20 +123,17 @@ def worker(args) -> dict:
     else:
         explain_files(explainer, sources, Path(args.out), batch_size=args.batch, outputs=Outputs.parse(args.save))
     seconds = time.perf_counter() - start
-    return {"images": count, "seconds": seconds, "images_per_s": count / seconds, "peak_mb": peak_memory_mb()}
+    return {"images": count, "seconds": seconds, "images_per_s": count / seconds, "peak_mb": peak_memory_mb(),
+            "cpu_s": time.process_time() - cpu}
 
 
 def plain_session(explainer):
     """Plain inference: the scores alone, from the explainable file's forward part (ONNX Runtime runs every node of
     a graph whatever is fetched, so the explainable file itself would pay its backward pass)."""
-    import onnxruntime as ort
-
     from onnxcam.exporters.linear_head import forward_model
+    from onnxcam.runtimes.session import sibling_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = explainer.session.get_session_options().intra_op_num_threads
-    model = forward_model(explainer.head.path, explainer.spec)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return sibling_session(forward_model(explainer.head.path, explainer.spec), explainer.session)
 
 
 def ray_worker(args, sources, count: int) -> dict:

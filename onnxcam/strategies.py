@@ -220,16 +220,12 @@ def _scores_runner(explainer):
     explainable file would pay its backward pass on every masked batch (exporters.linear_head.forward_model)."""
     cached = _SCORES_RUNNERS.get(explainer)
     if cached is None:
-        import onnxruntime as ort
-
         from .exporters.linear_head import forward_model
         from .runtimes.binding import BoundRunner
+        from .runtimes.session import sibling_session
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = explainer.session.get_session_options().intra_op_num_threads
         model = forward_model(explainer.head.path, explainer.spec)
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=explainer.session.get_providers())
-        cached = _SCORES_RUNNERS[explainer] = BoundRunner(session)
+        cached = _SCORES_RUNNERS[explainer] = BoundRunner(sibling_session(model, explainer.session))
     return cached
 
 
@@ -345,17 +341,13 @@ def _guided_runner(explainer):
     cached = _GUIDED_RUNNERS.get(explainer)
     if cached is None:
         import onnx
-        import onnxruntime as ort
 
         from .exporters.autodiff.guided import guided
         from .runtimes.binding import BoundRunner
+        from .runtimes.session import sibling_session
 
         model = guided(onnx.load(str(explainer.head.path)))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = explainer.session.get_session_options().intra_op_num_threads
-        session = ort.InferenceSession(model.SerializeToString(), options,
-                                       providers=explainer.session.get_providers())
-        cached = _GUIDED_RUNNERS[explainer] = BoundRunner(session)
+        cached = _GUIDED_RUNNERS[explainer] = BoundRunner(sibling_session(model, explainer.session))
     return cached
 
 

@@ -13,6 +13,7 @@ from ..contract import ExplainSpec
 from ..errors import ExplainError, ExportError
 from ..exporters.head import SEED_INPUT, build_head, exposed_sources
 from .binding import BoundRunner
+from .session import sibling_session
 
 
 class HeadRunner:
@@ -47,12 +48,7 @@ class HeadRunner:
         except ExportError as error:
             raise ExplainError(f"cannot explain output '{output}': {error.message}") from None
         del head.graph.value_info[:]  # the forward graph's sizes name its batch; the head's batch is the maps
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.session.get_session_options().intra_op_num_threads
-        # the head is small: threads left spinning after it would take the cores from the next backbone run
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(head.SerializeToString(), options, providers=self.session.get_providers())
-        return BoundRunner(session)
+        return BoundRunner(sibling_session(head, self.session))
 
     def gradients(self, output: str, activations: list[np.ndarray], cuts: list[np.ndarray],
                   image_index: np.ndarray, seeds: np.ndarray) -> list[np.ndarray]:
