@@ -124,7 +124,7 @@ def test_explain_refuses_bad_requests_in_one_line(exported, images, tmp_path, ar
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_explain_on_a_plain_onnx_file_suggests_export(workdir, tmp_path):
+def test_explain_on_a_plain_onnx_file_suggests_export(workdir, images, tmp_path):
     import torch
 
     sys.path.insert(0, str(workdir))
@@ -134,7 +134,7 @@ def test_explain_on_a_plain_onnx_file_suggests_export(workdir, tmp_path):
         sys.path.remove(str(workdir))
     plain = tmp_path / "plain.onnx"
     torch.onnx.export(build(), (torch.zeros(2, 3, 32, 32),), plain, dynamo=True)
-    result = run_cli("explain", plain, workdir / "images" / "a.png", "-o", tmp_path / "out")
+    result = run_cli("explain", plain, images / "a.png", "-o", tmp_path / "out")
     assert result.returncode == 1
     assert result.stderr.strip().endswith(f"has no gradient outputs: make it explainable first with "
                                           f"`onnxcam export {plain} -o OUT.onnx`")
@@ -157,7 +157,7 @@ def test_export_refuses_mistakes_in_one_line(workdir, args, message):
     assert not (workdir / "never.onnx").exists()
 
 
-def test_export_loads_weights(workdir, tmp_path):
+def test_export_loads_weights(workdir, images, tmp_path):
     import torch
 
     sys.path.insert(0, str(workdir))
@@ -173,10 +173,10 @@ def test_export_loads_weights(workdir, tmp_path):
     result = run_cli("export", "tiny_models:build", "-o", out, "--input-size", "32", "--weights",
                      tmp_path / "weights.pt", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    explained = run_cli("explain", out, workdir / "images" / "a.png", "-o", tmp_path / "o")
+    explained = run_cli("explain", out, images / "a.png", "-o", tmp_path / "o")
     assert explained.returncode == 0, explained.stderr
     predictions = json.loads((tmp_path / "o" / "predictions.json").read_text())
-    assert predictions[str(workdir / "images" / "a.png")]["target"] == 2
+    assert predictions[str(images / "a.png")]["target"] == 2
 
 
 def test_deploy_path_needs_no_torch(exported, images, tmp_path):
