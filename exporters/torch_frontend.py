@@ -44,7 +44,7 @@ def _probe(model, input_shape):
     probed = []
     for name, module, output in outputs:
         grad = grad_of.get(id(output))
-        layout = guess_layout(tuple(output.shape))
+        layout = guess_layout(tuple(output.shape), tuple(input_shape[-2:]))
         reached = 0
         if grad is not None and layout is not None:
             reached = int((to_grid(grad.detach().numpy(), layout) != 0).any(axis=1).sum(axis=(1, 2)).max())
@@ -67,12 +67,14 @@ def default_layer(model, input_shape) -> str:
 def _default_layer(probed) -> str:
     """The layer a user would pick: the last spatial activation that the class-score gradient reaches.
 
-    Candidates are 4-D maps, channels-last maps and token sequences on a square grid, reached by the
-    gradient at more than one grid cell. For convolutional networks that is the last map before global
+    Candidates are 4-D maps, channels-last maps and token sequences on a grid over the image, reached by the
+    gradient at more than one grid cell; attention between tokens (B x heads x N x N, N a token count of the
+    model) is not one. For convolutional networks that is the last map before global
     pooling; for transformers, whose last blocks feed only the CLS token, it is the last normalisation
     layer still seen by every patch (the first LayerNorm of the last block of a ViT).
     """
-    attention = set(_attention_modules(probed))
+    tokens = {shape[1] for _, _, shape, _ in probed if len(shape) == 3}
+    attention = {name for name, _, shape, _ in probed if len(shape) == 4 and shape[2] == shape[3] in tokens}
     candidates = [(name, module, shape) for name, module, shape, reached in probed
                   if reached > 1 and name not in attention and (len(shape) == 3 or shape[2] * shape[3] > 1)]
     if not candidates:

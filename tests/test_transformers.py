@@ -232,6 +232,7 @@ def test_distillation_tokens_are_found_from_the_image_grid(tmp_path):
     model = deit()
     guessed = export_torch(model, tmp_path / "guessed.onnx", input_shape=(3, 32, 32), target_layers=["blocks.2.norm1"])
     assert guessed.layouts == ["tokens:2:4x4"]
+    assert default_layer(model, (3, 32, 32)) == "blocks.2.norm1"  # not the 18 x 18 attention, an 18 x 18 "map"
     with pytest.raises(ExportError, match="layout tokens:1:4x4 does not fit an activation of shape"):
         export_torch(model, tmp_path / "deit.onnx", input_shape=(3, 32, 32), target_layers=["blocks.2.norm1"],
                      layouts=["tokens:1:4x4"])
