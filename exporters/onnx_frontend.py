@@ -39,6 +39,7 @@ from .functions import expand_functions
 from .head import head_cuts
 from .input_gradients import add_input_gradients
 from .legrad import layer_scores
+from .recurrent import expand_recurrent
 from .shapes import infer_shapes, tensor_shapes
 
 MIN_OPSET = 17
@@ -194,8 +195,9 @@ def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, i
 
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model as the engine reads it: at opset 17 or later, quantized activations given float twins, and
-    operators with no rule but a function body in the standard (Attention at opset 23) expanded."""
-    return expand_functions(expose_dequantized(_upgraded(model)), DIFFERENTIABLE)
+    operators with no rule but a function body in the standard (Attention at opset 23) expanded, and LSTM and
+    GRU nodes of static sequence length unrolled."""
+    return expand_recurrent(expand_functions(expose_dequantized(_upgraded(model)), DIFFERENTIABLE))
 
 
 def _upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
