@@ -15,6 +15,11 @@ import numpy as np
 
 from .errors import ImageError
 
+try:
+    import fpng
+except ImportError:  # an optional speed-up (the dataset extra); OpenCV writes PNGs without it
+    fpng = None
+
 MAX_PIXELS = 100_000_000  # larger images are refused unread: decoding them would take gigabytes
 _JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -134,12 +139,18 @@ def read_image(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return decode_image(data, str(path), max_pixels)
 
 
-# zlib's Huffman-only strategy: PNGs of overlays as small as with OpenCV's default (RLE), 1.4x faster to make
-PNG_FAST = [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
+# OpenCV's PNGs as small as with its default (zlib's RLE strategy, adaptive filters), 1.2x faster to make
+PNG_FAST = [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
+            cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
 
 
 def encode_image(image_rgb: np.ndarray, image_format: str = "png") -> bytes:
-    """An RGB uint8 image as PNG or JPEG bytes."""
+    """An RGB uint8 image as PNG or JPEG bytes. PNGs of colour images are written by fpng (Geldreich's encoder;
+    the `dataset` extra) where it is installed: 6x faster than OpenCV's fastest libpng settings, files 15% smaller
+    on photo overlays (benchmarks/dataset.py); else by OpenCV."""
+    if image_format == "png" and fpng is not None and image_rgb.dtype == np.uint8 and image_rgb.ndim == 3 \
+            and image_rgb.shape[2] == 3:
+        return fpng.from_ndarray(np.ascontiguousarray(image_rgb))
     extension, parameters = (".jpg", []) if image_format == "jpeg" else (".png", PNG_FAST)
     ok, encoded = cv2.imencode(extension, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), parameters)
     if not ok:

@@ -65,3 +65,22 @@ def test_upsample_matches_opencv_bilinear():
     maps = np.random.default_rng(1).random((2, 5, 7)).astype(np.float32)
     expected = np.stack([cv2.resize(m, (21, 15), interpolation=cv2.INTER_LINEAR) for m in maps])
     np.testing.assert_allclose(upsample(maps, (15, 21)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoder", ["fpng", "opencv"])
+def test_png_overlays_are_lossless_whichever_encoder_writes_them(encoder, monkeypatch):
+    import onnxcam.files
+
+    if encoder == "fpng":
+        pytest.importorskip("fpng")
+    else:
+        monkeypatch.setattr(onnxcam.files, "fpng", None)
+    image = overlay(np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8), np.eye(7))
+    decoded = cv2.imdecode(np.frombuffer(onnxcam.files.encode_image(image, "png"), np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(decoded[..., ::-1], image)
+    grey = np.repeat(np.arange(12, dtype=np.uint8).reshape(3, 4, 1), 3, axis=2)
+    assert cv2.imdecode(np.frombuffer(onnxcam.files.encode_png(grey), np.uint8), cv2.IMREAD_COLOR).shape == (3, 4, 3)
+    red = np.zeros((16, 24, 3), np.uint8)
+    red[..., 0] = 255
+    jpeg = cv2.imdecode(np.frombuffer(onnxcam.files.encode_image(red, "jpeg"), np.uint8), cv2.IMREAD_COLOR)
+    assert jpeg.shape == red.shape and jpeg[..., 2].min() > 240 and jpeg[..., 0].max() < 15  # BGR on disk: red
