@@ -141,7 +141,7 @@ def inspect_onnx(src, *, input=None, input_layout=None, input_size=None, output=
         model = _prepared(model)
     image = image_input(model, input or (spec and spec.input), input_layout or (spec and spec.input_layout),
                         input_size)
-    model = infer_shapes(model, image)
+    model = expand_recurrent(infer_shapes(model, image))  # sequence lengths are static once the size is fixed
     builder = GraphBuilder(model)
     score = spec.scores if spec else _score_output(model, builder, output)[0]
     shapes = tensor_shapes(model, builder)
@@ -162,7 +162,7 @@ def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, i
     """The model with the explanation outputs and the onnxcam metadata added (see export_onnx)."""
     model = _prepared(model)
     image = image_input(model, input, input_layout, input_size)
-    model = infer_shapes(model, image)
+    model = expand_recurrent(infer_shapes(model, image))  # sequence lengths are static once the size is fixed
     builder = GraphBuilder(model)
     score, num_classes = _score_output(model, builder, output)
     shapes = tensor_shapes(model, builder)
@@ -195,9 +195,8 @@ def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, i
 
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model as the engine reads it: at opset 17 or later, quantized activations given float twins, and
-    operators with no rule but a function body in the standard (Attention at opset 23) expanded, and LSTM and
-    GRU nodes of static sequence length unrolled."""
-    return expand_recurrent(expand_functions(expose_dequantized(_upgraded(model)), DIFFERENTIABLE))
+    operators with no rule but a function body in the standard (Attention at opset 23) expanded."""
+    return expand_functions(expose_dequantized(_upgraded(model)), DIFFERENTIABLE)
 
 
 def _upgraded(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -10,7 +10,8 @@ onnx__GRU.html; Hochreiter & Schmidhuber 1997, Cho et al. 2014), with the defaul
           h~ = tanh(Xh + (r . H) Rh^T + Rbh + Wbh), or tanh(Xh + r . (H Rh^T + Rbh) + Wbh) with
           linear_before_reset; H_t = (1 - z) . h~ + z . H_{t-1}
 
-A node whose sequence length shape inference cannot tell is left as it is (the walk then names it)."""
+Run once the image size is fixed and the sizes shape inference misses are measured (shapes.infer_shapes): a
+node whose sequence length is still unknown is left as it is, and the walk names it if it must go through."""
 
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ SEQUENCE_LENS, INITIAL_H, INITIAL_C, PEEPHOLES = 4, 5, 6, 7
 
 
 def expand_recurrent(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every LSTM and GRU node of static sequence length replaced by its unrolled equations.
-    A model with no such node comes back as it was."""
+    """The model with every LSTM and GRU node of static sequence length replaced by its unrolled equations,
+    its shapes inferred. A model with no such node (or past protobuf's 2 GB) comes back as it was."""
     if not any(_is_recurrent(node) for node in model.graph.node) or model.ByteSize() >= PROTOBUF_LIMIT:
         return model
-    model = shape_inference.infer_shapes(model, data_prop=True)
+    model = shape_inference.infer_shapes(model, data_prop=True)  # keeps the sizes measured before
     g = GraphBuilder(model, prefix="onnxcam_unrolled")
-    nodes = []
+    nodes, unrolled = [], 0
     for proto in model.graph.node:
         steps = _static_steps(g, proto) if _is_recurrent(proto) else None
         if steps is None:
@@ -41,10 +42,13 @@ def expand_recurrent(model: onnx.ModelProto) -> onnx.ModelProto:
         start = len(g.nodes)
         _unroll(g, Node(g, proto), steps)
         nodes.extend(g.nodes[start:])
+        unrolled += 1
+    if not unrolled:
+        return model
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(g.initializers)
-    return model
+    return shape_inference.infer_shapes(model, data_prop=True)  # the shapes the walk reads
 
 
 def _is_recurrent(node: onnx.NodeProto) -> bool:

@@ -136,22 +136,42 @@ class RowSequencer(torch.nn.Module):
         return self.head(mixed.mean(dim=(1, 2)))
 
 
-def test_a_target_before_a_bidirectional_lstm_gets_the_finite_difference_gradient(tmp_path):
+class LineReader(torch.nn.Module):
+    """A tiny CRNN-like text-line classifier (Shi et al. 2016): conv features, height pooled away, a
+    bidirectional LSTM along the width (the sequence length follows the line's width), mean, a linear head."""
+
+    def __init__(self, channels: int = 8, hidden: int = 5, classes: int = 7):
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, channels, 4, stride=4)
+        self.columns = torch.nn.LSTM(channels, hidden, bidirectional=True, batch_first=True)
+        self.head = torch.nn.Linear(2 * hidden, classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        columns = torch.relu(self.features(image)).mean(dim=2).permute(0, 2, 1)  # B, W, C
+        return self.head(self.columns(columns)[0].mean(dim=1))
+
+
+@pytest.mark.parametrize(("module", "size", "dynamic"), [
+    (RowSequencer, (32, 32), {0: "batch"}), (LineReader, (16, 48), {0: "batch", 2: "height", 3: "width"}),
+])
+def test_a_target_before_a_bidirectional_lstm_gets_the_finite_difference_gradient(module, size, dynamic, tmp_path):
+    """The target (the conv stem) before the LSTM; for the text line, a file of dynamic sizes explained at one."""
     torch.manual_seed(0)
-    plain = tmp_path / "sequencer.onnx"
-    torch.onnx.export(RowSequencer().eval(), (torch.randn(EXPORT_BATCH, 3, 32, 32),), str(plain), dynamo=False,
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(module().eval(), (torch.randn(EXPORT_BATCH, 3, *size),), str(plain), dynamo=False,
                       opset_version=17, input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+                      dynamic_axes={"image": dynamic, "logits": {0: "batch"}})
     original = onnx.load(str(plain))
     assert "LSTM" in {n.op_type for n in original.graph.node}
     target = next(n.output[0] for n in original.graph.node if n.op_type == "Conv")
-    spec = export_onnx(plain, tmp_path / "explainable.onnx", target_layers=[target])
+    spec = export_onnx(plain, tmp_path / "explainable.onnx", target_layers=[target],
+                       input_size=size if len(dynamic) > 1 else None)
     explainer = onnxcam.Explainer(tmp_path / "explainable.onnx", provider="cpu")
-    images = np.random.default_rng(3).standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
+    images = np.random.default_rng(3).standard_normal((BATCH, 3, *size)).astype(np.float32)
     _, selected, activation, gradient = explainer.runner.run(
         [spec.scores, spec.selected, spec.activations[0], spec.gradients[0]],
         {spec.input: images, spec.class_input: np.full(BATCH, -1, np.int64)})
-    assert activation.shape == (BATCH, 8, 8, 8) and np.abs(gradient).max() > 0
+    assert activation.shape == (BATCH, 8, size[0] // 4, size[1] // 4) and np.abs(gradient).max() > 0
     exported, differences = directional_check(original, target, {spec.input: images}, activation, gradient,
                                               selected, spec.scores)
     assert np.linalg.norm(exported - differences) <= 0.01 * np.linalg.norm(differences), (exported, differences)
