@@ -387,11 +387,10 @@ def with_live_head(model):
     """The model, with its classifier's weights drawn at random where timm initialises them to zero (MLP-Mixer,
     gMLP, Hiera): a score that depends on nothing is rightly refused, and no trained model has such a head."""
     import torch
-    classifier = model.get_classifier()
-    weight = getattr(classifier, "weight", None)
-    if weight is not None and not weight.detach().abs().max() > 0:
-        with torch.no_grad():
-            torch.nn.init.trunc_normal_(weight, std=0.02)
+    with torch.no_grad():
+        for weight in model.get_classifier().parameters():  # a Linear, or a head holding one (Sequencer)
+            if weight.ndim > 1 and not weight.abs().max() > 0:
+                torch.nn.init.trunc_normal_(weight, std=0.02)
     return model
 
 
