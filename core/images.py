@@ -35,7 +35,8 @@ def preprocess(images: list[np.ndarray], size: tuple[int, int], mean=None, std=N
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, colormap: str = "jet") -> np.ndarray:
-    """Blend a colormapped heatmap (values in [0, 1]) onto an RGB uint8 image; RGB uint8 out, image-sized.
+    """Blend a colormapped heatmap (values in [0, 1], or 8-bit levels 0-255 as uint8) onto an RGB uint8 image;
+    RGB uint8 out, image-sized.
 
     OpenCV's colormaps come out in BGR order: they are flipped to RGB here, so no channel swap is
     needed by the caller (the classic slip that paints a cat's heat blue).
@@ -45,7 +46,7 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, colormap
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     height, width = image.shape[:2]
-    levels = np.uint8(np.clip(heatmap, 0, 1) * 255 + 0.5)
+    levels = heatmap if heatmap.dtype == np.uint8 else np.uint8(np.clip(heatmap, 0, 1) * 255 + 0.5)
     if levels.shape != (height, width):  # upsampled as 8-bit levels: within a level of the float path, 8x faster
         levels = cv2.resize(levels, (width, height), interpolation=cv2.INTER_LINEAR)
     colours = cv2.applyColorMap(levels, _rgb_colormap(colormap))

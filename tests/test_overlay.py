@@ -43,6 +43,14 @@ def test_upsampled_colours_follow_the_float_path(colormap):
     assert np.logical_or.reduce(within_a_level).all()
 
 
+def test_overlay_of_8_bit_levels_is_the_overlay_of_the_map():
+    from onnxcam.pipeline import uint8_map
+
+    rng = np.random.default_rng(3)
+    image, heatmap = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8), rng.random((10, 10)).astype(np.float32)
+    np.testing.assert_array_equal(overlay(image, uint8_map(heatmap)), overlay(image, heatmap))
+
+
 def test_bad_overlay_arguments():
     image = np.zeros((4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match="unknown colormap 'rainbowz'"):
