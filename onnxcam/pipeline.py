@@ -35,10 +35,11 @@ from .core.images import annotate
 from .core.scores import probabilities
 from .errors import ExplainError, ImageError
 from .explainer import Explainer, Explanation
-from .files import atomic_path, decode_image, encode_image, read_image, write_atomic
+from .files import PNG_FAST, atomic_path, decode_image, encode_image, read_image, write_atomic
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 RECORD = "record.jsonl"
+ROW_GROUP = 256  # rows of a Parquet row group: what is left to write when the job ends is at most this
 SETTINGS = "job.json"  # what the job writes, for --resume to check
 TABLE = "table"
 STAGING = ".staging"
@@ -279,7 +280,7 @@ def _write_maps(outdir: Path, outputs: Outputs, names: list[str], image, heatmap
             write_atomic(outdir / f"{name}.heatmap.npy", buffer.getvalue())
             files["heatmap"] = f"{name}.heatmap.npy"
         elif outputs.heatmaps:
-            grey = cv2.imencode(".png", level)[1]  # one channel, 8 bits
+            grey = cv2.imencode(".png", level, PNG_FAST)[1]  # one channel, 8 bits
             write_atomic(outdir / f"{name}.heatmap.png", grey.tobytes())
             files["heatmap"] = f"{name}.heatmap.png"
         written.append(files)
@@ -354,7 +355,7 @@ class Table:
 
     A batch's rows are first staged in a file of their own (OUT/.staging, uncompressed: a quick write), written
     before the batch's record lines. Once its lines are recorded, the batch's rows go on into the part being
-    written (a hidden temporary file, row groups of about 1,024 rows); a full part is closed, renamed to the
+    written (a hidden temporary file, row groups of about ROW_GROUP rows); a full part is closed, renamed to the
     first and last batch it holds, and only then are its staged files deleted. On resume a staged file is
     dropped if a part holds its batch or if the record lacks its batch, and kept for the next part otherwise.
     """
@@ -411,7 +412,7 @@ class Table:
             self.part.append(batch)
             self.group.append(table)
             self.rows += table.num_rows
-            if sum(t.num_rows for t in self.group) >= 1024:
+            if sum(t.num_rows for t in self.group) >= ROW_GROUP:
                 self._write_group()
             if self.rows >= self.rows_per_part:
                 self._close_part()
