@@ -343,7 +343,9 @@ class Record:
 
 def _table_schema(pa, size: tuple[int, int]):
     top = pa.struct([("class", pa.int64()), ("label", pa.string()), ("score", pa.float32())])
-    levels = pa.list_(pa.uint8(), size[0] * size[1])  # the heatmap, row-major
+    # the heatmap's 8-bit levels as bytes, row-major: Parquet writes them 5x faster than a list of uint8 (one
+    # repetition level per value), files as small; np.frombuffer(row.heatmap, np.uint8).reshape(height, width)
+    levels = pa.binary(size[0] * size[1])
     return pa.schema([("path", pa.string()), ("method", pa.string()), ("class", pa.int64()), ("label", pa.string()),
                       ("score", pa.float32()), ("top5", pa.list_(top)), ("heatmap", levels),
                       ("height", pa.int32()), ("width", pa.int32())])
@@ -594,7 +596,7 @@ class _Job:
         for entry, level in zip(maps, levels, strict=True):
             for key, value in (("path", line["path"]), ("method", line["method"]), ("class", entry["target"]),
                                ("label", entry["label"]), ("score", entry["score"]), ("top5", line["top5"]),
-                               ("heatmap", level.reshape(-1)), ("height", level.shape[0]), ("width", level.shape[1])):
+                               ("heatmap", level.tobytes()), ("height", level.shape[0]), ("width", level.shape[1])):
                 columns[key].append(value)
 
     def _tell(self, lines: list[dict]) -> None:

@@ -58,7 +58,7 @@ class ExplainActor:
                 for entry, m in zip(_map_entries(explanation, i, indices, spec.labels), indices, strict=True):
                     levels = uint8_map(explanation.heatmaps[m])
                     row = {"path": path, "method": self.method, "class": entry["target"], "label": entry["label"],
-                           "score": entry["score"], "top5": tops[i], "heatmap": levels.reshape(-1),
+                           "score": entry["score"], "top5": tops[i], "heatmap": levels.tobytes(),
                            "height": levels.shape[0], "width": levels.shape[1], "error": None}
                     for key, value in row.items():
                         columns[key].append(value)
