@@ -1,14 +1,16 @@
 """How many timm architectures the ONNX front end explains with checked gradients (issue 10).
 
 One architecture per timm module (the smallest registered model by parameter count, random weights,
-10 classes) is exported by torch.onnx (dynamo at batch 2 with a dynamic batch; the legacy exporter
-where dynamo fails), made explainable by `onnxcam.exporters.export_onnx` with no names given, and then:
+10 classes; a classifier timm initialises to zero gets random weights too) is exported by torch.onnx
+(dynamo at batch 2 with a dynamic batch; the legacy exporter where dynamo fails), made explainable by
+`onnxcam.exporters.export_onnx` with no names given, and then:
   1. explained at batch 3 by `onnxcam.Explainer` (a random float batch);
   2. its target must be a grid over the image: more than one cell, the image's aspect ratio within one
      cell, no larger than the image;
   3. its gradient must match central finite differences of the ORIGINAL file, with the target tensor cut
      from its producer and fed from outside (residual paths that read it still count), along the
-     gradient's own direction and two random ones;
+     gradient's own direction and two random ones; run in float64 by ONNX Runtime where it has kernels,
+     else wholly in float64 by ONNX's reference evaluator, on the part of the file the score needs;
   4. its heatmaps must be H x W of the image.
 Results: ok, wrong-target, wrong-gradient, wrong-heatmap (silently wrong), refused (an onnxcam error,
 one line), crashed (any other exception), torch-export-failed (left out of the share). Each module runs
