@@ -234,7 +234,7 @@ def check_gradient(plain_path: Path, explainable: Path, spec, batch) -> str:
     scores, activation, gradient = session(explainable).run(
         [spec.scores, spec.activations[0], spec.gradients[0]], {spec.input: batch, spec.class_input: classes})
     cut_model = cut_at(onnx.load(str(plain_path)), spec.layers[0], activation.shape)
-    here = float(scores.reshape(len(batch), -1)[np.arange(len(batch)), classes].astype(np.float64).sum())
+    here = selected_sum(scores, classes)
     directions = [gradient, rng.standard_normal(activation.shape), rng.standard_normal(activation.shape)]
     worst, precision = np.inf, ""
     for objective, kind, steps in cut_objectives(cut_model, spec, batch, classes, activation):
@@ -249,10 +249,17 @@ def check_gradient(plain_path: Path, explainable: Path, spec, batch) -> str:
     return f"gradient within {worst:.1g} of finite differences ({precision})"
 
 
+def selected_sum(scores, classes) -> float:
+    """The sum over the batch of each image's selected class score, in float64."""
+    import numpy as np
+    return float(scores.reshape(len(classes), -1)[np.arange(len(classes)), classes].astype(np.float64).sum())
+
+
 def cut_objectives(cut_model, spec, batch, classes, activation):
-    """(objective, precision) pairs, most practical first: the selected scores' sum as a function of the
-    target's value, by ONNX Runtime (float64 between casts, else float32), then by the reference evaluator.
-    Both run only the part of the cut file that the score needs (for a late target, the head)."""
+    """(objective, precision, finite-difference steps) triples, most practical first: the selected scores' sum
+    as a function of the target's value, by ONNX Runtime (float64 between casts, else float32), then by the
+    reference evaluator. Both run only the part of the cut file that the score needs (for a late target, the
+    head)."""
     import numpy as np
     import onnx
     from onnx.reference import ReferenceEvaluator
@@ -265,8 +272,7 @@ def cut_objectives(cut_model, spec, batch, classes, activation):
             feeds = {spec.layers[0]: target.astype(precision)}
             if reads_image:
                 feeds[spec.input] = batch.astype(precision)
-            out = run([spec.scores], feeds)[0]
-            return float(out.reshape(len(batch), -1)[np.arange(len(batch)), classes].astype(np.float64).sum())
+            return selected_sum(run([spec.scores], feeds)[0], classes)
         return value_of
 
     try:

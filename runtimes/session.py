@@ -15,8 +15,8 @@ from ..errors import ProviderError
 log = logging.getLogger("onnxcam")
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-# ORT's pool threads spin between runs by default, burning the cores that decoding and drawing threads need: an
-# explained dataset ran 1.2x faster with 17% less CPU time without it (benchmarks/dataset.py)
+# ORT's pool threads spin between runs by default, burning the cores that decoding and drawing threads need: the
+# dataset job (benchmarks/dataset.py, table only, a busy machine) ran 1.45x faster on 16% less CPU time without it
 NO_SPINNING = ("session.intra_op.allow_spinning", "0")
 _QUIET, _DEFAULT = 4, 2  # ORT logger severities: fatal only, and ORT's own default (warning)
 
