@@ -169,14 +169,15 @@ def test_sigterm_answers_accepted_requests_and_warns_without_a_key(small_onnx, p
     port = _free_port()
     env = {**os.environ, "ONNXCAM_API_KEY": ""}
     server = subprocess.Popen([sys.executable, "-m", "onnxcam", "serve", str(small_onnx), "--host", "0.0.0.0",
-                               "--port", str(port), "--provider", "cpu", "--max-batch", "1", "--drain-delay", "1"],
+                               "--port", str(port), "--provider", "cpu", "--max-batch", "64", "--max-wait-ms", "8000",
+                               "--drain-delay", "1"],
                               stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(base, server)
         with ThreadPoolExecutor(12) as pool:
             calls = [pool.submit(httpx.post, f"{base}/explain", content=png, timeout=60) for _ in range(12)]
-            _wait_in_flight(base, 6)
+            _wait_in_flight(base, 12)  # the batcher holds them all, waiting 8 s for a batch of 64
             server.send_signal(signal.SIGTERM)
             assert httpx.get(f"{base}/v2/health/ready").status_code == 503
             statuses = [call.result().status_code for call in calls]
