@@ -16,9 +16,10 @@ from ..contract import CLASS_INPUT
 from ..core.layouts import grid_of, guess_layout, parse_tokens, to_grid
 from ..errors import ExportError
 from .autodiff import GraphBuilder, Value, append_gradients
+from .precision import float32_twin, has_bfloat16
 
-IMAGE_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
-               onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.BFLOAT16: None, onnx.TensorProto.UINT8: np.uint8}
+IMAGE_TYPES = {t: helper.tensor_dtype_to_np_dtype(t) for t in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+               onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16, onnx.TensorProto.UINT8)}
 PROBE_BATCH = 2
 PROJECTIONS = {"MatMul": 1, "Gemm": 1, "MatMulInteger": 1, "QLinearMatMul": 3}  # matrix products: their weight input
 QUANTIZERS = ("QuantizeLinear", "DynamicQuantizeLinear", "DequantizeLinear", "Cast")
@@ -45,7 +46,9 @@ class ImageInput:
 
     @property
     def dtype(self) -> str:
-        return onnx.helper.tensor_dtype_to_np_dtype(self.elem_type).name
+        """The numpy type the explainable file takes: the input's own, float32 for bfloat16 (see
+        exporters.precision)."""
+        return "float32" if self.elem_type == onnx.TensorProto.BFLOAT16 else IMAGE_TYPES[self.elem_type].name
 
 
 def image_input(model: onnx.ModelProto, name: str | None = None, layout: str | None = None,
@@ -69,7 +72,7 @@ def image_input(model: onnx.ModelProto, name: str | None = None, layout: str | N
         raise ExportError(f"the model has inputs besides the image ({', '.join(others)}) with no default value")
     value = chosen[0]
     tensor_type = value.type.tensor_type
-    if tensor_type.elem_type not in IMAGE_TYPES or IMAGE_TYPES[tensor_type.elem_type] is None:
+    if tensor_type.elem_type not in IMAGE_TYPES:
         raise ExportError(f"input '{value.name}' holds {helper.tensor_dtype_to_string(tensor_type.elem_type)}, "
                           f"not float or uint8 images")
     dims = tensor_type.shape.dim
@@ -315,7 +318,12 @@ def random_images(image: ImageInput, batch: int | None = None) -> dict[str, np.n
 
 
 def run_model(model: onnx.ModelProto, outputs: list[str], feeds: dict) -> list[np.ndarray]:
-    """Run a model in memory on ONNX Runtime's CPU provider, for the export's checks."""
+    """Run a model in memory on ONNX Runtime's CPU provider, for the export's checks; a bfloat16 model as its
+    float32 twin (that provider has no bfloat16 arithmetic), with bfloat16 feeds widened."""
+    if has_bfloat16(model):
+        model = float32_twin(model)
+        feeds = {name: value.astype(np.float32) if value.dtype == IMAGE_TYPES[onnx.TensorProto.BFLOAT16] else value
+                 for name, value in feeds.items()}
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:

@@ -79,8 +79,9 @@ def head_cuts(model: onnx.ModelProto, targets: list[str], outputs: list[str]) ->
 
 
 def exposed_sources(model: onnx.ModelProto, names: list[str]) -> list[str]:
-    """The tensors that the explainable file's Identity outputs `names` expose."""
-    source = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type == "Identity"}
+    """The tensors that the explainable file's outputs `names` expose: each an Identity of its source, or a Cast
+    to float32 where the source is bfloat16 (exporters.precision.float32_edges)."""
+    source = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type in ("Identity", "Cast")}
     return [source[name] for name in names]
 
 

@@ -10,6 +10,7 @@ from onnx import helper, numpy_helper
 
 from ..contract import ExplainSpec
 from ..errors import ExplainError
+from ..runtimes.session import sibling_session
 from .head import exposed_sources, slice_head
 
 PASS_THROUGH = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze")
@@ -103,10 +104,7 @@ def forward_head_session(path, spec: ExplainSpec, session: ort.InferenceSession)
                               [t for t in model.graph.initializer if t.name in used])
     head = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     head.functions.extend(model.functions)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = session.get_session_options().intra_op_num_threads
-    head_session = ort.InferenceSession(head.SerializeToString(), options, providers=session.get_providers())
-    return HeadScores(head_session, {name: exposed[name] for name in [*targets, *cuts]})
+    return HeadScores(sibling_session(head, session), {name: exposed[name] for name in [*targets, *cuts]})
 
 
 def _maps_first(info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:

@@ -39,6 +39,7 @@ from .functions import expand_functions
 from .head import head_cuts
 from .input_gradients import add_input_gradients
 from .legrad import layer_scores
+from .precision import float32_edges
 from .recurrent import expand_recurrent
 from .shapes import infer_shapes, tensor_shapes
 
@@ -173,6 +174,7 @@ def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, i
         builder = GraphBuilder(model)  # with the types of the readout's copies
     names = _append_outputs(model, builder, image, score, num_classes, targets,
                             attentions, attention_gradients, scores_per_block)
+    model = float32_edges(model)  # a bfloat16 model's file takes and gives float32; it computes in bfloat16
     spec = ExplainSpec(
         input=image.name, scores=score, num_classes=num_classes, score_shape=builder.shape(score)[1:],
         input_size=image.size,

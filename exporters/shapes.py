@@ -119,13 +119,17 @@ def _record_shapes(model: onnx.ModelProto, names: list[str], values: list[list[n
                    image: ImageInput) -> None:
     """Write the sizes measured for `names` into the model's value_info (see the module's docstring)."""
     known = {info.name: info for info in model.graph.value_info}
+    builder = GraphBuilder(model)
     for name, runs in zip(names, values, strict=True):
         shapes = [r.shape for r in runs]
         if len({len(s) for s in shapes}) != 1 or (name in known and not _is_unsure(known[name])):
             continue
         dims = [sizes[0] if len(set(sizes)) == 1 else image.batch if list(sizes) == batches else None
                 for sizes in zip(*shapes, strict=True)]
-        info = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(runs[0].dtype), dims)
+        elem_type = builder.elem_type(name)  # the measured type where inference has none (bfloat16 runs as float32)
+        if elem_type == onnx.TensorProto.UNDEFINED:
+            elem_type = helper.np_dtype_to_tensor_dtype(runs[0].dtype)
+        info = helper.make_tensor_value_info(name, elem_type, dims)
         if name in known:
             known[name].CopyFrom(info)
         else:

@@ -32,7 +32,7 @@ def _probe(model, input_shape):
                for name, module in model.named_modules() if name]
     try:
         example = torch.randn(EXPORT_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
-        scores = model(example.requires_grad_())
+        scores = model(example.to(_input_dtype(model)).requires_grad_())
     finally:
         for handle in handles:
             handle.remove()
@@ -47,9 +47,15 @@ def _probe(model, input_shape):
         layout = guess_layout(tuple(output.shape), tuple(input_shape[-2:]))
         reached = 0
         if grad is not None and layout is not None:
-            reached = int((to_grid(grad.detach().numpy(), layout) != 0).any(axis=1).sum(axis=(1, 2)).max())
+            reached = int((to_grid(grad.detach().float().numpy(), layout) != 0).any(axis=1).sum(axis=(1, 2)).max())
         probed.append((name, module, tuple(output.shape), reached))
     return probed
+
+
+def _input_dtype(model) -> torch.dtype:
+    """The type of the model's first floating-point parameter (a model cast to bfloat16 or float16 takes its
+    images in that type), float32 for a model with none."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _attention_modules(probed, layouts=()) -> list[str]:
@@ -111,7 +117,7 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
             raise unknown_name_error("layer", layer, [n for n in modules if n])
     wrapper = _WithActivations(model, [modules[layer] for layer in layers + attention])
     names = [f"onnxcam_target_{i}" for i in range(len(layers) + len(attention))]
-    example = torch.randn(EXPORT_BATCH, *input_shape)
+    example = torch.randn(EXPORT_BATCH, *input_shape).to(_input_dtype(model))
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed": noise, not news

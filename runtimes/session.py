@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 from functools import cache
 
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph
+from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NoKernel
 
 from ..errors import ProviderError
+from ..exporters.precision import float32_edges, float32_twin, has_bfloat16
 
 log = logging.getLogger("onnxcam")
 
@@ -18,6 +22,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # ORT's pool threads spin between runs by default, burning the cores that decoding and drawing threads need: the
 # dataset job (benchmarks/dataset.py, table only, a busy machine) ran 1.45x faster on 16% less CPU time without it
 NO_SPINNING = ("session.intra_op.allow_spinning", "0")
+_SAID_FLOAT32: set[str] = set()  # providers for which a bfloat16 model's float32 run was announced
 _QUIET, _DEFAULT = 4, 2  # ORT logger severities: fatal only, and ORT's own default (warning)
 
 
@@ -41,13 +46,13 @@ def create_session(path, provider: str = "auto", threads: int | None = None,
         options.register_custom_ops_library(get_library_path())
     path = str(path)
     if provider == "cpu":
-        return ort.InferenceSession(path, options, providers=[PROVIDERS["cpu"]])
+        return _open(path, options, [PROVIDERS["cpu"]])
     reason = "onnxruntime was built without it"
     if PROVIDERS["cuda"] in ort.get_available_providers():
         _preload_cuda_libraries()
         ort.set_default_logger_severity(_QUIET)
         try:
-            session = ort.InferenceSession(path, options, providers=[PROVIDERS["cuda"], PROVIDERS["cpu"]])
+            session = _open(path, options, [PROVIDERS["cuda"], PROVIDERS["cpu"]])
         finally:
             ort.set_default_logger_severity(_DEFAULT)
         if session.get_providers()[0] == PROVIDERS["cuda"]:
@@ -59,7 +64,7 @@ def create_session(path, provider: str = "auto", threads: int | None = None,
     if provider == "cuda":
         raise ProviderError(f"the CUDA provider cannot run here: {reason}")
     log.info("onnxcam: running on CPU (CUDA unavailable: %s)", reason)
-    return session or ort.InferenceSession(path, options, providers=[PROVIDERS["cpu"]])
+    return session or _open(path, options, [PROVIDERS["cpu"]])
 
 
 def sibling_session(model: onnx.ModelProto, like: ort.InferenceSession) -> ort.InferenceSession:
@@ -68,7 +73,40 @@ def sibling_session(model: onnx.ModelProto, like: ort.InferenceSession) -> ort.I
     options = ort.SessionOptions()
     options.intra_op_num_threads = like.get_session_options().intra_op_num_threads
     options.add_session_config_entry(*NO_SPINNING)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=like.get_providers())
+    return _open(model, options, like.get_providers())
+
+
+def _open(source: str | onnx.ModelProto, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """A session on a file or an in-memory model. A bfloat16 model meets Python in float32 (its inputs and outputs
+    cast at the edges, exporters.precision.float32_edges) and, where the providers lack bfloat16 kernels (ONNX
+    Runtime's CPU provider has none), runs as its float32 twin: the same weights, activations not rounded to
+    bfloat16. That is said once. (Below opset 22 ONNX types most operators without bfloat16, so ONNX Runtime
+    refuses such a file as invalid rather than unimplemented: it runs as its twin too.)"""
+    if isinstance(source, onnx.ModelProto) and has_bfloat16(source):
+        source = float32_edges(source)
+    try:
+        return ort.InferenceSession(_serialised(source), options, providers=providers)
+    except (NoKernel, InvalidGraph) as error:
+        model = source if isinstance(source, onnx.ModelProto) else onnx.load(source)
+        if not has_bfloat16(model) or "bfloat16" not in str(error) and isinstance(error, InvalidGraph):
+            raise
+        _say_float32(providers[0], str(error).splitlines()[0])
+        return ort.InferenceSession(float32_twin(model).SerializeToString(), options, providers=providers)
+
+
+def _serialised(source: str | onnx.ModelProto) -> str | bytes:
+    return source.SerializeToString() if isinstance(source, onnx.ModelProto) else source
+
+
+def _say_float32(provider: str, reason: str) -> None:
+    """The warning, once per provider and process."""
+    name = {v: k for k, v in PROVIDERS.items()}.get(provider, provider)
+    if name not in _SAID_FLOAT32:
+        _SAID_FLOAT32.add(name)
+        operator = re.search(r"operator \((\w+)\)|implementation for (\w+)\(", reason)
+        why = f"no bfloat16 {operator.group(1) or operator.group(2)}" if operator else reason
+        log.warning("onnxcam: this model computes in bfloat16, which ONNX Runtime's %s provider cannot run (%s); "
+                    "it runs in float32 instead, on the same weights", name, why)
 
 
 @cache

@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from ..exporters.precision import float32_twin
 
 STEPS = (1e-3, 1e-4, 1e-5)  # relative to the activation's mean magnitude; the best agreeing one is kept
 HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -31,25 +33,7 @@ def with_target_as_input(model: onnx.ModelProto, target: str, elem_type: int) ->
 
 def in_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy computing in float32 where the model computes in float16 or bfloat16."""
-    wide = onnx.ModelProto()
-    wide.CopyFrom(model)
-    graph = wide.graph
-    for index, tensor in enumerate(graph.initializer):
-        if tensor.data_type in HALF:
-            graph.initializer[index].CopyFrom(
-                numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.name == "to" and attribute.i in HALF:
-                attribute.i = onnx.TensorProto.FLOAT
-            if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type in HALF:
-                attribute.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attribute.t).astype(np.float32),
-                                                             attribute.t.name))
-    for value in [*graph.input, *graph.output]:
-        if value.type.tensor_type.elem_type in HALF:
-            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
-    del graph.value_info[:]
-    return wide
+    return float32_twin(model, HALF)
 
 
 def directional_check(original: onnx.ModelProto, target: str, feeds: dict, activation: np.ndarray,
