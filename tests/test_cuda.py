@@ -53,3 +53,16 @@ def test_a_torch_cuda_tensor_goes_through_dlpack(cuda_explainer):
         pytest.skip("this torch build has no CUDA")
     got = cuda_explainer.explain(torch.from_numpy(_batch()).cuda(), "gradcam")
     np.testing.assert_allclose(got.heatmaps, cuda_explainer.explain(_batch(), "gradcam").heatmaps, atol=1e-5)
+
+
+def test_a_bfloat16_file_gets_the_cpu_explanations_on_cuda(cuda_explainer, tmp_path):
+    """The foreign corpus's bfloat16 ViT (opset 18, whose Conv ONNX types without bfloat16): its float32 twin runs
+    on the CUDA provider and explains as on CPU."""
+    from test_foreign import FOREIGN
+
+    onnxcam.exporters.export_onnx(FOREIGN / "vit_bf16_dynamo.onnx", tmp_path / "vit.onnx")
+    images = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(3)]
+    gpu = onnxcam.Explainer(tmp_path / "vit.onnx", provider="cuda")
+    assert gpu.runner.device == "cuda"
+    cpu = onnxcam.Explainer(tmp_path / "vit.onnx", provider="cpu").explain(images)
+    np.testing.assert_allclose(gpu.explain(images).heatmaps, cpu.heatmaps, atol=3e-2)
