@@ -512,6 +512,9 @@ def _check_settings(path: Path, settings: dict, resume: bool) -> None:
             raise ExplainError(f"{path.parent} holds a job started with other settings ({'; '.join(changed)}): "
                                f"resume it with the same ones, or write to another folder")
         return
+    if resume and (path.parent / RECORD).exists():  # images done, settings unknown: what they got cannot be told
+        raise ExplainError(f"{path.parent} holds a job whose settings were not kept (written by an older onnxcam, "
+                           f"or {SETTINGS} removed): write to another folder")
     write_atomic(path, json.dumps(settings).encode())
 
 

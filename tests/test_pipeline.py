@@ -140,6 +140,11 @@ def test_resuming_with_other_outputs_is_refused(explainer, tmp_path):
     summary = explain_files(explainer, Listing(paths), out, batch_size=2, outputs=Outputs.parse("overlays"),
                             resume=True)
     assert (summary.skipped, summary.explained) == (3, 3)
+    (out / "job.json").unlink()  # as a job started before the settings were kept left its folder
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ExplainError, match=r"holds a job whose settings were not kept .*: write to another folder"):
+        explain_files(explainer, Listing(paths), out, batch_size=2, outputs=Outputs.parse("overlays"), resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 class SeveralTargets:
