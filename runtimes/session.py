@@ -88,7 +88,7 @@ def _open(source: str | onnx.ModelProto, options: ort.SessionOptions, providers:
         return ort.InferenceSession(_serialised(source), options, providers=providers)
     except (NoKernel, InvalidGraph) as error:
         model = source if isinstance(source, onnx.ModelProto) else onnx.load(source)
-        if not has_bfloat16(model) or "bfloat16" not in str(error) and isinstance(error, InvalidGraph):
+        if not has_bfloat16(model) or (isinstance(error, InvalidGraph) and "bfloat16" not in str(error)):
             raise
         _say_float32(providers[0], str(error).splitlines()[0])
         return ort.InferenceSession(float32_twin(model).SerializeToString(), options, providers=providers)
