@@ -21,6 +21,8 @@ from onnxcam import Explainer  # noqa: E402
 from onnxcam.files import read_image  # noqa: E402
 from onnxcam.pipeline import uint8_map  # noqa: E402
 
+IMAGES = 900  # seconds of work once both actors start (300 left 0.74 s): the kill, 0.3 s in, lands mid-job
+
 
 def _actor_processes(name: str) -> list[int]:
     """Processes started below this one (the test's Ray cluster) whose title names `name`."""
@@ -55,7 +57,7 @@ def cluster():
 def test_every_image_comes_back_once_when_an_actor_dies(cluster, small_onnx, tmp_path):
     from onnxcam.ray import explain_on_ray
 
-    paths = _write_images(tmp_path / "images", 300, seed=4)
+    paths = _write_images(tmp_path / "images", IMAGES, seed=4)
     (tmp_path / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff broken")
     outcome, killed = {}, []
 
@@ -77,12 +79,12 @@ def test_every_image_comes_back_once_when_an_actor_dies(cluster, small_onnx, tmp
     job.join(timeout=300)
     assert killed and not job.is_alive(), "no actor was killed while the job ran"
     summary = outcome["summary"]
-    assert (summary.explained, summary.failed) == (300, 1)
+    assert (summary.explained, summary.failed) == (IMAGES, 1)
     rows = pq.read_table(tmp_path / "out" / "table").to_pylist()
     assert sorted(row["path"] for row in rows) == sorted(str(p.resolve()) for p in [*paths, tmp_path / "images" /
                                                                                    "broken.jpg"])
     explainer = Explainer(small_onnx, provider="cpu")
-    for row in rows[::37]:
+    for row in rows[::97]:
         if row["error"] is None:
             reference = explainer.explain(read_image(row["path"]))
             levels = np.frombuffer(row["heatmap"], np.uint8).reshape(row["height"], row["width"])
