@@ -147,13 +147,13 @@ def sigterm_under_load(work: Workload, server: subprocess.Popen, accepted: int) 
     with ThreadPoolExecutor(accepted) as pool, httpx.Client(timeout=120) as session:
         calls = [pool.submit(work.send, session, "image") for _ in range(accepted)]
         deadline = time.monotonic() + 30
-        while in_flight() < accepted and time.monotonic() < deadline:
+        while (measured := in_flight()) < accepted and time.monotonic() < deadline:
             time.sleep(0.005)
         server.send_signal(signal.SIGTERM)
         ready = httpx.get(f"{work.base}/v2/health/ready").status_code
         statuses = [call.result() for call in calls]
     code = server.wait(60)
-    return {"in flight at SIGTERM": accepted, "readiness after SIGTERM": ready,
+    return {"in flight at SIGTERM": int(measured), "readiness after SIGTERM": ready,
             "errors after SIGTERM": sum(status != 200 for status in statuses), "exit": code}
 
 
