@@ -17,7 +17,7 @@ from .runtimes import create_session
 from .runtimes.binding import BoundRunner, as_ortvalue, shape_of
 from .runtimes.head import HeadRunner
 from .strategies import FAMILY_METHODS, explain_family
-from .targets import as_target, fixed_classes, per_image
+from .targets import Classes, as_target, fixed_classes, per_image
 
 ROLLOUT_METHODS = ("rollout", "grad-rollout", "legrad")  # the attention methods of ViTs
 _ORT_TYPES = {"float32": "float", "float16": "float16", "float64": "double", "uint8": "uint8"}
@@ -42,7 +42,7 @@ class Explanation:
     scores: np.ndarray | None = None  # float32, M: each map's score (onnxcam.targets), for targets other than a class
     boxes: np.ndarray | None = None  # float32, M x 4: x1 y1 x2 y2 in the pixels of the image as given (detections)
     masks: np.ndarray | None = None  # bool, M x h x w at the output's resolution: each segment's mask (segmentation)
-    attributions: np.ndarray | None = None  # float32, B x C x H x W: input-gradient methods' raw attributions
+    attributions: np.ndarray | None = None  # float32, M x C x H x W: input-gradient methods' raw attributions
 
     def __post_init__(self):
         if self.image_index is None:
@@ -113,6 +113,8 @@ class Explainer:
         items = per_image(targets, count)
         classes = fixed_classes(items, self.spec.scores)
         if method in FAMILY_METHODS or eigen_smooth or aug_smooth or options:
+            if classes is None:
+                return self._explain_family_classes(batch, items, method, eigen_smooth, aug_smooth, options)
             return self._explain_family(batch, classes, count, method, eigen_smooth, aug_smooth, options)
         if classes is None:
             return self._explain_targets(inputs, batch, [as_target(item) for item in items], method)
@@ -128,13 +130,37 @@ class Explainer:
     def _explain_family(self, batch, classes, count: int, method: str, eigen: bool, augment: bool,
                         options: dict) -> Explanation:
         """Methods with a run strategy of their own, and the smoothing options (onnxcam.strategies)."""
-        if classes is None:
-            raise ExplainError(f"{method} with these options explains class indices (one per image, or None for "
-                               f"the top-1), not target objects")
         classes = self.class_indices(classes, count)
         with _blas().limit(limits=1, user_api="blas"):
             result = explain_family(self, batch, classes, method, eigen, augment, options)
         return Explanation(result.heatmaps, result.scores.reshape(count, -1), result.selected, method,
+                           attributions=result.attributions)
+
+    def _explain_family_classes(self, batch, items: list, method: str, eigen: bool, augment: bool,
+                                options: dict) -> Explanation:
+        """A family method for Classes targets (several classes per image, or those above a probability): the
+        classes are read from one run's scores, then the method runs on each image repeated once per class. Other
+        targets are refused: the family's strategies perturb and score classes of the exported output."""
+        spec = self.spec
+        targets = [as_target(item) for item in items]
+        if any(not isinstance(t, Classes) or t.output not in (None, spec.scores) for t in targets):
+            raise ExplainError(f"{method} with these options explains classes of '{spec.scores}' (class indices, "
+                               f"None, or Classes), not other target objects", option="targets")
+        host = np.asarray(batch) if isinstance(batch, np.ndarray) else np.ascontiguousarray(batch.numpy())
+        scores = self._run(host, np.full(len(host), -1, dtype=np.int64), [])[0].reshape(len(host), -1)
+        picks = [(image, pick) for image, target in enumerate(targets) for pick in target.picks(scores[image])]
+        image_index = np.array([image for image, _ in picks], dtype=np.int64)
+        if self.fixed_batch not in (None, len(picks)):
+            raise ExplainError(f"the model's image input is fixed at batches of {self.fixed_batch}, and these "
+                               f"targets ask for {len(picks)} maps", option="batch_size")
+        classes = self.class_indices([pick.target for _, pick in picks], len(picks))
+        if not picks:
+            return Explanation(np.zeros((0, *spec.input_size), np.float32), scores, classes, method, image_index,
+                               np.zeros(0, np.float32))
+        with _blas().limit(limits=1, user_api="blas"):
+            result = explain_family(self, host[image_index], classes, method, eigen, augment, options)
+        return Explanation(result.heatmaps, scores, result.selected, method, image_index,
+                           np.array([pick.score for _, pick in picks], dtype=np.float32),
                            attributions=result.attributions)
 
     def _run(self, batch, classes, names):

@@ -13,6 +13,7 @@ from torch import nn
 
 import onnxcam
 from onnxcam.core.methods import first_principal_component
+from onnxcam.targets import Classes, Contrast
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
 CLASSES = [-1, 0, 4]
@@ -300,6 +301,27 @@ def test_input_gradient_methods_refuse_files_without_them(plain):
         assert caught.value.option == "input_gradients"
     reasons = onnxcam.strategies.capabilities(plain)
     assert reasons["gradcam"] is None and reasons["cam"] is None and "input gradients" in reasons["saliency"]
+
+
+@pytest.mark.parametrize("method, options", [("scorecam", {}), ("ablationcam", {}), ("gradcam", {"eigen_smooth": True}),
+                                             ("integrated-gradients", {})])
+def test_classes_targets_give_one_map_per_class_as_single_class_runs_do(gradients_file, model, method, options):
+    """Classes(top=2) and Classes(above=p) on the family: each image's classes as PyTorch ranks them, each map
+    the map of a run asked for that class alone; other target objects are refused in one line."""
+    with torch.no_grad():
+        top2 = torch.argsort(model(X), dim=1, descending=True)[:, :2].numpy()
+    result = gradients_file.explain(X.numpy(), method, targets=Classes(top=2), **options)
+    np.testing.assert_array_equal(result.image_index, [0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(result.targets, top2.reshape(-1))
+    assert result.heatmaps.shape == (6, 32, 32) and result.logits.shape == (3, 5)
+    for image, target, heatmap in zip(result.image_index, result.targets, result.heatmaps, strict=True):
+        alone = gradients_file.explain(X.numpy()[image:image + 1], method, targets=int(target), **options)
+        np.testing.assert_allclose(heatmap, alone.heatmaps[0], atol=1e-5)
+    mixed = gradients_file.explain(X.numpy(), method, targets=[Classes(top=1), 3, Classes(above=1.0)], **options)
+    np.testing.assert_array_equal(mixed.image_index, [0, 1])
+    np.testing.assert_array_equal(mixed.targets, [top2[0, 0], 3])
+    with pytest.raises(onnxcam.ExplainError, match="not other target objects"):
+        gradients_file.explain(X.numpy(), method, targets=Contrast(0), **options)
 
 
 def test_unknown_options_are_refused(plain):
