@@ -5,7 +5,9 @@ InferenceService (the README gives the YAML).
     python -m onnxcam.kserve --model_name lite0 --model_path /mnt/models/lite0.onnx
 
 Instances are C x H x W nested lists of preprocessed numbers or encoded images as `{"b64": ...}`; the request's
-`parameters` may name the `method` and the `target` class(es). Needs the `kserve` extra.
+`parameters` may name the `method` and the targets, as the built-in server's V1 routes take them
+(serving.protocol.targets_of: `target`, `classes`, `top`, `task`, ...); each explanation names its instance.
+Needs the `kserve` extra.
 """
 
 from __future__ import annotations
@@ -46,18 +48,20 @@ class ExplainerModel(kserve.Model):
             method = asked.method or "gradcam"
             if explain and method not in ALL_METHODS:
                 raise InvalidInput(f"unknown method '{method}'; choose from {', '.join(ALL_METHODS)}")
-            batch = asked.batch
+            batch, sizes = asked.batch, None
             if batch is None:
-                batch = explainer.prepare([decode_image(data, f"instance {i}", self.max_pixels)
-                                           for i, data in enumerate(asked.images)])
-            classes = explainer.class_indices(None if asked.target in (None, "") else asked.target, len(batch))
-            result = explainer.explain(batch, method if explain else "gradcam", classes)
+                images = [decode_image(data, f"instance {i}", self.max_pixels) for i, data in enumerate(asked.images)]
+                sizes = [image.shape[:2] for image in images]
+                batch = explainer.prepare(images)
+            targets = protocol.checked_targets(asked.parameters if explain else {}, explainer, len(batch))
+            result = explainer.explain(batch, method if explain else "gradcam", targets)
+            result = protocol.in_image_pixels(result, sizes, explainer.spec.input_size)
         except (protocol.HTTPError, OnnxcamError, TypeError) as error:
             raise InvalidInput(str(error)) from None
         answer = {"predictions": protocol.v1_predictions(result.logits, explainer.labels)}
         if explain:
             answer["explanations"] = protocol.v1_explanations(result.heatmaps, result.targets, method,
-                                                              explainer.labels)
+                                                              explainer.labels, result)
         return answer
 
     async def predict(self, payload, headers: dict[str, str] | None = None,

@@ -16,6 +16,7 @@ from conftest import random_images
 
 import onnxcam
 from onnxcam.files import decode_image, encode_png
+from onnxcam.targets import Classes
 
 pytest.importorskip("kserve")
 
@@ -71,6 +72,21 @@ def test_explain_under_kserves_model_server(url, small_onnx):
     (explanation,) = answer["explanations"]
     assert explanation["target"] == 2 and explanation["method"] == "gradcam++"
     np.testing.assert_allclose(explanation["heatmap"], expected.heatmaps[0], atol=1e-6)
+
+
+def test_explain_takes_the_servers_targets_under_kserve(url, small_onnx):
+    """`top` (as the CLI's --top): every instance's two best classes, each map naming its instance; with a family
+    method too."""
+    images = random_images(2, seed=4, size=(30, 40))
+    body = {"instances": [{"b64": base64.b64encode(encode_png(image)).decode()} for image in images],
+            "parameters": {"method": "scorecam", "top": 2}}
+    answer = httpx.post(f"{url}/v1/models/small:explain", json=body, timeout=60).json()
+    expected = onnxcam.Explainer(small_onnx, provider="cpu").explain(images, "scorecam", Classes(top=2))
+    assert [(e["instance"], e["target"]) for e in answer["explanations"]] == list(
+        zip(expected.image_index.tolist(), expected.targets.tolist(), strict=True))
+    assert len(answer["explanations"]) == 4
+    np.testing.assert_allclose([e["heatmap"] for e in answer["explanations"]], expected.heatmaps, atol=1e-6)
+    np.testing.assert_allclose([e["score"] for e in answer["explanations"]], expected.scores, rtol=1e-6)
 
 
 @pytest.mark.parametrize("body, message", [

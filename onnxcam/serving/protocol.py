@@ -26,7 +26,7 @@ import numpy as np
 from ..contract import ExplainSpec
 from ..core import top_classes
 from ..explainer import Explanation
-from ..targets import from_options
+from ..targets import Target, from_options
 
 MAX_IMAGES = 256  # per request: a claimed batch beyond this is refused before anything is read
 
@@ -150,6 +150,18 @@ def targets_of(parameters: Mapping):
                 raise HTTPError(400, f"{name} must be a string, got {type(asked[name]).__name__}")
             options[name] = asked[name]
     return from_options(classes, **options)
+
+
+def checked_targets(parameters: Mapping, explainer, count: int):
+    """targets_of for `count` images, class indices range-checked now (a target object is checked once the outputs
+    are seen); a bad one is a 400."""
+    targets = targets_of(parameters)
+    if isinstance(targets, Target):
+        return targets
+    try:
+        return explainer.class_indices(targets, count)
+    except (ValueError, TypeError) as error:
+        raise HTTPError(400, str(error)) from None
 
 
 def in_image_pixels(result: Explanation, sizes: list[tuple[int, int]] | None, input_size) -> Explanation:

@@ -21,7 +21,6 @@ from ..errors import OnnxcamError
 from ..explainer import ALL_METHODS, Explainer, Explanation
 from ..files import decode_image, encode_png
 from ..strategies import capabilities
-from ..targets import Target
 from . import protocol
 from .batcher import MicroBatcher
 from .middleware import Metrics
@@ -72,17 +71,6 @@ class Service:
             raise HTTPError(400, f"unknown method '{method}'; choose from {', '.join(ALL_METHODS)}")
         return method
 
-    def targets_of(self, parameters, count: int):
-        """Explainer.explain's targets for `count` images: class indices checked now, or a target object (checked
-        once the outputs are seen)."""
-        targets = protocol.targets_of(parameters)
-        if isinstance(targets, Target):
-            return targets
-        try:
-            return self.explainer.class_indices(targets, count)
-        except (ValueError, TypeError) as error:
-            raise HTTPError(400, str(error)) from None
-
     async def json_of(self, request: Request):
         self.model_or_404(request)
         try:
@@ -100,7 +88,7 @@ class Service:
                       for i, data in enumerate(asked.images)]
             sizes = [image.shape[:2] for image in images]
             batch = await run_in_threadpool(self.explainer.prepare, images)
-        targets = self.targets_of(asked.parameters if explain else {}, len(batch))
+        targets = protocol.checked_targets(asked.parameters if explain else {}, self.explainer, len(batch))
         result = await self.batcher.submit(batch, targets, method)
         return method, protocol.in_image_pixels(result, sizes, self.spec.input_size)
 
@@ -178,7 +166,7 @@ class Service:
         if not 0 <= alpha <= 1 or colormap not in COLORMAPS:
             raise HTTPError(400, f"alpha must lie in [0, 1] and colormap be one of {', '.join(COLORMAPS)}")
         image = await self.image_of(request)
-        targets = self.targets_of(query_parameters(query), 1)
+        targets = protocol.checked_targets(query_parameters(query), self.explainer, 1)
         # pixel work runs in worker threads (OpenCV releases the GIL): the event loop stays free
         batch = await run_in_threadpool(self.explainer.prepare, image)
         result = protocol.in_image_pixels(await self.batcher.submit(batch, targets, method), [image.shape[:2]],
