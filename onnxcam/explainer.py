@@ -16,7 +16,7 @@ from .errors import ExplainError
 from .runtimes import create_session
 from .runtimes.binding import BoundRunner, as_ortvalue, shape_of
 from .runtimes.head import HeadRunner
-from .strategies import FAMILY_METHODS, explain_family
+from .strategies import FAMILY_METHODS, explain_family, host_array
 from .targets import Classes, as_target, fixed_classes, per_image
 
 ROLLOUT_METHODS = ("rollout", "grad-rollout", "legrad")  # the attention methods of ViTs
@@ -146,7 +146,7 @@ class Explainer:
         if any(not isinstance(t, Classes) or t.output not in (None, spec.scores) for t in targets):
             raise ExplainError(f"{method} with these options explains classes of '{spec.scores}' (class indices, "
                                f"None, or Classes), not other target objects", option="targets")
-        host = np.asarray(batch) if isinstance(batch, np.ndarray) else np.ascontiguousarray(batch.numpy())
+        host = host_array(batch)
         scores = self._run(host, np.full(len(host), -1, dtype=np.int64), [])[0].reshape(len(host), -1)
         picks = [(image, pick) for image, target in enumerate(targets) for pick in target.picks(scores[image])]
         image_index = np.array([image for image, _ in picks], dtype=np.int64)

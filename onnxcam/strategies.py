@@ -134,7 +134,7 @@ def explain_family(explainer, batch, classes: np.ndarray, method: str, eigen: bo
     return Result(heatmaps(maps, explainer.spec.input_size), scores, selected)
 
 
-def _host(batch) -> np.ndarray:
+def host_array(batch) -> np.ndarray:
     """The batch as a host array (OrtValues and device tensors are copied once)."""
     return batch if isinstance(batch, np.ndarray) else np.ascontiguousarray(batch.numpy())
 
@@ -169,7 +169,7 @@ def _augmented(explainer, batch, classes, method: str, eigen: bool, options: dic
     session run of all six copies; each map flipped back, then the six averaged. Each copy's class is chosen on
     that copy (as pytorch-grad-cam does) unless targets are given; logits and classes reported are the plain
     copy's."""
-    images = _host(batch)
+    images = host_array(batch)
     count = len(images)
     copies = [view * factor for view in (images, images[..., ::-1]) for factor in TTA_FACTORS]
     stacked = np.ascontiguousarray(np.concatenate(copies), dtype=np.float32)
@@ -239,7 +239,7 @@ def _score_cam(explainer, batch, classes, method: str, options: dict) -> Result:
     if options["batch_size"] < 1 or (options["channels"] is not None and options["channels"] < 1):
         raise ExplainError(f"{method}: batch_size and channels must be at least 1")
     scores, selected, *activations = explainer._run(batch, classes, spec.activations)
-    images = _host(batch)
+    images = host_array(batch)
     scores = scores.reshape(len(images), -1)
     baseline = scores[np.arange(len(images)), selected]
     samples = 1 if method == "scorecam" else int(options["samples"])
@@ -383,7 +383,7 @@ def _fullgrad(explainer, batch, classes) -> Result:
     count = len(spec.biases)
     scores, selected, *tensors, gradient = _input_gradient_run(explainer, batch, classes, False,
                                                                spec.biases + spec.bias_gradients)
-    heat = fullgrad(_host(batch), gradient, tensors[:count], tensors[count:])
+    heat = fullgrad(host_array(batch), gradient, tensors[:count], tensors[count:])
     return Result(heat, scores, selected)
 
 
@@ -391,7 +391,7 @@ def _path_attributions(explainer, batch, classes, method: str, options: dict):
     """SmoothGrad and Integrated Gradients: a first run for the classes (where not given) and the scores, then
     per image ONE run of its noisy copies or of its m points along the path."""
     spec = explainer.spec
-    images = _host(batch)
+    images = host_array(batch)
     (scores, selected) = explainer._run(images, classes, [])
     scores = scores.reshape(len(images), -1)
     results = []
