@@ -350,7 +350,7 @@ def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list | 
                           option="target_layers")
     tokens = attention_reads(model, shapes, image)
     ordered = ([c for c in candidates if c.name == tokens] + candidates[::-1])[:MAX_PROBED]
-    passed_over, unbuilt, most = [], [], 0
+    passed_over, unbuilt, most = [], [], -1  # most cells any candidate reached; -1: no gradient could be built
     for start in range(0, len(ordered), PROBE_GROUP):
         group = ordered[start:start + PROBE_GROUP]
         reached = _reached_or_none(model, score, group, image, unbuilt)
@@ -363,7 +363,7 @@ def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list | 
                 return candidate
             passed_over.append(candidate)
             most = max(most, reached[candidate.name])
-    if unbuilt and all(reached_ == -1 for reached_ in reached.values()):
+    if most < 0:
         raise ExportError(f"no grid tensor's gradient could be built: {unbuilt[-1]}")
     if most == 0:
         raise ExportError(f"the class score does not depend on the image: its gradient is zero on every grid tensor "

@@ -182,6 +182,19 @@ def test_operator_without_rule_is_named_and_nothing_written(tmp_path):
     assert not path.exists() and not list(tmp_path.iterdir())
 
 
+def test_no_default_target_whose_gradient_can_be_built_names_the_operator(tmp_path):
+    """An operator without a rule between every grid tensor and the score (here after the pooling): the export
+    stops with the reason, not with 'name a target layer'."""
+    nodes = [helper.make_node("Relu", ["x"], ["relu"]), helper.make_node("GlobalAveragePool", ["relu"], ["gap"]),
+             helper.make_node("Sin", ["gap"], ["wave"], name="the_sine"),
+             helper.make_node("Flatten", ["wave"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["scores"], transB=1)]
+    model = _model(nodes, [_init("fc_w", (K, C)), _init("fc_b", (K,))])
+    with pytest.raises(ExportError, match="no grid tensor's gradient could be built: .*Sin \\(node 'the_sine'"):
+        export_onnx(model, tmp_path / "out.onnx")
+    assert not list(tmp_path.iterdir())
+
+
 def test_unknown_target_lists_close_names(tmp_path):
     with pytest.raises(ExportError, match="unknown target tensor 'rellu'; closest: relu"):
         export_onnx(conv_bn_relu_maxpool(), tmp_path / "out.onnx", target_layers=["rellu"])
