@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 BFLOAT16, FLOAT = TensorProto.BFLOAT16, TensorProto.FLOAT
-TYPE_ATTRIBUTES = ("to", "dtype")  # Cast's target type; the element type of ConstantOfShape-like generators
+TYPE_ATTRIBUTES = ("to", "dtype")  # Cast's target type; the output type of RandomNormal, EyeLike and the like
 
 
 def has_bfloat16(model: onnx.ModelProto) -> bool:

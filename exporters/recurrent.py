@@ -165,7 +165,7 @@ def _lstm_steps(g: GraphBuilder, n: Node, direction: int, hidden: int, x: Value,
     outputs = {}
     for t in order:
         x_t = g.op("Gather", projected, g.ints(t), axis=0)
-        gates = _total(x_t, g.op("MatMul", h, recurrence) if h is not None else None)
+        gates = _total(x_t, _matmul(g, h, recurrence))
         gi, go, gf, gc = _split(g, gates, [hidden] * 4)
         i = g.op("Sigmoid", _total(gi, _product(peepholes[0], c)))
         candidate = i * g.op("Tanh", gc)
@@ -184,7 +184,7 @@ def _gru_steps(g: GraphBuilder, n: Node, direction: int, hidden: int, x: Value, 
     """One direction of the GRU: its outputs H_t in time order and the last H."""
     wb, rb = _biases(g, n, direction, 3 * hidden)
     projected = _total(g.op("MatMul", x, _direction(g, n, 1, direction)), wb)  # [T, B, 3H]
-    recurrence_zr, recurrence_h = _split_columns(g, _direction(g, n, 2, direction), hidden)
+    recurrence_zr, recurrence_h = _split(g, _direction(g, n, 2, direction), [2 * hidden, hidden])  # R^T's columns
     rb_zr, rb_h = _split(g, rb, [2 * hidden, hidden]) if rb is not None else (None, None)
     linear_before_reset = n.attrs["linear_before_reset"]
     outputs = {}
@@ -199,11 +199,6 @@ def _gru_steps(g: GraphBuilder, n: Node, direction: int, hidden: int, x: Value, 
         candidate = g.op("Tanh", _total(x_h, reset)) * (1 - z)
         h = outputs[t] = candidate if h is None else candidate + z * h
     return [outputs[t] for t in sorted(outputs)], h, None
-
-
-def _split_columns(g: GraphBuilder, transposed: Value, hidden: int) -> list[Value]:
-    """R^T [H, 3H] as ([H, 2H] for z and r, [H, H] for h)."""
-    return g.op_multi("Split", transposed, g.ints([2 * hidden, hidden]), outputs=2, axis=1)
 
 
 def _matmul(g: GraphBuilder, a: Value | None, b: Value) -> Value | None:
