@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxcam.timing import interleaved
+from onnxcam.core.timing import interleaved
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -355,7 +355,7 @@ def run_module(module: str, model_name: str, params: int) -> dict:
     except Wrong as error:
         row.update(result=error.result, message=str(error))
     except Exception as error:  # noqa: BLE001 - the sweep records every failure
-        from onnxcam.errors import OnnxcamError
+        from onnxcam.core.errors import OnnxcamError
         refused = isinstance(error, OnnxcamError)
         row.update(result="refused" if refused else "crashed", message=str(error) if refused else first_line(error))
     return row

@@ -87,7 +87,7 @@ def linked_images(source: list[Path], folder: Path, count: int) -> Path:
 
 
 def cv2_size(path: Path) -> tuple[int, int]:
-    from onnxcam.files import probe
+    from onnxcam.core.files import probe
 
     return probe(path.read_bytes()[:65536])[1:]
 
@@ -102,7 +102,8 @@ def peak_memory_mb() -> float:
 def worker(args) -> dict:
     """One measurement in this process: the floor, the local job with `args.save`, or the job on Ray."""
     from onnxcam import Explainer
-    from onnxcam.pipeline import Listing, Outputs, _decoded, explain_files
+    from onnxcam.batches import decode_ahead
+    from onnxcam.jobs import Listing, Outputs, explain_files
 
     sources = Listing([args.folder])
     count = sum(1 for _ in sources)
@@ -113,7 +114,8 @@ def worker(args) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
     if args.kind == "floor":
         spec, batch, workers = explainer.spec, [], os.cpu_count() or 1
-        for _, (tensor, _, _) in _decoded((s.path for s in sources), spec, workers, args.batch * (workers + 2), False):
+        ahead = args.batch * (workers + 2)
+        for _, (tensor, _, _) in decode_ahead((s.path for s in sources), spec, workers, ahead, False):
             batch.append(tensor)
             if len(batch) == args.batch:
                 plain.run([spec.scores], {spec.input: np.stack(batch)})
@@ -130,10 +132,7 @@ def worker(args) -> dict:
 def plain_session(explainer):
     """Plain inference: the scores alone, from the explainable file's forward part (ONNX Runtime runs every node of
     a graph whatever is fetched, so the explainable file itself would pay its backward pass)."""
-    from onnxcam.exporters.linear_head import forward_model
-    from onnxcam.runtimes.session import sibling_session
-
-    return sibling_session(forward_model(explainer.head.path, explainer.spec), explainer.session)
+    return explainer.model.scores_runner
 
 
 def ray_worker(args, sources, count: int) -> dict:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 import onnxcam
+from onnxcam.core.timing import interleaved
 from onnxcam.demo.efficientnet_lite import efficientnet_lite0_pretrained
 from onnxcam.targets import Classes
-from onnxcam.timing import interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = [("gradcam", {"eigen_smooth": True}, 10), ("scorecam", {"batch_size": 64, "channels": 128}, 3)]  # repeats last

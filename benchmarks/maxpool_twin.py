@@ -18,8 +18,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcam.core.timing import interleaved
 from onnxcam.exporters import export_onnx
-from onnxcam.timing import interleaved
 
 
 def vgg_like(channels: int, size: int, with_indices: bool) -> onnx.ModelProto:

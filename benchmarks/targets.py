@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxcam.timing import interleaved
+from onnxcam.core.timing import interleaved
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -84,13 +84,13 @@ def worker(args) -> dict:
 def head_call(explainer, batch: np.ndarray, target):
     """The head run alone, for every map of `target` on `batch` (the backbone's outputs computed once before)."""
     spec = explainer.spec
-    fetched = explainer.runner.run([spec.scores, *spec.activations, *spec.cuts],
+    fetched = explainer.model.runner.run([spec.scores, *spec.activations, *spec.cuts],
                                    {spec.input: batch, spec.class_input: np.full(len(batch), -1, dtype=np.int64)})
     activations, cuts = fetched[1:1 + len(spec.activations)], fetched[1 + len(spec.activations):]
     picks = [(image, pick) for image in range(len(batch)) for pick in target.picks(fetched[0][image])]
     index = np.array([image for image, _ in picks], dtype=np.int64)
     seeds = np.stack([pick.seed for _, pick in picks])
-    return lambda: explainer.head.gradients(spec.scores, activations, cuts, index, seeds)
+    return lambda: explainer.model.head.gradients(spec.scores, activations, cuts, index, seeds)
 
 
 def eager_top5(batch: np.ndarray, threads: int):

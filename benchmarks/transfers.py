@@ -22,14 +22,14 @@ import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
 import onnxcam
-from onnxcam.core import METHODS
 from onnxcam.core.layouts import to_grid
-from onnxcam.timing import interleaved
+from onnxcam.core.timing import interleaved
+from onnxcam.methods import METHODS
 
 
 def ways(explainer: onnxcam.Explainer, batch: np.ndarray, method: str) -> dict:
-    spec, session, runner = explainer.spec, explainer.session, explainer.runner
-    compute, needs_gradients = METHODS[method]
+    spec, session, runner = explainer.spec, explainer.session, explainer.model.runner
+    compute, needs_gradients = METHODS[method].formula, METHODS[method].gradients
     needed = [spec.scores, spec.selected, spec.activations[0], *(spec.gradients[:1] if needs_gradients else [])]
     everything = [o.name for o in session.get_outputs()]
     classes = np.full(len(batch), -1, np.int64)
@@ -61,7 +61,8 @@ def main():
     parser.add_argument("model")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--method", default="gradcam", choices=list(METHODS))
+    parser.add_argument("--method", default="gradcam",
+                        choices=[name for name, m in METHODS.items() if m.formula is not None])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--budget", type=float, default=30.0)
     args = parser.parse_args()
@@ -75,10 +76,10 @@ def main():
     feeds = {explainer.spec.input: batch, explainer.spec.class_input: np.full(args.batch, -1, np.int64)}
     sizes = {name: array.nbytes for name, array in zip(everything, explainer.session.run(everything, feeds))}
     reference = np.median(times["bound"])
-    print(f"{args.model}, batch {args.batch}, {args.method}, on {explainer.runner.device}; "
+    print(f"{args.model}, batch {args.batch}, {args.method}, on {explainer.model.runner.device}; "
           f"median of {len(times['bound'])} runs; MiB fetched from the session, and uploaded to the GPU")
     for name, (_, names) in compared.items():
-        uploaded = 0 if explainer.runner.device == "cpu" or "on GPU" in name else batch.nbytes
+        uploaded = 0 if explainer.model.runner.device == "cpu" or "on GPU" in name else batch.nbytes
         print(f"  {name:<22} {np.median(times[name]) * 1000:9.1f} ms  x{np.median(times[name]) / reference:5.2f}"
               f"  {sum(sizes[n] for n in names) / 2**20:8.2f} fetched  {uploaded / 2**20:6.2f} uploaded")
 

@@ -2,8 +2,7 @@
 
 from .images import COLORMAPS, overlay, preprocess
 from .maps import heatmaps, normalize, upsample
-from .methods import METHODS
 from .scores import softmax, top_classes
 
-__all__ = ["COLORMAPS", "METHODS", "heatmaps", "normalize", "overlay", "preprocess", "softmax", "top_classes",
+__all__ = ["COLORMAPS", "heatmaps", "normalize", "overlay", "preprocess", "softmax", "top_classes",
            "upsample"]

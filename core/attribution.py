@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .maps import upsample
+
 INTEGRATION_RULES = ("gausslegendre", "riemann_trapezoid")
 
 
@@ -92,8 +94,6 @@ def fullgrad(inputs: np.ndarray, input_gradients: np.ndarray, biases: list[np.nd
     the input's channels of scaled |x (.) dy/dx| and, for every layer with a bias, the sum over its channels
     of scaled |b (.) dy/dz| upsampled to the input, before the final min-max scaling (the caller's). Each
     channel is scaled before upsampling; upsampling is linear, so the channels are summed first."""
-    from .maps import upsample
-
     size = inputs.shape[2:]
     total = _scaled_channels(np.abs(input_gradients * inputs).astype(np.float64)).sum(axis=1)
     for bias, gradient in zip(biases, bias_gradients, strict=True):

@@ -1,4 +1,4 @@
-"""The Grad-CAM family: each method is a pure function of a target layer's activations A and the
+"""The Grad-CAM family's formulas: each is a pure function of a target layer's activations A and the
 gradients G = dy^c/dA of the selected class score, both B x K x H x W, and returns the map before
 upsampling, B x H x W, after the final ReLU.
 """
@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import ExplainError
 
-def _relu(x: np.ndarray) -> np.ndarray:
+
+def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0)
 
 
 def _weighted_sum(weights: np.ndarray, activations: np.ndarray) -> np.ndarray:
     """ReLU(sum_k w_k A^k): the map of every channel-weighting method."""
-    return _relu(np.einsum("bk,bkhw->bhw", weights, activations))
+    return relu(np.einsum("bk,bkhw->bhw", weights, activations))
 
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -43,7 +45,7 @@ def gradcam_plus_plus_weights(activations, gradients):
     g2 = gradients * gradients
     denominator = 2 * g2 + activations.sum(axis=(2, 3), keepdims=True) * g2 * gradients
     alpha = _safe_divide(g2, denominator)
-    return (alpha * _relu(gradients)).sum(axis=(2, 3))
+    return (alpha * relu(gradients)).sum(axis=(2, 3))
 
 
 def gradcam_plus_plus(activations, gradients):
@@ -64,17 +66,17 @@ def xgradcam(activations, gradients):
 
 def hirescam(activations, gradients):
     """HiResCAM (Draelos & Carin, arXiv 2011.08891, eq. 4): ReLU(sum_k dy/dA^k (.) A^k), no averaging."""
-    return _relu((gradients * activations).sum(axis=1))
+    return relu((gradients * activations).sum(axis=1))
 
 
 def gradcam_elementwise(activations, gradients):
     """Element-wise Grad-CAM (as in pytorch-grad-cam): sum_k ReLU(dy/dA^k (.) A^k)."""
-    return _relu(gradients * activations).sum(axis=1)
+    return relu(gradients * activations).sum(axis=1)
 
 
 def layercam(activations, gradients):
     """LayerCAM (Jiang et al., IEEE TIP 2021, eq. 5-6): ReLU(sum_k ReLU(dy/dA^k_ij) A^k_ij)."""
-    return _relu((_relu(gradients) * activations).sum(axis=1))
+    return relu((relu(gradients) * activations).sum(axis=1))
 
 
 def first_principal_component(features: np.ndarray) -> np.ndarray:
@@ -102,25 +104,12 @@ def first_principal_component(features: np.ndarray) -> np.ndarray:
 
 def eigencam(activations, gradients=None):
     """Eigen-CAM (Muhammad & Yeasin, arXiv 2008.00299, eq. 5): the activations' first principal component."""
-    return _relu(first_principal_component(activations))
+    return relu(first_principal_component(activations))
 
 
 def eigengradcam(activations, gradients):
     """EigenGrad-CAM (as in pytorch-grad-cam): the first principal component of dy/dA (.) A."""
-    return _relu(first_principal_component(activations * gradients))
-
-
-# name -> (function, whether it reads gradients)
-METHODS = {
-    "gradcam": (gradcam, True),
-    "gradcam++": (gradcam_plus_plus, True),
-    "xgradcam": (xgradcam, True),
-    "hirescam": (hirescam, True),
-    "gradcam-elementwise": (gradcam_elementwise, True),
-    "layercam": (layercam, True),
-    "eigencam": (eigencam, False),
-    "eigengradcam": (eigengradcam, True),
-}
+    return relu(first_principal_component(activations * gradients))
 
 
 def class_activation_map(activations: np.ndarray, class_weights: np.ndarray) -> np.ndarray:
@@ -145,8 +134,6 @@ def kpcacam(activations: np.ndarray, gradients=None, kernel: str = "sigmoid", ga
     try:
         from sklearn.decomposition import KernelPCA
     except ImportError:
-        from ..errors import ExplainError
-
         raise ExplainError("kpcacam needs scikit-learn: pip install 'onnxcam[family]'") from None
     _, channels, height, width = activations.shape
     maps = []
@@ -154,30 +141,14 @@ def kpcacam(activations: np.ndarray, gradients=None, kernel: str = "sigmoid", ga
         rows = image.reshape(channels, -1).T
         projection = KernelPCA(n_components=1, kernel=kernel, gamma=gamma).fit_transform(rows - rows.mean(axis=0))
         maps.append(projection.reshape(height, width))
-    return _relu(np.array(maps)).astype(activations.dtype)
-
-
-def _channel_weighted(weights):
-    return lambda activations, gradients: weights(activations, gradients)[:, :, None, None] * activations
-
-
-# name -> the per-channel terms whose sum over channels is the method's map before its ReLU
-# (pytorch-grad-cam's "weighted activations", which eigen_smooth projects instead of summing)
-WEIGHTED_ACTIVATIONS = {
-    "gradcam": _channel_weighted(gradcam_weights),
-    "gradcam++": _channel_weighted(gradcam_plus_plus_weights),
-    "xgradcam": _channel_weighted(xgradcam_weights),
-    "hirescam": lambda activations, gradients: gradients * activations,
-    "gradcam-elementwise": lambda activations, gradients: _relu(gradients * activations),
-    "layercam": lambda activations, gradients: _relu(gradients) * activations,
-}
+    return relu(np.array(maps)).astype(activations.dtype)
 
 
 def eigen_smooth(weighted_activations: np.ndarray) -> np.ndarray:
     """pytorch-grad-cam's eigen_smooth: the first principal component of the weighted activations w_k A^k
     (or of the element-wise terms) instead of their sum over channels, then ReLU; the component's sign is
     fixed as in first_principal_component (pytorch-grad-cam leaves it to the SVD)."""
-    return _relu(first_principal_component(weighted_activations))
+    return relu(first_principal_component(weighted_activations))
 
 
 def refine(layer_heatmaps: list[np.ndarray]) -> np.ndarray:

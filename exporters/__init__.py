@@ -3,7 +3,7 @@
 `export_onnx` needs only onnx; `export_torch` (and the module helpers) import torch on first use.
 """
 
-from ..errors import ExportError, UnsupportedOperator
+from ..core.errors import ExportError, UnsupportedOperator
 from .onnx_frontend import export_onnx
 
 _TORCH_NAMES = {"export_torch", "default_layer", "module_outputs"}

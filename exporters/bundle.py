@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, version_converter
 
-from ..contract import BYTES_INPUT, CLASS_INPUT, HEATMAP_OUTPUT, METADATA_KEY, ExplainSpec
+from ..core.contract import BYTES_INPUT, CLASS_INPUT, HEATMAP_OUTPUT, METADATA_KEY, ExplainSpec
 from ..core.layouts import parse_tokens
 from .autodiff import GraphBuilder
 

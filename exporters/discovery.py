@@ -12,10 +12,10 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from ..contract import CLASS_INPUT
+from ..core.contract import CLASS_INPUT
+from ..core.errors import ExportError
 from ..core.layouts import grid_of, guess_layout, parse_tokens, to_grid
-from ..errors import ExportError
-from .autodiff import GraphBuilder, Value, append_gradients
+from .autodiff import GraphBuilder, Value, append_gradients, needed_nodes
 from .precision import float32_twin, has_bfloat16
 
 IMAGE_TYPES = {t: helper.tensor_dtype_to_np_dtype(t) for t in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
@@ -138,10 +138,7 @@ def grid_candidates(model: onnx.ModelProto, score: str, shapes: dict[str, list |
                     image: ImageInput) -> list[Candidate]:
     """Float tensors that feed the score, batch first, whose shape lies on a grid over the image (see
     core.layouts.fits_image), in the order the graph computes them. Attention matrices are left out."""
-    feeds = {score}
-    for node in reversed(model.graph.node):
-        if any(o in feeds for o in node.output):
-            feeds.update(node.input)
+    _, feeds = needed_nodes(model.graph.node, [score])
     attention_sizes = attention_token_counts(model, shapes)
     found = []
     for name, shape in shapes.items():

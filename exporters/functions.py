@@ -7,7 +7,7 @@ from __future__ import annotations
 import onnx
 from onnx import defs, helper, inliner, shape_inference
 
-from ..errors import ExportError
+from ..core.errors import ExportError
 
 LOCAL_DOMAIN = "onnxcam.expanded"
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from ..errors import ExportError
-from .autodiff import GraphBuilder, append_gradients, prune
+from ..core.errors import ExportError
+from .autodiff import GraphBuilder, append_gradients, needed_nodes, prune
 
 SEED_INPUT = "onnxcam_seed"
 HEAD_GRADIENT = "onnxcam_head_gradient_{}"
@@ -41,10 +41,7 @@ def slice_head(model: onnx.ModelProto, sources: list[str],
     nodes = list(model.graph.node)
     builder = GraphBuilder(model)
     producer = {out: i for i, node in enumerate(nodes) for out in node.output}
-    feeds = set(outputs)
-    for node in reversed(nodes):
-        if any(o in feeds for o in node.output):
-            feeds.update(node.input)
+    _, feeds = needed_nodes(nodes, outputs)
     reached, chosen = set(sources), set()
     for i, node in enumerate(nodes):
         if any(name in reached for name in node.input) and any(o in feeds for o in node.output):
@@ -116,13 +113,9 @@ def build_head(model: onnx.ModelProto, targets: list[str], cuts: list[str], scor
 def _keep_live(model: onnx.ModelProto, nodes: list, initializers: list, outputs: list[str]) -> None:
     """Set the graph's nodes and initializers to those the outputs need: forward nodes whose values no gradient
     rule reads (a Gemm's product, when only its weights carry the gradient) are dropped."""
-    live, kept = set(outputs), []
-    for node in reversed(nodes):
-        if any(o in live for o in node.output):
-            kept.append(node)
-            live.update(node.input)
+    kept, live = needed_nodes(nodes, outputs)
     model.graph.ClearField("node")
-    model.graph.node.extend(reversed(kept))
+    model.graph.node.extend(kept)
     kept_initializers = [t for t in initializers if t.name in live]
     model.graph.ClearField("initializer")
     model.graph.initializer.extend(kept_initializers)

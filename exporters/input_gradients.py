@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..contract import METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
-from ..errors import ExportError
+from ..core.contract import METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
+from ..core.errors import ExportError
 from .autodiff import GraphBuilder, append_gradients, prune
 from .autodiff.guided import GUIDED_MARK, input_gradient_rules
 

@@ -14,7 +14,7 @@ from collections import Counter
 
 import onnx
 
-from ..errors import ExportError
+from ..core.errors import ExportError
 from .head import slice_head
 
 LAYER_SCORE_PREFIX = "onnxcam_legrad"

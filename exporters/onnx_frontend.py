@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 from onnx import helper, version_converter
 
-from ..contract import CLASS_INPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
+from ..core.contract import CLASS_INPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
+from ..core.errors import ExportError
+from ..core.files import atomic_path
 from ..core.layouts import attention_layout, check_layout, guess_layout
-from ..errors import ExportError
-from ..files import atomic_path
 from .autodiff import (
     NON_DIFFERENTIABLE,
     QUANTIZED_RULES,

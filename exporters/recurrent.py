@@ -18,7 +18,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper, shape_inference
 
-from ..errors import ExportError
+from ..core.errors import ExportError
 from .autodiff import GraphBuilder, Node, Value
 from .shapes import PROTOBUF_LIMIT
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from ..errors import ExportError
+from ..core.errors import ExportError
 from .autodiff import GraphBuilder
 from .discovery import PROBE_BATCH, ImageInput, random_images, run_model
 

@@ -9,9 +9,9 @@ import warnings
 
 import torch
 
-from ..contract import ExplainSpec
+from ..core.contract import ExplainSpec
+from ..core.errors import ExportError
 from ..core.layouts import attention_layout, guess_layout, to_grid
-from ..errors import ExportError
 from .onnx_frontend import export_onnx, unknown_name_error
 
 EXPORT_BATCH = 2  # tracing specialises sizes 0 and 1: a batch of 2 keeps the batch dimension symbolic

@@ -12,10 +12,16 @@ from pathlib import Path
 import click
 
 from .core import COLORMAPS
-from .errors import ExplainError, ExportError, OnnxcamError
-from .explainer import ALL_METHODS, Explainer
+from .core.errors import ExplainError, ExportError, OnnxcamError
+from .core.files import read_image
+from .core.timing import interleaved
+from .evaluation import evaluate as run_evaluation
+from .explainer import Explainer
 from .exporters import export_onnx
-from .pipeline import collect_images, explain_files
+from .exporters.onnx_frontend import inspect_onnx
+from .jobs import Listing, Outputs, collect_images, explain_files
+from .methods import METHODS
+from .targets import from_options
 
 # the flag of each keyword argument that errors name (OnnxcamError.option)
 FLAGS = {"save": "--save", "target_layers": "--target-layer", "layouts": "--layout", "mean": "--mean", "std": "--std",
@@ -172,8 +178,6 @@ def inspect(model, input_size, image_input, input_layout):
     image, the possible targets, show their layout; * marks the default target."""
     try:
         if model.endswith(".onnx"):
-            from .exporters.onnx_frontend import inspect_onnx
-
             survey = inspect_onnx(model, input=image_input, input_layout=input_layout, input_size=input_size)
             rows, default = survey.rows, survey.default
             if survey.spec is not None:
@@ -215,8 +219,6 @@ def _target_options(command):
 def _target_of(classes: tuple[int, ...], top: int | None, task: str, score_threshold: float, concept: str | None,
                score_output: str | None):
     """The `targets` for Explainer.explain that explain's options ask for: None (top-1), a class, or a Target."""
-    from .targets import from_options
-
     if task == "embed" and concept is None:
         raise ExplainError("--task embed needs --concept FILE.npy, the vector to compare embeddings with")
     vector = None
@@ -236,7 +238,7 @@ def _target_of(classes: tuple[int, ...], top: int | None, task: str, score_thres
 @click.option("-r", "--recursive", is_flag=True, help="Also the images in the folders inside the folders given.")
 @click.option("--from-list", "list_file", type=click.Path(dir_okay=False),
               help="File with one image path or URI per line.")
-@click.option("--method", default="gradcam", show_default=True, type=click.Choice(ALL_METHODS))
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(list(METHODS)))
 @click.option("--target", type=int, multiple=True,
               help="Class index to explain for every image; repeatable (default: each image's top-1).")
 @_target_options
@@ -263,8 +265,6 @@ def explain(model, images, outdir, recursive, list_file, method, target, provide
             heatmap_format, alpha, colormap, workers, rows_per_part, resume, verbose, ray_address, actors, **targeting):
     """Explain images (files, folders, a list): overlays, heatmaps and/or a Parquet table in OUTPUT, with a
     record of finished images (record.jsonl) that --resume continues from, and predictions.json."""
-    from .pipeline import Listing, Outputs
-
     if not images and not list_file:
         raise Failed("no images given: name files or folders, or --from-list FILE")
     sources = Listing(images, recursive, list_file)
@@ -359,7 +359,7 @@ def _explain_on_ray(model, sources, outdir: Path, outputs, address: str, actors:
 
 @main.command()
 @click.option("-o", "--output", "outdir", default="onnxcam-demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--method", default="gradcam", show_default=True, type=click.Choice(ALL_METHODS))
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(list(METHODS)))
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 def demo(outdir, method, provider):
     """Explain bundled photos with a pretrained EfficientNet-Lite0 (exported once, then cached)."""
@@ -408,7 +408,7 @@ def serve(model, host, port, name, provider, max_batch, max_wait_ms, queue_size,
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--method", default="gradcam", show_default=True, type=click.Choice(ALL_METHODS))
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(list(METHODS)))
 @click.option("--boxes", type=click.Path(dir_okay=False),
               help="JSON: image file name -> [x0, y0, x1, y1] of the object, in image pixels (adds the pointing game).")
 @click.option("--steps", default=32, show_default=True, type=click.IntRange(min=2), help="Deletion/insertion steps.")
@@ -421,8 +421,6 @@ def evaluate(model, images, method, boxes, steps, tolerance, provider, with_road
     pointing game. Prints a JSON report."""
     import json
 
-    from .evaluation import evaluate as run_evaluation
-    from .files import read_image
 
     try:
         explainer = Explainer(model, provider=provider)
@@ -451,7 +449,7 @@ def evaluate(model, images, method, boxes, steps, tolerance, provider, with_road
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--batch-size", "batches", multiple=True, type=click.IntRange(min=1), default=(1, 8), show_default=True)
-@click.option("--method", "methods", multiple=True, type=click.Choice(ALL_METHODS), default=("gradcam",),
+@click.option("--method", "methods", multiple=True, type=click.Choice(list(METHODS)), default=("gradcam",),
               show_default=True)
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: all cores).")
@@ -460,8 +458,6 @@ def bench(model, batches, methods, provider, threads, repeats):
     """Time explanations against inference on one session: the floor is the same session asked for
     the scores only; each method is a whole explain() call (session run and numpy core)."""
     import numpy as np
-
-    from .timing import interleaved
 
     try:
         explainer = Explainer(model, provider=provider, threads=threads)

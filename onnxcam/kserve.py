@@ -18,9 +18,10 @@ import asyncio
 import kserve
 from kserve.errors import InvalidInput
 
-from .errors import OnnxcamError
-from .explainer import ALL_METHODS, Explainer
-from .files import MAX_PIXELS, decode_image
+from .core.errors import OnnxcamError
+from .core.files import MAX_PIXELS, decode_image
+from .explainer import Explainer
+from .methods import METHODS
 from .serving import protocol
 
 
@@ -46,8 +47,8 @@ class ExplainerModel(kserve.Model):
         try:
             asked = protocol.parse_v1(payload, explainer.spec)
             method = asked.method or "gradcam"
-            if explain and method not in ALL_METHODS:
-                raise InvalidInput(f"unknown method '{method}'; choose from {', '.join(ALL_METHODS)}")
+            if explain and method not in METHODS:
+                raise InvalidInput(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
             batch, sizes = asked.batch, None
             if batch is None:
                 images = [decode_image(data, f"instance {i}", self.max_pixels) for i, data in enumerate(asked.images)]

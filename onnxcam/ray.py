@@ -20,9 +20,13 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from .errors import ImageError
-from .files import decode_image
-from .pipeline import TABLE, Source, Summary, _map_entries, _table_schema, maps_per_image, uint8_map
+from .core.errors import ImageError
+from .core.files import decode_image
+from .explainer import Explainer
+from .jobs import TABLE, Source, Summary
+from .jobs.entries import map_entries
+from .jobs.outputs import uint8_map
+from .jobs.table import table_schema
 
 
 class ExplainActor:
@@ -31,8 +35,6 @@ class ExplainActor:
     def __init__(self, model: bytes, provider: str, threads: int | None, method: str, target: int | None):
         import pyarrow as pa
 
-        from .explainer import Explainer
-
         with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False) as handle:
             handle.write(model)
         try:
@@ -40,7 +42,7 @@ class ExplainActor:
         finally:
             os.unlink(handle.name)
         self.method, self.target, self.pa = method, target, pa
-        self.schema = _table_schema(pa, self.explainer.spec.input_size).append(pa.field("error", pa.string()))
+        self.schema = table_schema(pa, self.explainer.spec.input_size).append(pa.field("error", pa.string()))
 
     def __call__(self, batch: dict[str, np.ndarray]):
         spec, images, failed = self.explainer.spec, [], []
@@ -54,8 +56,8 @@ class ExplainActor:
             explanation = self.explainer.explain([image for _, image in images], method=self.method,
                                                  targets=self.target)
             tops = explanation.top_k(5, self.explainer.labels)
-            for i, ((path, _), indices) in enumerate(zip(images, maps_per_image(explanation), strict=True)):
-                for entry, m in zip(_map_entries(explanation, i, indices, spec.labels), indices, strict=True):
+            for i, ((path, _), indices) in enumerate(zip(images, explanation.maps_per_image(), strict=True)):
+                for entry, m in zip(map_entries(explanation, i, indices, spec.labels), indices, strict=True):
                     levels = uint8_map(explanation.heatmaps[m])
                     row = {"path": path, "method": self.method, "class": entry["target"], "label": entry["label"],
                            "score": entry["score"], "top5": tops[i], "heatmap": levels.tobytes(),
@@ -112,8 +114,6 @@ def _as_uri(path: str) -> str:
 
 def _check_model(model) -> None:
     """Load the model here once, so that a wrong file fails in one line before any actor starts."""
-    from .explainer import Explainer
-
     Explainer(model, provider="cpu", threads=1)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .errors import ExplainError
+from .core.errors import ExplainError
 
 DETECTION_LAYOUTS = ("yolov5", "yolov8", "nms")
 

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .contract import METADATA_KEY, ExplainSpec
-from .core import METHODS, heatmaps
+from .core import heatmaps
+from .core.contract import METADATA_KEY, ExplainSpec
+from .core.errors import ExplainError, ExportError
 from .core.layouts import to_grid
-from .errors import ExplainError, ExportError
-from .explainer import Explanation
+from .explanation import Explanation
+from .methods import METHODS, Method
 
 TRITON_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64",
                 onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT16: "TYPE_FP16",
@@ -97,13 +98,19 @@ def write_repository(model_path, repository, *, name: str | None = None, max_bat
     return folder
 
 
+def served(method: str) -> Method:
+    """A method Triton's outputs serve: one whose maps come from the target layers' tensors of one run."""
+    choices = [name for name, declared in METHODS.items() if declared.formula is not None]
+    if method not in choices:
+        raise ExplainError(f"method '{method}' is not available through Triton; choose from {', '.join(choices)}")
+    return METHODS[method]
+
+
 def explanation_from_outputs(spec: ExplainSpec, method: str, outputs: dict[str, np.ndarray]) -> Explanation:
     """Heatmaps from the outputs of an explainable file's run (Triton's answer), as `Explainer` computes them."""
-    if method not in METHODS:
-        raise ExplainError(f"method '{method}' is not available through Triton; choose from {', '.join(METHODS)}")
-    compute, needs_gradients = METHODS[method]
-    gradients = spec.gradients if needs_gradients else [None] * len(spec.activations)
-    maps = [compute(to_grid(outputs[a], layout), None if g is None else to_grid(outputs[g], layout))
+    compute = served(method)
+    gradients = spec.gradients if compute.gradients else [None] * len(spec.activations)
+    maps = [compute.formula(to_grid(outputs[a], layout), None if g is None else to_grid(outputs[g], layout))
             for a, g, layout in zip(spec.activations, gradients, spec.layouts, strict=True)]
     scores = outputs[spec.scores]
     return Explanation(heatmaps(maps, spec.input_size), scores.reshape(len(scores), -1),
@@ -126,13 +133,12 @@ class TritonExplainer:
         spec, count = self.spec, len(batch)
         classes = np.full(count, -1, np.int64) if targets is None else np.broadcast_to(
             np.asarray(targets, np.int64).reshape(-1), (count,)).copy()
-        if method not in METHODS:
-            raise ExplainError(f"method '{method}' is not available through Triton; choose from {', '.join(METHODS)}")
+        compute = served(method)
         inputs = [self.http.InferInput(spec.input, list(batch.shape), "FP32"),
                   self.http.InferInput(spec.class_input, [count, 1], "INT64")]
         inputs[0].set_data_from_numpy(np.ascontiguousarray(batch, np.float32))
         inputs[1].set_data_from_numpy(classes.reshape(count, 1))
-        names = [spec.scores, spec.selected, *spec.activations, *(spec.gradients if METHODS[method][1] else [])]
+        names = [spec.scores, spec.selected, *spec.activations, *(spec.gradients if compute.gradients else [])]
         result = self.client.infer(self.name, inputs, outputs=[self.http.InferRequestedOutput(n) for n in names])
         return explanation_from_outputs(spec, method, {n: result.as_numpy(n) for n in names})
 

@@ -1,6 +1,6 @@
 """Sessions, providers, I/O binding and bundles: running explainable files on ONNX Runtime."""
 
-from ..errors import ProviderError
+from ..core.errors import ProviderError
 from .bundle import Bundle
 from .session import create_session
 

@@ -36,6 +36,11 @@ def as_ortvalue(value) -> ort.OrtValue:
     raise TypeError(f"cannot bind a {type(value).__name__}: give a numpy array, an OrtValue or a DLPack tensor")
 
 
+def host_array(batch) -> np.ndarray:
+    """The batch as a host array (OrtValues and device tensors are copied once)."""
+    return batch if isinstance(batch, np.ndarray) else np.ascontiguousarray(batch.numpy())
+
+
 def shape_of(value: np.ndarray | ort.OrtValue) -> tuple[int, ...]:
     return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..contract import BYTES_INPUT, CLASS_INPUT, HEATMAP_OUTPUT, ExplainSpec
+from ..core.contract import BYTES_INPUT, CLASS_INPUT, HEATMAP_OUTPUT, ExplainSpec
 from .session import create_session
 
 

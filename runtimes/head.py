@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..contract import ExplainSpec
-from ..errors import ExplainError, ExportError
+from ..core.contract import ExplainSpec
+from ..core.errors import ExplainError, ExportError
 from ..exporters.head import SEED_INPUT, build_head, exposed_sources
 from .binding import BoundRunner
 from .session import sibling_session
@@ -19,20 +19,12 @@ from .session import sibling_session
 class HeadRunner:
     """One session per output explained: the nodes between the targets and that output, and their backward pass."""
 
-    def __init__(self, path, session: ort.InferenceSession, spec: ExplainSpec):
-        self.path, self.session, self.spec = path, session, spec
-        self._model: onnx.ModelProto | None = None
+    def __init__(self, model: onnx.ModelProto, session: ort.InferenceSession, spec: ExplainSpec):
+        self.model, self.session, self.spec = model, session, spec
         self._runners: dict[str, BoundRunner] = {}
         self._building = threading.Lock()  # a server's threads may ask for the same head at once
-        self.inputs: list[str] = []
-        self.cuts: list[str] = []
-
-    def _load(self) -> onnx.ModelProto:
-        if self._model is None:
-            self._model = onnx.load(str(self.path))
-            self.inputs = exposed_sources(self._model, self.spec.activations)
-            self.cuts = exposed_sources(self._model, self.spec.cuts)
-        return self._model
+        self.inputs = exposed_sources(model, spec.activations)
+        self.cuts = exposed_sources(model, spec.cuts)
 
     def runner(self, output: str) -> BoundRunner:
         """The head session for `output`, built on first use."""
@@ -42,9 +34,8 @@ class HeadRunner:
         return self._runners[output]
 
     def _build(self, output: str) -> BoundRunner:
-        model = self._load()
         try:
-            head = build_head(model, self.inputs, self.cuts, output)
+            head = build_head(self.model, self.inputs, self.cuts, output)
         except ExportError as error:
             raise ExplainError(f"cannot explain output '{output}': {error.message}") from None
         del head.graph.value_info[:]  # the forward graph's sizes name its batch; the head's batch is the maps

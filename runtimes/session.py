@@ -13,7 +13,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NoKernel
 
-from ..errors import ProviderError
+from ..core.errors import ProviderError
 from ..exporters.precision import float32_edges, float32_twin, has_bfloat16
 
 log = logging.getLogger("onnxcam")

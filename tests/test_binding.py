@@ -76,7 +76,7 @@ def test_sizes_shape_inference_cannot_tell_are_measured(tmp_path):
         x = rng.standard_normal((batch, 3, 8, 8)).astype(np.float32)
         feeds = {"x": x, "onnxcam_class": np.full(batch, -1, np.int64)}
         names = [spec.scores, *spec.activations, *spec.gradients]
-        for got, expected in zip(explainer.runner.run(names, feeds), explainer.session.run(names, feeds)):
+        for got, expected in zip(explainer.model.runner.run(names, feeds), explainer.session.run(names, feeds)):
             np.testing.assert_array_equal(got, expected)
         assert explainer.explain(x).heatmaps.shape == (batch, 8, 8)
 

@@ -9,8 +9,8 @@ import pytest
 from conftest import random_images, run_cli
 
 import onnxcam
+from onnxcam.core.files import decode_image, encode_png
 from onnxcam.exporters import export_torch
-from onnxcam.files import decode_image, encode_png
 from onnxcam.runtimes import Bundle, create_session
 from onnxcam.testing.zoo_transformers import swin, vit
 

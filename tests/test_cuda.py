@@ -30,7 +30,7 @@ def _batch(count=3):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_cuda_explanations_equal_the_cpu_ones(cuda_explainer, small_onnx, method):
-    assert cuda_explainer.runner.device == "cuda"
+    assert cuda_explainer.model.runner.device == "cuda"
     cpu = onnxcam.Explainer(small_onnx, provider="cpu").explain(_batch(), method, targets=[0, 3, -1])
     gpu = cuda_explainer.explain(_batch(), method, targets=[0, 3, -1])
     np.testing.assert_array_equal(gpu.targets, cpu.targets)
@@ -63,6 +63,6 @@ def test_a_bfloat16_file_gets_the_cpu_explanations_on_cuda(cuda_explainer, tmp_p
     onnxcam.exporters.export_onnx(FOREIGN / "vit_bf16_dynamo.onnx", tmp_path / "vit.onnx")
     images = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(3)]
     gpu = onnxcam.Explainer(tmp_path / "vit.onnx", provider="cuda")
-    assert gpu.runner.device == "cuda"
+    assert gpu.model.runner.device == "cuda"
     cpu = onnxcam.Explainer(tmp_path / "vit.onnx", provider="cpu").explain(images)
     np.testing.assert_allclose(gpu.explain(images).heatmaps, cpu.heatmaps, atol=3e-2)

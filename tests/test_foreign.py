@@ -47,7 +47,7 @@ def test_foreign_file_is_explained(entry, tmp_path):
     assert np.isfinite(result.heatmaps).all()
 
     batch = explainer.prepare(images)
-    _, selected, activation, gradient = explainer.runner.run(
+    _, selected, activation, gradient = explainer.model.runner.run(
         [spec.scores, spec.selected, spec.activations[0], spec.gradients[0]],
         {spec.input: batch, spec.class_input: np.full(BATCH, -1, np.int64)})
     assert np.abs(gradient).max() > 0

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onnxcam.errors import ImageError
-from onnxcam.files import decode_image, probe
+from onnxcam.core.errors import ImageError
+from onnxcam.core.files import decode_image, probe
 
 FORMATS = (".png", ".jpg", ".bmp", ".webp", ".gif", ".tiff")
 MAX_PIXELS = 64 * 64  # the seeds are 24 x 20: a mutated header claiming more is refused before decoding

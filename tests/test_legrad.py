@@ -18,7 +18,6 @@ from onnxcam.cli import Failed
 from onnxcam.core import heatmaps
 from onnxcam.core.rollout import legrad
 from onnxcam.exporters import ExportError, export_onnx, export_torch
-from onnxcam.strategies import capabilities
 from onnxcam.testing.zoo_transformers import deit
 
 BATCH = 3  # the export traces at 2
@@ -183,8 +182,8 @@ def test_legrad_is_refused_without_the_export_option(exported):
         explainer.explain(_inputs().numpy(), method="legrad")
     assert caught.value.option == "legrad" and "\n" not in str(caught.value)
     assert "--legrad" in Failed.of(caught.value).message
-    assert "LeGrad" in capabilities(explainer)["legrad"]
-    assert capabilities(onnxcam.Explainer(exported / "torch.onnx", provider="cpu"))["legrad"] is None
+    assert "LeGrad" in explainer.capabilities()["legrad"]
+    assert onnxcam.Explainer(exported / "torch.onnx", provider="cpu").capabilities()["legrad"] is None
 
 
 def test_models_legrad_cannot_explain_are_refused_in_one_line(tmp_path):

@@ -89,7 +89,7 @@ def test_cam_refuses_a_head_that_is_not_pooling_then_linear(tmp_path):
     explainer = onnxcam.Explainer(path, provider="cpu")
     with pytest.raises(onnxcam.ExplainError, match="cam needs global average pooling"):
         explainer.explain(X.numpy(), method="cam")
-    assert onnxcam.strategies.capabilities(explainer)["cam"].startswith("cam needs")
+    assert explainer.capabilities()["cam"].startswith("cam needs")
 
 
 def _fem_reference(A: torch.Tensor, k: float = 2.0) -> torch.Tensor:
@@ -207,12 +207,12 @@ def test_aug_smooth_averages_six_augmented_maps_from_one_run(plain, model):
             heat = _post(torch.relu(_reference_gradcam(model, x, classes=[-1, -1, -1])[0].sum(1)))
             maps.append(heat[..., ::-1] if flip else heat)
     runs = []
-    original = plain.runner.run
-    plain.runner.run = lambda names, feeds: runs.append(len(feeds[plain.spec.input])) or original(names, feeds)
+    original = plain.model.runner.run
+    plain.model.runner.run = lambda names, feeds: runs.append(len(feeds[plain.spec.input])) or original(names, feeds)
     try:
         result = plain.explain(X.numpy(), method="gradcam", aug_smooth=True)
     finally:
-        plain.runner.run = original
+        plain.model.runner.run = original
     assert runs == [18]  # one session run of the 6 x 3 copies
     np.testing.assert_allclose(result.heatmaps, np.mean(maps, axis=0), atol=2e-4)
 
@@ -299,7 +299,7 @@ def test_input_gradient_methods_refuse_files_without_them(plain):
         with pytest.raises(onnxcam.ExplainError, match="exported on request") as caught:
             plain.explain(X.numpy(), method=method)
         assert caught.value.option == "input_gradients"
-    reasons = onnxcam.strategies.capabilities(plain)
+    reasons = plain.capabilities()
     assert reasons["gradcam"] is None and reasons["cam"] is None and "input gradients" in reasons["saliency"]
 
 
@@ -329,7 +329,7 @@ def test_unknown_options_are_refused(plain):
         plain.explain(X.numpy(), method="scorecam", steps=3)
     with pytest.raises(onnxcam.ExplainError, match="aug_smooth applies to the single-run CAMs"):
         plain.explain(X.numpy(), method="scorecam", aug_smooth=True)
-    with pytest.raises(onnxcam.ExplainError, match="apply to the CAMs, not to rollout"):
+    with pytest.raises(onnxcam.ExplainError, match="eigen_smooth applies to the CAMs .*, not to rollout"):
         plain.explain(X.numpy(), method="rollout", eigen_smooth=True)
 
 
@@ -448,7 +448,7 @@ def test_cli_offers_the_family_and_refuses_in_one_line(tmp_path, plain):
 
     image = tmp_path / "image.png"
     cv2.imwrite(str(image), random_images(1)[0])
-    model = plain.head.path
+    model = plain.model.path
     done = run_cli("explain", model, image, "-o", tmp_path / "out", "--method", "cam")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "predictions.json").exists()

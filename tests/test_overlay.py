@@ -44,7 +44,7 @@ def test_upsampled_colours_follow_the_float_path(colormap):
 
 
 def test_overlay_of_8_bit_levels_is_the_overlay_of_the_map():
-    from onnxcam.pipeline import uint8_map
+    from onnxcam.jobs.outputs import uint8_map
 
     rng = np.random.default_rng(3)
     image, heatmap = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8), rng.random((10, 10)).astype(np.float32)
@@ -77,18 +77,19 @@ def test_upsample_matches_opencv_bilinear():
 
 @pytest.mark.parametrize("encoder", ["fpng", "opencv"])
 def test_png_overlays_are_lossless_whichever_encoder_writes_them(encoder, monkeypatch):
-    import onnxcam.files
+    import onnxcam.core.files
 
     if encoder == "fpng":
         pytest.importorskip("fpng")
     else:
-        monkeypatch.setattr(onnxcam.files, "fpng", None)
+        monkeypatch.setattr(onnxcam.core.files, "fpng", None)
     image = overlay(np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8), np.eye(7))
-    decoded = cv2.imdecode(np.frombuffer(onnxcam.files.encode_image(image, "png"), np.uint8), cv2.IMREAD_COLOR)
+    decoded = cv2.imdecode(np.frombuffer(onnxcam.core.files.encode_image(image, "png"), np.uint8), cv2.IMREAD_COLOR)
     np.testing.assert_array_equal(decoded[..., ::-1], image)
     grey = np.repeat(np.arange(12, dtype=np.uint8).reshape(3, 4, 1), 3, axis=2)
-    assert cv2.imdecode(np.frombuffer(onnxcam.files.encode_png(grey), np.uint8), cv2.IMREAD_COLOR).shape == (3, 4, 3)
+    encoded = np.frombuffer(onnxcam.core.files.encode_png(grey), np.uint8)
+    assert cv2.imdecode(encoded, cv2.IMREAD_COLOR).shape == (3, 4, 3)
     red = np.zeros((16, 24, 3), np.uint8)
     red[..., 0] = 255
-    jpeg = cv2.imdecode(np.frombuffer(onnxcam.files.encode_image(red, "jpeg"), np.uint8), cv2.IMREAD_COLOR)
+    jpeg = cv2.imdecode(np.frombuffer(onnxcam.core.files.encode_image(red, "jpeg"), np.uint8), cv2.IMREAD_COLOR)
     assert jpeg.shape == red.shape and jpeg[..., 2].min() > 240 and jpeg[..., 0].max() < 15  # BGR on disk: red

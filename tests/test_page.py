@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import random_images
 
-from onnxcam.files import encode_png
+from onnxcam.core.files import encode_png
 from onnxcam.serving import create_app, serving
 
 CHROMIUM = "/usr/bin/chromium"
@@ -107,9 +107,8 @@ def test_top_classes_are_items_to_click_and_to_reach_by_keyboard(page, photo):
 
 def test_every_method_the_file_supports_in_a_comparison_grid(page, photo, small_onnx):
     from onnxcam import Explainer
-    from onnxcam.strategies import capabilities
 
-    supported = [m for m, reason in capabilities(Explainer(small_onnx, provider="cpu")).items() if reason is None]
+    supported = [m for m, reason in Explainer(small_onnx, provider="cpu").capabilities().items() if reason is None]
     page.set_input_files("#file", str(photo))
     page.wait_for_selector("#overlay[data-drawn]")
     page.keyboard.press("c")

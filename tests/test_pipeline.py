@@ -18,9 +18,10 @@ import pytest
 from conftest import random_images
 
 from onnxcam import Explainer
-from onnxcam.errors import ExplainError
-from onnxcam.files import read_image
-from onnxcam.pipeline import RECORD, Listing, Outputs, Record, explain_files, iter_sources, uint8_map
+from onnxcam.core.errors import ExplainError
+from onnxcam.core.files import read_image
+from onnxcam.jobs import RECORD, Listing, Outputs, Record, explain_files, iter_sources
+from onnxcam.jobs.outputs import uint8_map
 
 pq = pytest.importorskip("pyarrow.parquet")
 

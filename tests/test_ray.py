@@ -18,8 +18,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 from test_pipeline import _write_images  # noqa: E402
 
 from onnxcam import Explainer  # noqa: E402
-from onnxcam.files import read_image  # noqa: E402
-from onnxcam.pipeline import uint8_map  # noqa: E402
+from onnxcam.core.files import read_image  # noqa: E402
+from onnxcam.jobs.outputs import uint8_map  # noqa: E402
 
 IMAGES = 900  # seconds of work once both actors start (300 left 0.74 s): the kill, 0.3 s in, lands mid-job
 

@@ -168,7 +168,7 @@ def test_a_target_before_a_bidirectional_lstm_gets_the_finite_difference_gradien
                        input_size=size if len(dynamic) > 1 else None)
     explainer = onnxcam.Explainer(tmp_path / "explainable.onnx", provider="cpu")
     images = np.random.default_rng(3).standard_normal((BATCH, 3, *size)).astype(np.float32)
-    _, selected, activation, gradient = explainer.runner.run(
+    _, selected, activation, gradient = explainer.model.runner.run(
         [spec.scores, spec.selected, spec.activations[0], spec.gradients[0]],
         {spec.input: images, spec.class_input: np.full(BATCH, -1, np.int64)})
     assert activation.shape == (BATCH, 8, size[0] // 4, size[1] // 4) and np.abs(gradient).max() > 0

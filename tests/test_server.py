@@ -12,7 +12,7 @@ import pytest
 from conftest import random_images
 
 import onnxcam
-from onnxcam.files import encode_png
+from onnxcam.core.files import encode_png
 from onnxcam.serving import create_app, serving
 
 

@@ -21,7 +21,7 @@ import pytest
 from conftest import random_images
 
 import onnxcam
-from onnxcam.files import decode_image, encode_png
+from onnxcam.core.files import decode_image, encode_png
 from onnxcam.serving import create_app, serving
 
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import random_images
 
 import onnxcam
-from onnxcam.files import decode_image, encode_png
+from onnxcam.core.files import decode_image, encode_png
 from onnxcam.serving import create_app, serving
 from onnxcam.targets import Classes, Detection
 
@@ -195,7 +195,7 @@ def test_the_batcher_splits_maps_by_image_and_a_bad_target_spares_its_neighbours
 
     from prometheus_client import CollectorRegistry, Histogram
 
-    from onnxcam.errors import ExplainError
+    from onnxcam.core.errors import ExplainError
     from onnxcam.serving.batcher import MicroBatcher
 
     registry = CollectorRegistry()

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import onnxcam
-from onnxcam.errors import ExplainError
+from onnxcam.core.errors import ExplainError
 from onnxcam.exporters import export_onnx
 from onnxcam.targets import Classes, Contrast, Detection, Segmentation, Similarity
 
@@ -283,12 +283,12 @@ def test_head_gradient_matches_finite_differences(head, tmp_path):
     x = np.random.default_rng(8).standard_normal((BATCH, 3, 6, 6)).astype(np.float32)
     target = Segmentation(1) if head == "segment" else Detection(score_threshold=0.0, max_detections=2)
     spec = explainer.spec
-    output, feat = explainer.runner.run([spec.scores, *spec.activations], {spec.input: x, spec.class_input:
+    output, feat = explainer.model.runner.run([spec.scores, *spec.activations], {spec.input: x, spec.class_input:
                                                                           np.full(BATCH, -1, np.int64)})
     picks = [(i, p) for i in range(BATCH) for p in target.picks(output[i])]
     index = np.array([i for i, _ in picks])
     seeds = np.stack([p.seed for _, p in picks])
-    (gradient,) = explainer.head.gradients(spec.scores, [feat], [], index, seeds)
+    (gradient,) = explainer.model.head.gradients(spec.scores, [feat], [], index, seeds)
     tail = onnx.load(str(plain))  # the nodes after the target, run on a perturbed target
     tail.graph.ClearField("input")
     tail.graph.input.append(helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["N", 5, 6, 6]))
@@ -365,7 +365,7 @@ def test_annotations_draw_the_box_label_and_mask_outline():
 def test_cli_several_targets_and_a_bad_task(small_onnx, tmp_path):
     from conftest import random_images, run_cli
 
-    from onnxcam.files import write_png
+    from onnxcam.core.files import write_png
 
     picture = tmp_path / "picture.png"
     write_png(picture, random_images(1)[0])

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxcam
-from onnxcam.contract import ExplainSpec
+from onnxcam.core.contract import ExplainSpec
 from onnxcam.triton import explanation_from_outputs, write_repository
 
 

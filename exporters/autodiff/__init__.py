@@ -6,10 +6,10 @@
 - `walk`: the reverse walk from the score to the targets, which holds every rule to its contract.
 """
 
-from .graph import GraphBuilder, Node, Value
+from .graph import GraphBuilder, Node, Value, needed_nodes
 from .quantized import QUANTIZED_RULES, expose_dequantized
 from .rules import NON_DIFFERENTIABLE, RULES
 from .walk import append_gradients, prune
 
 __all__ = ["NON_DIFFERENTIABLE", "QUANTIZED_RULES", "RULES", "GraphBuilder", "Node", "Value", "append_gradients",
-           "expose_dequantized", "prune"]
+           "expose_dequantized", "needed_nodes", "prune"]

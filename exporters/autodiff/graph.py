@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import defs, helper, numpy_helper
 
-from ...errors import ExportError
+from ...core.errors import ExportError
 
 INT64_MAX = np.iinfo(np.int64).max
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -26,6 +26,16 @@ Dims = list[int | None]
 _TYPE_FROM_INPUT = {"Where": 1, "OneHot": 2}  # the input whose element type the output takes, where not the first
 _BOOLEAN_OPS = {"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "And", "Or", "Not", "Xor", "IsNaN",
                 "IsInf"}
+
+
+def needed_nodes(nodes, outputs) -> tuple[list, set[str]]:
+    """The nodes that feed `outputs` (in graph order) and every name they read or write: one backward sweep."""
+    needed, kept = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    return kept[::-1], needed
 
 
 class Value:

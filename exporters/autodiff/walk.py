@@ -12,8 +12,8 @@ from collections import defaultdict
 
 import onnx
 
-from ...errors import ExportError, UnsupportedOperator
-from .graph import GraphBuilder, Node, Value
+from ...core.errors import ExportError, UnsupportedOperator
+from .graph import GraphBuilder, Node, Value, needed_nodes
 from .quantized import CODE_PRODUCERS, CONSTANT_OUTPUTS, QUANTIZED_RULES
 from .rules import MULTI_OUTPUT, NON_DIFFERENTIABLE, RULES
 
@@ -32,10 +32,7 @@ def append_gradients(model: onnx.ModelProto, targets: list[str], score: str, see
     for target in targets:
         if score not in _depends_on(nodes, [target], builder):
             raise ExportError(f"output '{score}' does not depend on target '{target}'")
-    feeds_score = {score}
-    for node in reversed(nodes):
-        if any(o in feeds_score for o in node.output):
-            feeds_score.update(node.input)
+    _, feeds_score = needed_nodes(nodes, [score])
 
     grads: dict[str, list[Value]] = defaultdict(list)
     grads[score].append(seed)
@@ -89,11 +86,5 @@ def _total(builder: GraphBuilder, parts: list[Value] | None) -> Value | None:
 
 def prune(builder: GraphBuilder, outputs: list[str]) -> None:
     """Drop the emitted nodes and constants that feed none of `outputs`."""
-    live = set(outputs)
-    kept = []
-    for node in reversed(builder.nodes):
-        if any(o in live for o in node.output):
-            kept.append(node)
-            live.update(node.input)
-    builder.nodes = kept[::-1]
+    builder.nodes, live = needed_nodes(builder.nodes, outputs)
     builder.initializers = [t for t in builder.initializers if t.name in live]

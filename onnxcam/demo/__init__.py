@@ -10,10 +10,10 @@ from pathlib import Path
 import skimage.data
 
 from .. import __version__
+from ..core.files import write_png
 from ..explainer import Explainer
 from ..exporters import export_torch
-from ..files import write_png
-from ..pipeline import Summary, explain_files
+from ..jobs import Summary, explain_files
 from .efficientnet_lite import efficientnet_lite0_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,7 +55,7 @@ def demo_photos(cache: Path) -> list[Path]:
 
 
 def run_demo(outdir: Path, method: str = "gradcam", provider: str = "auto", **reporting) -> Summary:
-    """Explain the photos into `outdir`; `reporting` (report, complain) as in pipeline.explain_files."""
+    """Explain the photos into `outdir`; `reporting` (report, complain) as in jobs.explain_files."""
     cache = cache_dir()
     explainer = Explainer(demo_model(cache), provider=provider)
     return explain_files(explainer, demo_photos(cache), outdir, method=method, **reporting)

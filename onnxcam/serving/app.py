@@ -20,8 +20,8 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from ..core.files import MAX_PIXELS
 from ..explainer import Explainer
-from ..files import MAX_PIXELS
 from .batcher import MicroBatcher
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, Metrics, MetricsMiddleware, TimeoutMiddleware
 from .routes import EXCEPTION_HANDLERS, Service

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Histogram
 
-from ..errors import OnnxcamError
-from ..explainer import Explainer, Explanation
+from ..core.errors import OnnxcamError
+from ..explainer import Explainer
+from ..explanation import Explanation
 from ..targets import fixed_classes
 from .protocol import HTTPError
 

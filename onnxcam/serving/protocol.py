@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..contract import ExplainSpec
 from ..core import top_classes
-from ..explainer import Explanation
+from ..core.contract import ExplainSpec
+from ..explanation import Explanation
 from ..targets import Target, from_options
 
 MAX_IMAGES = 256  # per request: a claimed batch beyond this is refused before anything is read
@@ -165,14 +165,9 @@ def checked_targets(parameters: Mapping, explainer, count: int):
 
 
 def in_image_pixels(result: Explanation, sizes: list[tuple[int, int]] | None, input_size) -> Explanation:
-    """`result` with its boxes in the pixels of each image as sent (height, width in `sizes`): the model saw them
-    resized to `input_size`. Tensors (sizes None) were sent at the model's size already."""
-    if result.boxes is None or sizes is None:
-        return result
-    height, width = input_size
-    scales = np.array([[w / width, h / height] * 2 for h, w in sizes], dtype=np.float32).reshape(-1, 4)
-    return Explanation(result.heatmaps, result.logits, result.targets, result.method, result.image_index,
-                       result.scores, result.boxes * scales[result.image_index], result.masks, result.attributions)
+    """`result` with its boxes in the pixels of each image as sent (height, width in `sizes`); tensors (sizes None)
+    were sent at the model's size already."""
+    return result if sizes is None else result.in_image_pixels(sizes, input_size)
 
 
 def label_of(target: int, labels: list[str] | None) -> str | None:

@@ -16,11 +16,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ..core import COLORMAPS, overlay, top_classes
+from ..core.errors import OnnxcamError
+from ..core.files import decode_image, encode_png
 from ..core.images import annotate
-from ..errors import OnnxcamError
-from ..explainer import ALL_METHODS, Explainer, Explanation
-from ..files import decode_image, encode_png
-from ..strategies import capabilities
+from ..explainer import Explainer
+from ..explanation import Explanation
+from ..methods import METHODS
 from . import protocol
 from .batcher import MicroBatcher
 from .middleware import Metrics
@@ -36,7 +37,7 @@ class Service:
         self.batcher, self.metrics = batcher, metrics
         self.max_body, self.max_pixels = max_body, max_pixels
         self.draining = False  # set on SIGTERM: readiness turns false while accepted requests are answered
-        reasons = capabilities(explainer)  # per method: None where this file supports it, else why not
+        reasons = explainer.capabilities()  # per method: None where this file supports it, else why not
         self.methods = [method for method, reason in reasons.items() if reason is None]
         unavailable = {method: reason for method, reason in reasons.items() if reason is not None}
         self.task = task_of(explainer)
@@ -67,8 +68,8 @@ class Service:
 
     def method_of(self, value) -> str:
         method = value or "gradcam"
-        if method not in ALL_METHODS:
-            raise HTTPError(400, f"unknown method '{method}'; choose from {', '.join(ALL_METHODS)}")
+        if method not in METHODS:
+            raise HTTPError(400, f"unknown method '{method}'; choose from {', '.join(METHODS)}")
         return method
 
     async def json_of(self, request: Request):
@@ -102,7 +103,7 @@ class Service:
 
     async def metadata(self, request: Request) -> Response:
         self.model_or_404(request)
-        return JSONResponse(protocol.v2_metadata(self.name, self.spec, list(ALL_METHODS)))
+        return JSONResponse(protocol.v2_metadata(self.name, self.spec, list(METHODS)))
 
     async def metrics_route(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,5 +1,6 @@
-"""Reading the head of an explainable file for the methods that need it whole: CAM's linear-layer weights, and
-the forward head (target activations to scores) that Ablation-CAM runs on its ablated copies."""
+"""Reading the head of an explainable file for the methods that need it whole: CAM's linear-layer weights, the
+forward head (target activations to scores) that Ablation-CAM runs on its ablated copies, and the forward part
+(image to scores) that the perturbation methods run. Each takes the file's model, read once (runtimes.explainable)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from ..contract import ExplainSpec
-from ..errors import ExplainError
-from ..runtimes.session import sibling_session
-from .head import exposed_sources, slice_head
+from ..core.contract import ExplainSpec
+from ..core.errors import ExplainError
+from ..exporters.autodiff import needed_nodes
+from ..exporters.head import exposed_sources, slice_head
+from .session import sibling_session
 
 PASS_THROUGH = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze")
 
@@ -61,7 +63,7 @@ def _is_global_average(model: onnx.ModelProto, node: onnx.NodeProto, producers: 
     return sorted(a % 4 for a in axes) == [2, 3]
 
 
-def read_linear_head(path, spec: ExplainSpec) -> np.ndarray:
+def read_linear_head(model: onnx.ModelProto, spec: ExplainSpec) -> np.ndarray:
     """num_classes x K: the rows of the linear layer after global average pooling of the target layer.
 
     The nodes between the target and the scores must be global average pooling (GlobalAveragePool or ReduceMean
@@ -69,7 +71,6 @@ def read_linear_head(path, spec: ExplainSpec) -> np.ndarray:
     """
     if len(spec.activations) != 1 or spec.layouts[0] != "nchw":
         raise ExplainError("cam needs one N x C x H x W target layer followed by global average pooling")
-    model = onnx.load(str(path))
     producers = {output: node for node in model.graph.node for output in node.output}
     target = exposed_sources(model, spec.activations)[0]
     name = spec.scores
@@ -85,10 +86,9 @@ def read_linear_head(path, spec: ExplainSpec) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def forward_head_session(path, spec: ExplainSpec, session: ort.InferenceSession) -> HeadScores:
+def forward_head_session(model: onnx.ModelProto, spec: ExplainSpec, session: ort.InferenceSession) -> HeadScores:
     """A session computing the scores from the target activation and the cuts it reads: the nodes between them
     (exporters.head.slice_head), forward only."""
-    model = onnx.load(str(path))
     targets = exposed_sources(model, spec.activations)
     exposed = {**dict(zip(targets, spec.activations, strict=True)),
                **dict(zip(exposed_sources(model, spec.cuts), spec.cuts, strict=True))}
@@ -128,20 +128,15 @@ class HeadScores:
         return self.session.run([output], {name: exposed[source] for name, source in self.inputs.items()})[0]
 
 
-def forward_model(path, spec: ExplainSpec) -> onnx.ModelProto:
+def forward_model(model: onnx.ModelProto, spec: ExplainSpec) -> onnx.ModelProto:
     """The explainable file cut down to the nodes that compute the scores from the image: no class selection, no
     gradients (the perturbation methods' many runs need the scores only)."""
-    model = onnx.load(str(path))
-    needed, kept = {spec.scores}, []
-    for node in reversed(model.graph.node):
-        if any(output in needed for output in node.output):
-            kept.append(node)
-            needed.update(node.input)
+    kept, needed = needed_nodes(model.graph.node, [spec.scores])
     graph = model.graph
     scores = next(info for info in graph.output if info.name == spec.scores)
     inputs = [info for info in graph.input if info.name in needed and info.name not in
               {t.name for t in graph.initializer}]
-    forward = helper.make_graph(kept[::-1], "onnxcam_scores", inputs, [scores],
+    forward = helper.make_graph(kept, "onnxcam_scores", inputs, [scores],
                                 [t for t in graph.initializer if t.name in needed])
     result = helper.make_model(forward, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     result.functions.extend(model.functions)

@@ -1,0 +1,182 @@
+"""The method registry: every method onnxcam computes is declared once, here or in a module beside this one.
+
+A declaration (`Method`) says what the method needs from the explainable file, its typed options with their
+defaults, the function that runs it (a strategy: from a `Call` to a `Result`), and, for the methods computed
+from one target layer's tensors, the core formula that the maps of target objects reuse. The registry knows no
+method by name: the command line's `--method` choices, the server's method grid, `capabilities()` and the
+documentation's method table all read `METHODS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.errors import ExplainError
+from ..runtimes.explainable import ExplainableModel
+
+
+@dataclass(frozen=True)
+class Need:
+    """Something a method needs from the file besides the scores: why a menu greys the method out, what a call
+    is told, and the export option that provides it."""
+
+    menu: str
+    told: str
+    option: str | None = None
+
+
+# in the order a file is checked (a transformer's attention before its gradients)
+NEEDS = {
+    "input_gradient": Need("needs a file exported with input gradients",
+                           "needs the gradient down to the input image, which costs a backward pass through the "
+                           "whole network and is exported on request", "input_gradients"),
+    "attentions": Need("needs attention probabilities (a transformer)",
+                       "needs attention probabilities, and this model exposes none (export a transformer whose "
+                       "attention modules are named attn_drop, or name them)"),
+    "attention_gradients": Need("needs a file exported with attention gradients",
+                                "needs the attention gradients, which cost a backward pass through every block and "
+                                "are exported on request", "attention_gradients"),
+    "legrad_gradients": Need("needs a file exported with LeGrad's layer-score gradients",
+                             "needs each block's gradient of its layer score, which costs a backward pass per block "
+                             "and is exported on request", "legrad"),
+    "one_layer": Need("explains one target layer; this file has several",
+                      "explains one target layer; this file has several"),
+    "scikit-learn": Need("needs scikit-learn (the family extra)",
+                         "needs scikit-learn: pip install 'onnxcam[family]'"),
+    "linear_head": Need("", ""),  # the file's own reason: linear_head_weights says what its head lacks
+}
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that takes none."""
+
+
+@dataclass
+class Result:
+    """What a strategy returns: B x H x W heatmaps in [0, 1], B x K scores, the class each map explains (B), and
+    the raw B x C x H x W attributions of the input-gradient methods."""
+
+    heatmaps: np.ndarray
+    scores: np.ndarray
+    selected: np.ndarray
+    attributions: np.ndarray | None = None
+
+
+@dataclass
+class Call:
+    """One run of a method: the model's sessions, the batch, the class each image is explained for (-1: its top-1),
+    and the method's options."""
+
+    model: ExplainableModel
+    batch: object  # numpy array, OrtValue or DLPack-bound tensor in the model's layout
+    classes: np.ndarray
+    options: object
+    method: Method
+
+    def again(self, batch, classes: np.ndarray, method: Method | None = None, options=None) -> Result:
+        """The same method (or `method`) run on another batch: how smoothing wrappers compose."""
+        method = method or self.method
+        return method.run(Call(self.model, batch, classes, options if options is not None else self.options,
+                               method))
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method as declared: its name, what it needs, its options, its strategy and, where it has one, its formula.
+
+    - `needs`: keys of NEEDS the file must provide;
+    - `options`: a frozen dataclass whose fields are the options and their defaults;
+    - `run`: the strategy, Call -> Result;
+    - `formula`: the core function (activations, gradients) -> B x h x w map of one layer, for methods whose map
+      is computed from one target layer's tensors: maps of target objects (onnxcam.targets) reuse it;
+    - `terms`: the per-channel terms whose sum over channels is the map before its ReLU (pytorch-grad-cam's
+      weighted activations): the methods that have them take eigen_smooth;
+    - `gradients`: whether the formula reads the gradients;
+    - `augmentable`: whether aug_smooth applies (methods whose batch runs as one);
+    - `objects`: whether it explains target objects (a detection, a segment) and not only classes;
+    - `summary`: one line for tables, with the paper.
+    """
+
+    name: str
+    run: Callable[[Call], Result]
+    summary: str
+    needs: tuple[str, ...] = ()
+    options: type = NoOptions
+    formula: Callable | None = None
+    terms: Callable | None = None
+    gradients: bool = True
+    augmentable: bool = False
+    objects: bool = False  # maps per target object (a detection, a segment): from the formula through the head
+
+    def parse_options(self, given: dict):
+        """The method's options: its defaults overridden by those given; one it does not take is refused."""
+        known = [f.name for f in dataclasses.fields(self.options)]
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ExplainError(f"method {self.name} has no option '{unknown[0]}' (it takes "
+                               f"{', '.join(known) or 'no options'})")
+        return self.options(**given)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def declare(method: Method) -> Method:
+    """Add a method to the registry (once per name)."""
+    if method.name in METHODS:
+        raise ValueError(f"method '{method.name}' is declared twice")
+    METHODS[method.name] = method
+    return method
+
+
+def method_named(name: str) -> Method:
+    if name not in METHODS:
+        raise ExplainError(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def _lacks(need: str, model: ExplainableModel) -> ExplainError | None:
+    """The error that a method needing `need` meets on this file, or None where the file provides it."""
+    spec = model.spec
+    if need == "linear_head":
+        try:
+            model.linear_head_weights  # noqa: B018 - read (and kept) to learn whether the head has the shape
+        except ExplainError as error:
+            return error
+        return None
+    present = {
+        "input_gradient": bool(spec.input_gradient),
+        "attentions": bool(spec.attentions),
+        "attention_gradients": bool(spec.attention_gradients),
+        "legrad_gradients": bool(spec.legrad_gradients),
+        "one_layer": len(spec.layers) == 1,
+        "scikit-learn": importlib.util.find_spec("sklearn") is not None,
+    }[need]
+    return None if present else ExplainError(NEEDS[need].told, option=NEEDS[need].option)
+
+
+def check_needs(method: Method, model: ExplainableModel) -> None:
+    """Refuse, in one line, a method whose needs the loaded file lacks."""
+    for need in NEEDS:
+        if need in method.needs and (error := _lacks(need, model)) is not None:
+            message = error.message if need == "linear_head" else f"{method.name} {error.message}"
+            raise ExplainError(message, option=error.option)
+
+
+def capabilities(model: ExplainableModel) -> dict[str, str | None]:
+    """Per method, None where the loaded file supports it, else the reason it does not (for menus)."""
+    reasons: dict[str, str | None] = {}
+    for name, method in METHODS.items():
+        lacking = [(need, error) for need in NEEDS if need in method.needs
+                   and (error := _lacks(need, model)) is not None]
+        reasons[name] = None
+        if lacking:
+            need, error = lacking[0]
+            reasons[name] = error.message if need == "linear_head" else NEEDS[need].menu
+    return reasons
