@@ -171,7 +171,7 @@ def prepare(model_name: str, size: int, folder: Path) -> tuple[Path, Path]:
         model = build()
         torch.onnx.export(model, (torch.zeros(2, 3, size, size),), plain, dynamo=True, input_names=["input"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},))
-        export_torch(model, explainable, input_shape=(3, size, size), target_layers=[layer])
+        export_torch(model, explainable, input_shape=(3, size, size), layers=[layer])
     return plain, explainable
 
 

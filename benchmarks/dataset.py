@@ -45,7 +45,7 @@ def tiny_model(folder: Path) -> Path:
         model = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
                               nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
-        export_torch(model, path, input_shape=(3, 64, 64), target_layers=["3"])
+        export_torch(model, path, input_shape=(3, 64, 64), layers=["3"])
     return path
 
 

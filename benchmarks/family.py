@@ -147,14 +147,14 @@ def prepare(folder: Path) -> dict:
     if not files["plain"].exists():
         torch.onnx.export(model, (torch.zeros(2, 3, SIZE, SIZE),), files["plain"], dynamo=True,
                           input_names=["input"], dynamic_shapes=({0: torch.export.Dim("batch")},))
-    kwargs = {"input_shape": (3, SIZE, SIZE), "target_layers": ["layer4"], "mean": [0.485, 0.456, 0.406],
+    kwargs = {"input_shape": (3, SIZE, SIZE), "layers": ["layer4"], "mean": [0.485, 0.456, 0.406],
               "std": [0.229, 0.224, 0.225]}
     if not files["explainable"].exists():
         export_torch(model, files["explainable"], **kwargs)
     if not files["gradients"].exists():
         export_torch(model, files["gradients"], input_gradients=True, **kwargs)
     if not files["layer1"].exists():
-        export_torch(model, files["layer1"], **{**kwargs, "target_layers": ["layer1"]})
+        export_torch(model, files["layer1"], **{**kwargs, "layers": ["layer1"]})
     return {name: str(path) for name, path in files.items()}
 
 

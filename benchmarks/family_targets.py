@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for method, options, repeats in CASES:
             chosen = explainer.explain(images, method, targets=Classes(top=args.top), **options)
-            repeated, classes = images[chosen.image_index], list(chosen.targets)
+            repeated, classes = images[chosen.image_index], list(chosen.classes)
             times = interleaved({
                 "classes": lambda m=method, o=options: explainer.explain(images, m, Classes(top=args.top), **o),
                 "indices": lambda m=method, o=options, r=repeated, c=classes: explainer.explain(r, m, c, **o),

@@ -63,7 +63,7 @@ def main():
     calls, counts = {}, {}
     for name, with_indices in (("twin MaxPool (pure rule)", False), ("forward MaxPool's own Indices", True)):
         spec = export_onnx(vgg_like(args.channels, args.size, with_indices), folder / f"{with_indices}.onnx",
-                           target_layers=["target"])
+                           layers=["target"])
         run = session(folder / f"{with_indices}.onnx", folder / f"{with_indices}.opt.onnx")
         feeds = {"x": x, spec.class_input: np.full(args.batch, -1, np.int64)}
         names = [spec.scores, spec.activations[0], spec.gradients[0]]

@@ -41,7 +41,7 @@ def prepare_yolo(folder: Path) -> tuple[Path, Path]:
 
     explainable = folder / "yolov8n-320.explain.onnx"
     if not explainable.exists():
-        export_onnx(nudenet_file(), explainable, input_size=YOLO_SIZE, target_layers=NUDENET_LAYERS)
+        export_onnx(nudenet_file(), explainable, input_size=YOLO_SIZE, layers=NUDENET_LAYERS)
     return nudenet_file(), explainable
 
 

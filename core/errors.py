@@ -6,6 +6,7 @@ it: Python shows the keyword, the CLI shows its own flag (see `OnnxcamError.desc
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 
@@ -48,3 +49,10 @@ class ImageError(OnnxcamError, ValueError):
 
 class ProviderError(OnnxcamError, RuntimeError):
     """The requested execution provider cannot run here."""
+
+
+def renamed(old: str, new: str, value):
+    """`value`, given under a name that changed: said once per call site (FutureWarning, shown to users), so that
+    code written for the old name keeps working."""
+    warnings.warn(f"onnxcam: '{old}' is now called '{new}'; the old name will be removed", FutureWarning, stacklevel=3)
+    return value

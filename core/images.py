@@ -34,6 +34,12 @@ def preprocess(images: list[np.ndarray], size: tuple[int, int], mean=None, std=N
     return np.ascontiguousarray(batch, dtype=dtype)
 
 
+def box_scale(size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+    """x1 y1 x2 y2 factors from the pixels of the model's input (height, width) to those of an image of `size`
+    that was resized to it: a box found by the model, times this, lies in the image's pixels."""
+    return np.array([size[1] / input_size[1], size[0] / input_size[0]] * 2, dtype=np.float32)
+
+
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, colormap: str = "jet") -> np.ndarray:
     """Blend a colormapped heatmap (values in [0, 1], or 8-bit levels 0-255 as uint8) onto an RGB uint8 image;
     RGB uint8 out, image-sized.

@@ -344,7 +344,7 @@ def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list | 
     candidates = grid_candidates(model, score, shapes, image)
     if not candidates:
         raise ExportError("no tensor that feeds the output lies on a grid over the image: name a target layer",
-                          option="target_layers")
+                          option="layers")
     tokens = attention_reads(model, shapes, image)
     ordered = ([c for c in candidates if c.name == tokens] + candidates[::-1])[:MAX_PROBED]
     passed_over, unbuilt, most = [], [], -1  # most cells any candidate reached; -1: no gradient could be built
@@ -366,7 +366,7 @@ def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list | 
         raise ExportError(f"the class score does not depend on the image: its gradient is zero on every grid tensor "
                           f"checked ({describe(passed_over)}); are the classifier's weights all zero?")
     raise ExportError(f"the class score depends at more than one cell on none of the grid tensors checked "
-                      f"({describe(passed_over)}): name a target layer", option="target_layers")
+                      f"({describe(passed_over)}): name a target layer", option="layers")
 
 
 def _reached_or_none(model, score, candidates: list[Candidate], image: ImageInput,

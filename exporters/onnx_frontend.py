@@ -11,7 +11,7 @@ import onnx
 from onnx import helper, version_converter
 
 from ..core.contract import CLASS_INPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
-from ..core.errors import ExportError
+from ..core.errors import ExportError, renamed
 from ..core.files import atomic_path
 from ..core.layouts import attention_layout, check_layout, guess_layout
 from .autodiff import (
@@ -48,18 +48,20 @@ DIFFERENTIABLE = set(RULES) | set(QUANTIZED_RULES) | NON_DIFFERENTIABLE  # ops t
 EXTERNAL_DATA_OVER = 2**31 - 2**26  # bytes of weights past which a model is saved with external data
 
 
-def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, target_layers=None, output=None,
+def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, layers=None, output=None,
                 mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
-                attention_gradients=False, bundled=False, input_gradients=False, legrad=False) -> ExplainSpec:
+                attention_gradients=False, bundled=False, input_gradients=False, legrad=False,
+                target_layers=None) -> ExplainSpec:
     """Rewrite the classifier `src` (a path or ModelProto) into an explainable graph saved at `path`.
 
     `input` names the image input (default: the one 4-D float or uint8 input), `input_layout` says whether it is
     nchw or nhwc (default: nhwc when its last dimension is 1 or 3), `input_size` (H, W) fixes dynamic spatial
-    sizes. Targets are tensor names; by default, the tensor a user would pick (discovery.default_target): the
-    last map before global pooling, or in a transformer the normalised tokens its last attention reads. A
-    target must lie on a grid over the image unless its layout is given (`layouts`: nchw, nhwc, tokens:P:HxW;
-    see onnxcam.core.layouts). The new graph takes an extra int64 input `onnxcam_class` of shape [batch] (-1
-    selects the top-1 class) and also outputs the selected class and, per target, its activation and the
+    sizes. `layers` are the tensors explained (the target layers, by tensor name); by default, the tensor a user
+    would pick (discovery.default_target): the last map before global pooling, or in a transformer the
+    normalised tokens its last attention reads. A layer must lie on a grid over the image unless its layout is
+    given (`layouts`: nchw, nhwc, tokens:P:HxW; see onnxcam.core.layouts). The new graph takes an extra int64
+    input `onnxcam_class` of shape [batch] (-1 selects the top-1 class) and also outputs the selected class and,
+    per layer, its activation and the
     gradient of the selected score with respect to it, all from one session run.
 
     `attentions` names the per-block attention probabilities (B x heads x N x N) exposed for attention
@@ -70,9 +72,12 @@ def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, ta
     that takes encoded image bytes and returns the logits and the Grad-CAM heatmap (exporters.bundle).
     `input_gradients` adds the gradient down to the image, with a switch for guided backpropagation
     (exporters.input_gradients): a backward pass through the whole network on every run, so it is opt-in.
+    `target_layers` is the old name of `layers`.
     """
+    if target_layers is not None:
+        layers = renamed("target_layers", "layers", target_layers)
     model = make_explainable(load_model(src), input=input, input_layout=input_layout, input_size=input_size,
-                             target_layers=target_layers, output=output, mean=mean, std=std, labels=labels,
+                             layers=layers, output=output, mean=mean, std=std, labels=labels,
                              layer_names=layer_names, layouts=layouts, attentions=attentions,
                              attention_gradients=attention_gradients, legrad=legrad)
     if input_gradients:
@@ -157,7 +162,7 @@ def unknown_name_error(kind: str, name: str, known) -> ExportError:
     return ExportError(f"unknown {kind} '{name}'{hint}")
 
 
-def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, input_size=None, target_layers=None,
+def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, input_size=None, layers=None,
                      output=None, mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
                      attention_gradients=False, legrad=False) -> onnx.ModelProto:
     """The model with the explanation outputs and the onnxcam metadata added (see export_onnx)."""
@@ -167,7 +172,7 @@ def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, i
     builder = GraphBuilder(model)
     score, num_classes = _score_output(model, builder, output)
     shapes = tensor_shapes(model, builder)
-    targets, layouts = _targets(model, score, shapes, image, target_layers, layouts, layer_names)
+    targets, layouts = _targets(model, score, shapes, image, layers, layouts, layer_names)
     attentions, attention_layout = _attentions(model, shapes, image, attentions, layouts)
     scores_per_block = layer_scores(model, shapes, attentions, score) if legrad else []
     if scores_per_block:
@@ -232,7 +237,7 @@ def _targets(model, score, shapes, image: ImageInput, given, layouts, names) -> 
     layout is given), or the default target found by discovery.default_target."""
     if not given:
         if layouts:
-            raise ExportError("layouts were given without target layers", option="target_layers")
+            raise ExportError("layouts were given without target layers", option="layers")
         target = default_target(model, score, shapes, image)
         return [target.name], [target.layout]
     given, names = list(given), list(names or given)

@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from ..core.contract import ExplainSpec
-from ..core.errors import ExportError
+from ..core.errors import ExportError, renamed
 from ..core.layouts import attention_layout, guess_layout, to_grid
 from .onnx_frontend import export_onnx, unknown_name_error
 
@@ -85,7 +85,7 @@ def _default_layer(probed) -> str:
                   if reached > 1 and name not in attention and (len(shape) == 3 or shape[2] * shape[3] > 1)]
     if not candidates:
         raise ExportError("no module outputs a spatial activation that the score depends on: name a target layer",
-                          option="target_layers")
+                          option="layers")
     name, _, shape = candidates[-1]
     if guess_layout(shape) == "nchw":
         return name
@@ -93,23 +93,25 @@ def _default_layer(probed) -> str:
     return norms[-1] if norms else name
 
 
-def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std=None, labels=None, layouts=None,
+def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, labels=None, layouts=None,
                  attention_layers=None, attention_gradients=False, bundled=False,
-                 input_gradients=False, legrad=False) -> ExplainSpec:
+                 input_gradients=False, legrad=False, target_layers=None) -> ExplainSpec:
     """Export `model` (a torch.nn.Module) to an explainable ONNX file at `path`.
 
     `input_shape` is C x H x W (a leading batch size is ignored: the batch is dynamic).
-    `target_layers` are module names such as `layer4` or `features.16`; `layouts` optionally gives
+    `layers` (the target layers) are module names such as `layer4` or `features.16`; `layouts` optionally gives
     each one's layout (nchw, nhwc, tokens:P:HxW), guessed otherwise. `attention_layers` are the modules
     whose outputs are a block's attention probabilities, for attention rollout (default: modules
     named `attn_drop` that return B x heads x N x N; where none runs, as with fused scaled dot-product
     attention, the exported graph's Softmax outputs of that shape). `attention_gradients`, `bundled`,
-    `input_gradients`, `legrad`: see export_onnx.
+    `input_gradients`, `legrad`: see export_onnx. `target_layers` is the old name of `layers`.
     """
+    if target_layers is not None:
+        layers = renamed("target_layers", "layers", target_layers)
     input_shape = tuple(int(d) for d in input_shape[-3:])
     model = model.eval()
-    probed = _probe(model, input_shape) if not target_layers or attention_layers is None else []
-    layers = list(target_layers) if target_layers else [_default_layer(probed)]
+    probed = _probe(model, input_shape) if not layers or attention_layers is None else []
+    layers = list(layers) if layers else [_default_layer(probed)]
     attention = list(attention_layers) if attention_layers is not None else _attention_modules(probed, layouts or ())
     modules = dict(model.named_modules())
     for layer in layers + attention:
@@ -140,7 +142,7 @@ def export_torch(model, path, *, input_shape, target_layers=None, mean=None, std
     # no attention module ran (fused F.scaled_dot_product_attention skips attn_drop): the exporter decomposes
     # the fused kernel, and the ONNX front end finds its Softmax outputs
     attentions = names[len(layers):] if attention or attention_layers is not None else None
-    return export_onnx(onnx_model, path, target_layers=names[:len(layers)], layer_names=layers, mean=mean, std=std,
+    return export_onnx(onnx_model, path, layers=names[:len(layers)], layer_names=layers, mean=mean, std=std,
                        labels=labels, layouts=layouts, attentions=attentions,
                        attention_gradients=attention_gradients, bundled=bundled, input_gradients=input_gradients,
                        legrad=legrad)

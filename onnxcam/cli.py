@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pkgutil
@@ -11,21 +12,22 @@ from pathlib import Path
 
 import click
 
+from . import __version__
 from .core import COLORMAPS
 from .core.errors import ExplainError, ExportError, OnnxcamError
-from .core.files import read_image
-from .core.timing import interleaved
-from .evaluation import evaluate as run_evaluation
+from .evaluation import evaluate_files
 from .explainer import Explainer
 from .exporters import export_onnx
 from .exporters.onnx_frontend import inspect_onnx
 from .jobs import Listing, Outputs, collect_images, explain_files
 from .methods import METHODS
+from .speed import time_methods
 from .targets import from_options
 
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 # the flag of each keyword argument that errors name (OnnxcamError.option)
-FLAGS = {"save": "--save", "target_layers": "--target-layer", "layouts": "--layout", "mean": "--mean", "std": "--std",
-         "attention_gradients": "--grad-rollout", "input_gradients": "--input-gradients", "output": "--score-output",
+FLAGS = {"save": "--save", "layers": "--layer", "layouts": "--layout", "mean": "--mean", "std": "--std",
+         "attention_gradients": "--grad-rollout", "input_gradients": "--input-gradients", "output": "--scores",
          "input_size": "--input-size", "input": "--input", "input_layout": "--input-layout", "targets": "--task",
          "batch_size": "--batch-size", "legrad": "--legrad"}
 
@@ -51,7 +53,41 @@ def _triple(text: str | None):
         raise click.BadParameter(f"'{text}' is not a comma-separated list of numbers") from None
 
 
+def _renamed(old: str, new: str, **attributes):
+    """An option under its old spelling: hidden, still taken, with one line on stderr naming the new one."""
+    def warn(ctx, param, value):
+        if value not in (None, (), False):
+            click.echo(f"onnxcam: {old} is now {new}; the old spelling will be removed", err=True)
+        return value
+
+    return click.option(old, hidden=True, callback=warn, **attributes)
+
+
+def _options(*options):
+    """Several options as one decorator, in the order they are listed."""
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+provider_option = click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES),
+                                help="Where the sessions run: cpu, cuda, or auto (CUDA where it really loads).")
+method_option = click.option("--method", default="gradcam", show_default=True, type=click.Choice(list(METHODS)),
+                             help="The method (see the method table in the documentation).")
+image_input_options = _options(
+    click.option("--input-size", "input_size", callback=lambda c, p, v: _size(v),
+                 help="H x W (or one side) to explain at: fixes an ONNX file's dynamic sizes; PyTorch default 224."),
+    click.option("--input", "image_input", help="ONNX: the image input, where there are several."),
+    click.option("--input-layout", type=click.Choice(["nchw", "nhwc"]),
+                 help="ONNX: the image input's layout (default: nhwc when its last dimension is 1 or 3)."),
+)
+
+
 @click.group()
+@click.version_option(__version__, prog_name="onnxcam")
 def main():
     """Grad-CAM and its family for ONNX models, with no PyTorch at explanation time."""
     logging.basicConfig(format="%(message)s")
@@ -62,19 +98,17 @@ def main():
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
               help="Explainable ONNX file to write.")
-@click.option("--target-layer", "targets", multiple=True,
-              help="Module name (PyTorch) or tensor name (ONNX); repeatable.")
-@click.option("--input-size", "input_size", callback=lambda c, p, v: _size(v),
-              help="H x W (or one side) to explain at: fixes an ONNX file's dynamic sizes; PyTorch default 224.")
-@click.option("--input", "image_input", help="ONNX: the image input, where there are several.")
-@click.option("--input-layout", type=click.Choice(["nchw", "nhwc"]),
-              help="ONNX: the image input's layout (default: nhwc when its last dimension is 1 or 3).")
+@click.option("--layer", "layers", multiple=True,
+              help="The layer to explain (the target layer): module name (PyTorch) or tensor name (ONNX); repeatable.")
+@_renamed("--target-layer", "--layer", multiple=True)
+@image_input_options
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict to load into a PyTorch model.")
 @click.option("--mean", help="Normalisation mean, R,G,B (recorded for `explain`).")
 @click.option("--std", help="Normalisation std, R,G,B.")
 @click.option("--labels", type=click.Path(dir_okay=False), help="Text file with one class name per line.")
-@click.option("--score-output", help="ONNX output holding the class scores (default: the first).")
-@click.option("--layout", "layouts", multiple=True, help="Per target: nchw, nhwc or tokens:P:HxW (default: guessed).")
+@click.option("--scores", help="ONNX: the output holding the class scores the maps explain (default: the first).")
+@_renamed("--score-output", "--scores")
+@click.option("--layout", "layouts", multiple=True, help="Per layer: nchw, nhwc or tokens:P:HxW (default: guessed).")
 @click.option("--grad-rollout", "attention_gradients", is_flag=True,
               help="Also export attention gradients, for method grad-rollout (a backward pass through every block).")
 @click.option("--legrad", is_flag=True,
@@ -88,17 +122,18 @@ def main():
                    "(onnxruntime-extensions).")
 @click.option("--triton-repo", type=click.Path(file_okay=False),
               help="Also write a Triton model repository for the file here (model.onnx and config.pbtxt).")
-def export(model, out, targets, input_size, image_input, input_layout, weights, mean, std, labels, score_output,
-           layouts, attention_gradients, legrad, input_gradients, bundled, triton_repo):
+def export(model, out, layers, target_layer, input_size, image_input, input_layout, weights, mean, std, labels, scores,
+           score_output, layouts, attention_gradients, legrad, input_gradients, bundled, triton_repo):
     """Make MODEL explainable: MODEL is package.module:callable returning a torch.nn.Module, or an .onnx file."""
     names = _read_labels(labels)
-    options = dict(target_layers=list(targets) or None, mean=_triple(mean), std=_triple(std), labels=names,
+    layers, scores = list(layers + target_layer), scores or score_output
+    options = dict(layers=layers or None, mean=_triple(mean), std=_triple(std), labels=names,
                    layouts=list(layouts) or None, attention_gradients=attention_gradients, bundled=bundled,
                    input_gradients=input_gradients, legrad=legrad)
     try:
         if model.endswith(".onnx"):
             spec = export_onnx(model, out, input=image_input, input_layout=input_layout, input_size=input_size,
-                               output=score_output, **options)
+                               output=scores, **options)
         else:
             from .exporters import export_torch
 
@@ -108,7 +143,7 @@ def export(model, out, targets, input_size, image_input, input_layout, weights, 
         raise Failed.of(error) from None
     height, width = spec.input_size
     click.echo(f"wrote {out}: input '{spec.input}' {spec.input_layout} {height}x{width} {spec.input_type}, scores "
-               f"'{spec.scores}' ({spec.num_classes} classes), targets {', '.join(spec.layers)}")
+               f"'{spec.scores}' ({spec.num_classes} classes), layers {', '.join(spec.layers)}")
     if triton_repo:
         from .triton import write_repository
 
@@ -170,18 +205,16 @@ def _load_module(spec: str, weights):
 
 @main.command()
 @click.argument("model")
-@click.option("--input-size", "input_size", callback=lambda c, p, v: _size(v), help="H x W (or one side).")
-@click.option("--input", "image_input", help="ONNX: the image input, where there are several.")
-@click.option("--input-layout", type=click.Choice(["nchw", "nhwc"]), help="ONNX: the image input's layout.")
+@image_input_options
 def inspect(model, input_size, image_input, input_layout):
     """List the layers (PyTorch) or tensors (ONNX) of MODEL with their shapes. Tensors that lie on a grid over the
-    image, the possible targets, show their layout; * marks the default target."""
+    image, the layers that can be explained, show their layout; * marks the default layer."""
     try:
         if model.endswith(".onnx"):
             survey = inspect_onnx(model, input=image_input, input_layout=input_layout, input_size=input_size)
             rows, default = survey.rows, survey.default
             if survey.spec is not None:
-                click.echo(f"explainable: targets {', '.join(survey.spec.layers)}, {survey.spec.num_classes} classes")
+                click.echo(f"explainable: layers {', '.join(survey.spec.layers)}, {survey.spec.num_classes} classes")
         else:
             from .exporters import default_layer, module_outputs
 
@@ -208,16 +241,15 @@ def _target_options(command):
                      help="--task detect: explain each detection scoring at least this."),
         click.option("--concept", type=click.Path(dir_okay=False, exists=True),
                      help="--task embed: a .npy vector; the map explains the cosine similarity to it."),
-        click.option("--score-output", "score_output",
-                     help="The output holding the scores (default: the exported one)."),
+        click.option("--explain-output", help="The model output the maps explain, by its name (default: the scores "
+                     "the file was exported with)."),
+        _renamed("--score-output", "--explain-output"),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _options(*options)(command)
 
 
 def _target_of(classes: tuple[int, ...], top: int | None, task: str, score_threshold: float, concept: str | None,
-               score_output: str | None):
+               explain_output: str | None, score_output: str | None):
     """The `targets` for Explainer.explain that explain's options ask for: None (top-1), a class, or a Target."""
     if task == "embed" and concept is None:
         raise ExplainError("--task embed needs --concept FILE.npy, the vector to compare embeddings with")
@@ -227,7 +259,7 @@ def _target_of(classes: tuple[int, ...], top: int | None, task: str, score_thres
 
         vector = np.load(concept)
     return from_options(classes, top=top, task=task, score_threshold=score_threshold, concept=vector,
-                        output=score_output)
+                        output=explain_output or score_output)
 
 
 @main.command()
@@ -238,11 +270,12 @@ def _target_of(classes: tuple[int, ...], top: int | None, task: str, score_thres
 @click.option("-r", "--recursive", is_flag=True, help="Also the images in the folders inside the folders given.")
 @click.option("--from-list", "list_file", type=click.Path(dir_okay=False),
               help="File with one image path or URI per line.")
-@click.option("--method", default="gradcam", show_default=True, type=click.Choice(list(METHODS)))
-@click.option("--target", type=int, multiple=True,
+@method_option
+@click.option("--class", "classes", type=int, multiple=True,
               help="Class index to explain for every image; repeatable (default: each image's top-1).")
+@_renamed("--target", "--class", type=int, multiple=True)
 @_target_options
-@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@provider_option
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--save", default="overlays", show_default=True,
               help="What to write, comma-separated: overlays, heatmaps, table (Parquet).")
@@ -261,8 +294,9 @@ def _target_of(classes: tuple[int, ...], top: int | None, task: str, score_thres
               help="Run on a Ray cluster: its ADDRESS, or alone for RAY_ADDRESS's or a new local one (table only).")
 @click.option("--actors", default=1, show_default=True, type=click.IntRange(min=1),
               help="With --ray: actors, each holding one session (one GPU each where the cluster has GPUs).")
-def explain(model, images, outdir, recursive, list_file, method, target, provider, batch_size, save, image_format,
-            heatmap_format, alpha, colormap, workers, rows_per_part, resume, verbose, ray_address, actors, **targeting):
+def explain(model, images, outdir, recursive, list_file, method, classes, target, provider, batch_size, save,
+            image_format, heatmap_format, alpha, colormap, workers, rows_per_part, resume, verbose, ray_address, actors,
+            **targeting):
     """Explain images (files, folders, a list): overlays, heatmaps and/or a Parquet table in OUTPUT, with a
     record of finished images (record.jsonl) that --resume continues from, and predictions.json."""
     if not images and not list_file:
@@ -274,7 +308,7 @@ def explain(model, images, outdir, recursive, list_file, method, target, provide
     except OnnxcamError as error:
         raise Failed.of(error) from None
     try:
-        target = _target_of(target, **targeting)
+        target = _target_of(classes + target, **targeting)
     except OnnxcamError as error:
         raise Failed.of(error) from None
     if ray_address is not None:
@@ -359,8 +393,8 @@ def _explain_on_ray(model, sources, outdir: Path, outputs, address: str, actors:
 
 @main.command()
 @click.option("-o", "--output", "outdir", default="onnxcam-demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--method", default="gradcam", show_default=True, type=click.Choice(list(METHODS)))
-@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@method_option
+@provider_option
 def demo(outdir, method, provider):
     """Explain bundled photos with a pretrained EfficientNet-Lite0 (exported once, then cached)."""
     try:
@@ -378,7 +412,7 @@ def demo(outdir, method, provider):
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--name", help="Model name in the /v2 routes (default: the file's stem).")
-@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@provider_option
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Images per session run.")
 @click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(min=0),
               help="How long the first request of a batch waits for others.")
@@ -408,72 +442,45 @@ def serve(model, host, port, name, provider, max_batch, max_wait_ms, queue_size,
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--method", default="gradcam", show_default=True, type=click.Choice(list(METHODS)))
+@method_option
 @click.option("--boxes", type=click.Path(dir_okay=False),
               help="JSON: image file name -> [x0, y0, x1, y1] of the object, in image pixels (adds the pointing game).")
 @click.option("--steps", default=32, show_default=True, type=click.IntRange(min=2), help="Deletion/insertion steps.")
 @click.option("--tolerance", default=15, show_default=True, type=click.IntRange(min=0),
               help="Pointing game tolerance, in the model's input pixels.")
-@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@provider_option
 @click.option("--road", "with_road", is_flag=True, help="Also ROAD (MoRF and LeRF; seconds per image).")
 def evaluate(model, images, method, boxes, steps, tolerance, provider, with_road):
     """Faithfulness of METHOD's maps: Average Drop, Increase in Confidence, deletion and insertion AUC,
     pointing game. Prints a JSON report."""
-    import json
-
-
     try:
         explainer = Explainer(model, provider=provider)
         paths = collect_images(images)
-        pictures = [read_image(p) for p in paths]
-        scaled = None
-        if boxes:
-            given = json.loads(Path(boxes).read_text())
-            height, width = explainer.spec.input_size
-            scaled = []
-            for path, picture in zip(paths, pictures, strict=True):
-                if path.name not in given:
-                    raise ExplainError(f"{boxes} has no box for {path.name}")
-                x0, y0, x1, y1 = given[path.name]
-                sy, sx = height / picture.shape[0], width / picture.shape[1]
-                scaled.append((x0 * sx, y0 * sy, x1 * sx, y1 * sy))
-        report = run_evaluation(explainer, pictures, method=method, boxes=scaled, steps=steps, tolerance=tolerance,
+        report = evaluate_files(explainer, paths, boxes, method=method, steps=steps, tolerance=tolerance,
                                 with_road=with_road)
     except OnnxcamError as error:
         raise Failed.of(error) from None
     except (OSError, ValueError) as error:
         raise Failed(str(error)) from None
-    click.echo(json.dumps({"model": model, "method": method, "images": len(pictures), **vars(report)}, indent=2))
+    click.echo(json.dumps({"model": model, "method": method, "images": len(paths), **vars(report)}, indent=2))
 
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--batch-size", "batches", multiple=True, type=click.IntRange(min=1), default=(1, 8), show_default=True)
 @click.option("--method", "methods", multiple=True, type=click.Choice(list(METHODS)), default=("gradcam",),
-              show_default=True)
-@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+              show_default=True, help="A method to time; repeatable.")
+@provider_option
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=3))
 def bench(model, batches, methods, provider, threads, repeats):
     """Time explanations against inference on one session: the floor is the same session asked for
     the scores only; each method is a whole explain() call (session run and numpy core)."""
-    import numpy as np
-
     try:
         explainer = Explainer(model, provider=provider, threads=threads)
     except OnnxcamError as error:
         raise Failed.of(error) from None
-    spec = explainer.spec
-    height, width = spec.input_size
-    channels = len(spec.mean) if spec.mean else 3
     click.echo(f"{'batch':>5}  {'configuration':<24}{'median ms':>10}{'images/s':>10}{'x floor':>9}")
-    for batch_size in batches:
-        batch = np.random.default_rng(0).standard_normal((batch_size, channels, height, width)).astype(np.float32)
-        classes = np.full(batch_size, -1, np.int64)
-        calls = {"inference (scores only)": lambda feeds={spec.input: batch, spec.class_input: classes}:
-                 explainer.session.run([spec.scores], feeds)}
-        calls.update({method: (lambda m=method, b=batch: explainer.explain(b, method=m)) for method in methods})
-        medians = {name: float(np.median(t)) * 1000 for name, t in interleaved(calls, repeats, 30.0).items()}
-        floor = medians["inference (scores only)"]
-        for name, ms in medians.items():
-            click.echo(f"{batch_size:>5}  {name:<24}{ms:>10.1f}{batch_size / ms * 1000:>10.1f}{ms / floor:>9.2f}")
+    for row in time_methods(explainer, batches, methods, repeats):
+        click.echo(f"{row.batch:>5}  {row.name:<24}{row.median_ms:>10.1f}{row.images_per_s:>10.1f}"
+                   f"{row.times_floor:>9.2f}")

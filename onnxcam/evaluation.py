@@ -3,10 +3,15 @@ session run per batch of perturbed images."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from .core.errors import ExplainError
+from .core.files import read_image
+from .core.images import box_scale
 from .core.metrics import average_drop_increase, confidence_change, deletion_insertion, pointing_game, road
 from .core.scores import probabilities as as_probabilities
 from .explainer import Explainer
@@ -49,19 +54,35 @@ def evaluate(explainer: Explainer, inputs, method: str = "gradcam", targets=None
         part = batch[start:start + batch_size]
         wanted = None if targets is None else np.asarray(targets).reshape(-1)[start:start + batch_size]
         result = explainer.explain(part, method=method, targets=wanted)
-        drop, increase = average_drop_increase(predict, part, result.heatmaps, result.targets)
-        deletion, insertion, _, _ = deletion_insertion(predict, part, result.heatmaps, result.targets, steps)
+        drop, increase = average_drop_increase(predict, part, result.heatmaps, result.classes)
+        deletion, insertion, _, _ = deletion_insertion(predict, part, result.heatmaps, result.classes, steps)
         drops.append(drop * len(part))
         increases.append(increase * len(part))
         deletions += list(deletion)
-        changes += list(confidence_change(predict, part, result.heatmaps, result.targets))
+        changes += list(confidence_change(predict, part, result.heatmaps, result.classes))
         if with_road:
-            part_morf, part_lerf = road(predict, part, result.heatmaps, result.targets)
+            part_morf, part_lerf = road(predict, part, result.heatmaps, result.classes)
             morf, lerf = morf + list(part_morf), lerf + list(part_lerf)
         insertions += list(insertion)
         maps.append(result.heatmaps)
-        classes.append(result.targets)
+        classes.append(result.classes)
     pointing = None if boxes is None else float(pointing_game(np.concatenate(maps), boxes, tolerance).mean())
     return Faithfulness(sum(drops) / len(batch), sum(increases) / len(batch), float(np.mean(deletions)),
                         float(np.mean(insertions)), pointing, float(np.mean(changes)),
                         float(np.mean(morf)) if with_road else None, float(np.mean(lerf)) if with_road else None)
+
+
+def evaluate_files(explainer: Explainer, paths: list[Path], boxes_file=None, **options) -> Faithfulness:
+    """`evaluate` on image files; `boxes_file` (JSON: file name -> [x0, y0, x1, y1] in the image's pixels) adds the
+    pointing game, its boxes moved into the model input's pixels."""
+    pictures = [read_image(path) for path in paths]
+    boxes = None
+    if boxes_file:
+        given = json.loads(Path(boxes_file).read_text())
+        boxes = []
+        for path, picture in zip(paths, pictures, strict=True):
+            if path.name not in given:
+                raise ExplainError(f"{boxes_file} has no box for {path.name}")
+            boxes.append(tuple(np.asarray(given[path.name], np.float64)
+                               / box_scale(picture.shape[:2], explainer.spec.input_size)))
+    return evaluate(explainer, pictures, boxes=boxes, **options)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .core.errors import renamed
+from .core.images import box_scale
 from .core.scores import top_classes
 
 
@@ -13,7 +15,7 @@ from .core.scores import top_classes
 class Explanation:
     heatmaps: np.ndarray  # float32, M x H x W in [0, 1], at the model's input resolution (M = B: one map each)
     logits: np.ndarray  # B x num_classes, the scores before softmax (or the single output)
-    targets: np.ndarray  # int64, M: the class each map explains (-1 where none: a similarity)
+    classes: np.ndarray  # int64, M: the class each map explains (-1 where none: a similarity)
     method: str
     image_index: np.ndarray | None = None  # int64, M: the image each map belongs to
     scores: np.ndarray | None = None  # float32, M: each map's score (onnxcam.targets), for targets other than a class
@@ -23,7 +25,12 @@ class Explanation:
 
     def __post_init__(self):
         if self.image_index is None:
-            self.image_index = np.arange(len(self.targets), dtype=np.int64)
+            self.image_index = np.arange(len(self.classes), dtype=np.int64)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """The old name of `classes` ("targets" are what `explain` is asked to explain: onnxcam.targets)."""
+        return renamed("Explanation.targets", "Explanation.classes", self.classes)
 
     def top_k(self, k: int = 5, labels: list[str] | None = None) -> list[list[dict]]:
         return top_classes(self.logits, k, labels)
@@ -40,8 +47,7 @@ class Explanation:
         moved into those of each image (`sizes`: its height and width) that was resized to the model's input."""
         if self.boxes is None:
             return self
-        height, width = input_size
-        scales = np.array([[w / width, h / height] * 2 for h, w in sizes], dtype=np.float32).reshape(-1, 4)
+        scales = np.array([box_scale(size, input_size) for size in sizes], dtype=np.float32).reshape(-1, 4)
         bounds = np.array([[w, h] * 2 for h, w in sizes], dtype=np.float32).reshape(-1, 4)
         index = self.image_index
         return replace(self, boxes=np.clip(self.boxes * scales[index], 0, bounds[index]))

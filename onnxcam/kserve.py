@@ -61,7 +61,7 @@ class ExplainerModel(kserve.Model):
             raise InvalidInput(str(error)) from None
         answer = {"predictions": protocol.v1_predictions(result.logits, explainer.labels)}
         if explain:
-            answer["explanations"] = protocol.v1_explanations(result.heatmaps, result.targets, method,
+            answer["explanations"] = protocol.v1_explanations(result.heatmaps, result.classes, method,
                                                               explainer.labels, result)
         return answer
 

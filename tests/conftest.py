@@ -49,7 +49,7 @@ def small_onnx(tmp_path_factory, small_model):
     from onnxcam.exporters import export_torch
 
     path = tmp_path_factory.mktemp("small") / "small.explain.onnx"
-    export_torch(small_model, path, input_shape=(3, 32, 32), target_layers=["features.8"],
+    export_torch(small_model, path, input_shape=(3, 32, 32), layers=["features.8"],
                  mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], labels=[f"class {i}" for i in range(5)])
     return path
 

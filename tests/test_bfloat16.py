@@ -106,7 +106,7 @@ def case(request, tmp_path_factory):
         torch.onnx.export(model, (example,), str(folder / "model.onnx"), input_names=["image"],
                           output_names=["logits"], dynamic_axes={"image": {0: "batch"}}, dynamo=False)
     spec = export_onnx(folder / "model.onnx", folder / "explainable.onnx",
-                       target_layers=[target] if target else None)
+                       layers=[target] if target else None)
     return model, input_type, folder / "explainable.onnx", spec, module
 
 

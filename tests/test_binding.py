@@ -68,7 +68,7 @@ def test_sizes_shape_inference_cannot_tell_are_measured(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
     assert "target" not in inferred or not inferred["target"].type.tensor_type.shape.dim[2].dim_value
-    spec = export_onnx(model, tmp_path / "resize.onnx", target_layers=["target"])
+    spec = export_onnx(model, tmp_path / "resize.onnx", layers=["target"])
     explainer = onnxcam.Explainer(tmp_path / "resize.onnx", provider="cpu")
     declared = {o.name: o.shape for o in explainer.session.get_outputs()}
     assert declared[spec.selected] == ["N"] and declared[spec.gradients[0]] == ["N", 4, 4, 4]

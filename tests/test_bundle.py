@@ -14,7 +14,7 @@ from onnxcam.exporters import export_torch
 from onnxcam.runtimes import Bundle, create_session
 from onnxcam.testing.zoo_transformers import swin, vit
 
-OPTIONS = dict(input_shape=(3, 32, 32), target_layers=["features.6", "features.8"], mean=[0.5] * 3, std=[0.25] * 3)
+OPTIONS = dict(input_shape=(3, 32, 32), layers=["features.6", "features.8"], mean=[0.5] * 3, std=[0.25] * 3)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_bundle_takes_bytes_and_gives_the_numpy_core_heatmap(files):
         data = encode_png(random_images(1, seed=seed, size=(32, 32))[0])  # model-sized: no resampling involved
         logits, chosen, heatmap = bundle.explain(data, target)
         expected = explainer.explain(decode_image(data), targets=target)
-        assert chosen == expected.targets[0]
+        assert chosen == expected.classes[0]
         np.testing.assert_allclose(logits, expected.logits[0], rtol=1e-5, atol=1e-5)
         assert heatmap.shape == (32, 32) and heatmap.max() == pytest.approx(1)
         np.testing.assert_allclose(heatmap, expected.heatmaps[0], atol=1e-5)
@@ -48,7 +48,7 @@ def test_bundle_resizes_larger_jpegs_itself(files):
     ok, jpeg = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
     logits, chosen, heatmap = Bundle(bundle_path, provider="cpu").explain(jpeg.tobytes())
     expected = onnxcam.Explainer(plain_path, provider="cpu").explain(decode_image(jpeg.tobytes()))
-    assert chosen == expected.targets[0]
+    assert chosen == expected.classes[0]
     assert np.corrcoef(heatmap.ravel(), expected.heatmaps[0].ravel())[0, 1] > 0.9
 
 
@@ -73,13 +73,13 @@ def test_bundle_heatmap_equals_the_numpy_core_on_the_image_it_decoded(files, tmp
                          ids=["vit-tokens", "swin-channels-last"])
 def test_bundles_of_transformers_fold_tokens_onto_the_grid(tmp_path, build, target):
     """Token sequences (CLS dropped) and channels-last maps go onto the grid inside the graph, as in the core."""
-    options = dict(input_shape=(3, 32, 32), target_layers=[target])
+    options = dict(input_shape=(3, 32, 32), layers=[target])
     export_torch(build(), tmp_path / "bundle.onnx", bundled=True, **options)
     export_torch(build(), tmp_path / "plain.onnx", **options)
     data = encode_png(random_images(1, seed=4, size=(32, 32))[0])
     logits, chosen, heatmap = Bundle(tmp_path / "bundle.onnx", provider="cpu").explain(data)
     expected = onnxcam.Explainer(tmp_path / "plain.onnx", provider="cpu").explain(decode_image(data))
-    assert chosen == expected.targets[0]
+    assert chosen == expected.classes[0]
     np.testing.assert_allclose(heatmap, expected.heatmaps[0], atol=1e-5)
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from conftest import random_images, run_cli
 
+import onnxcam
+
 MODEL_SOURCE = '''
 import torch
 from torch import nn
@@ -45,10 +47,10 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(workdir):
-    result = run_cli("export", "tiny_models:build", "-o", "tiny.onnx", "--input-size", "32", "--target-layer", "4",
+    result = run_cli("export", "tiny_models:build", "-o", "tiny.onnx", "--input-size", "32", "--layer", "4",
                      "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--labels", "labels.txt", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    assert "input 'input' nchw 32x32 float32, scores 'logits' (4 classes), targets 4" in result.stdout
+    assert "input 'input' nchw 32x32 float32, scores 'logits' (4 classes), layers 4" in result.stdout
     return workdir / "tiny.onnx"
 
 
@@ -107,7 +109,7 @@ def test_explain_writes_good_images_and_reports_each_bad_one(exported, images, t
 
 
 def test_explain_with_a_class_and_method(exported, images, tmp_path):
-    result = run_cli("explain", exported, images / "a.png", "-o", tmp_path, "--target", "2", "--method", "layercam")
+    result = run_cli("explain", exported, images / "a.png", "-o", tmp_path, "--class", "2", "--method", "layercam")
     assert result.returncode == 0, result.stderr
     # provider auto: one informative line, none of ONNX Runtime's CUDA loading errors
     lines = result.stderr.strip().splitlines()
@@ -115,8 +117,25 @@ def test_explain_with_a_class_and_method(exported, images, tmp_path):
     assert json.loads((tmp_path / "predictions.json").read_text())[str(images / "a.png")]["target"] == 2
 
 
+def test_old_spellings_still_work_with_one_line_naming_the_new(exported, workdir, images, tmp_path):
+    """--target (now --class) and --target-layer (now --layer) are still taken, each said once on stderr."""
+    result = run_cli("explain", exported, images / "a.png", "-o", tmp_path, "--target", "2", "--provider", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "onnxcam: --target is now --class" in result.stderr
+    assert json.loads((tmp_path / "predictions.json").read_text())[str(images / "a.png")]["target"] == 2
+    result = run_cli("export", "tiny_models:build", "-o", tmp_path / "old.onnx", "--input-size", "32",
+                     "--target-layer", "4", cwd=workdir)
+    assert result.returncode == 0 and "onnxcam: --target-layer is now --layer" in result.stderr
+    assert "layers 4" in result.stdout
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"onnxcam, version {onnxcam.__version__}"
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--target", "7"], "error: class index 7 is out of range: the model has 4 classes"),
+    (["--class", "7"], "error: class index 7 is out of range: the model has 4 classes"),
     (["--method", "gradcam+++"], "Invalid value for '--method'"),
 ])
 def test_explain_refuses_bad_requests_in_one_line(exported, images, tmp_path, args, message):
@@ -143,7 +162,7 @@ def test_explain_on_a_plain_onnx_file_suggests_export(workdir, images, tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["tiny_models:build", "--target-layer", "44"], "error: unknown layer '44'; closest: 4"),
+    (["tiny_models:build", "--layer", "44"], "error: unknown layer '44'; closest: 4"),
     (["tiny_models:nothing"], "error: cannot load tiny_models:nothing"),
     (["missing.onnx"], "error: missing.onnx: no such file"),
     (["tiny_models:build", "--mean", "0.5,0.5"],

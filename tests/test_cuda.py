@@ -33,7 +33,7 @@ def test_cuda_explanations_equal_the_cpu_ones(cuda_explainer, small_onnx, method
     assert cuda_explainer.model.runner.device == "cuda"
     cpu = onnxcam.Explainer(small_onnx, provider="cpu").explain(_batch(), method, targets=[0, 3, -1])
     gpu = cuda_explainer.explain(_batch(), method, targets=[0, 3, -1])
-    np.testing.assert_array_equal(gpu.targets, cpu.targets)
+    np.testing.assert_array_equal(gpu.classes, cpu.classes)
     np.testing.assert_allclose(gpu.logits, cpu.logits, rtol=1e-2, atol=1e-2)  # TF32 convolutions on Ampere+
     np.testing.assert_allclose(gpu.heatmaps, cpu.heatmaps, atol=3e-2)
 
@@ -44,7 +44,7 @@ def test_a_batch_on_the_gpu_is_bound_in_place(cuda_explainer):
     got = cuda_explainer.explain(on_device, "gradcam")
     expected = cuda_explainer.explain(_batch(), "gradcam")
     np.testing.assert_allclose(got.heatmaps, expected.heatmaps, atol=1e-5)
-    np.testing.assert_array_equal(got.targets, expected.targets)
+    np.testing.assert_array_equal(got.classes, expected.classes)
 
 
 def test_a_torch_cuda_tensor_goes_through_dlpack(cuda_explainer):

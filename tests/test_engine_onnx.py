@@ -147,7 +147,7 @@ def finite_difference(session, x, image, selected, eps=1e-3):
 @pytest.mark.parametrize("build", GRAPHS, ids=lambda f: f.__name__)
 def test_gradients_match_finite_differences(build, tmp_path):
     path = tmp_path / "head.onnx"
-    spec = export_onnx(build(), path, target_layers=["x"])
+    spec = export_onnx(build(), path, layers=["x"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = RNG.standard_normal((3, C, H, W)).astype(np.float32)
     scores, selected, gradient = session.run([spec.scores, spec.selected, spec.gradients[0]],
@@ -178,7 +178,7 @@ def test_operator_without_rule_is_named_and_nothing_written(tmp_path):
     model = _model([helper.make_node("Sin", ["x"], ["wave"], name="the_sine"), *_head("wave")[0]], _head("wave")[1])
     path = tmp_path / "out.onnx"
     with pytest.raises(UnsupportedOperator, match="operator Sin \\(node 'the_sine'\\)"):
-        export_onnx(model, path, target_layers=["x"])
+        export_onnx(model, path, layers=["x"])
     assert not path.exists() and not list(tmp_path.iterdir())
 
 
@@ -197,7 +197,7 @@ def test_no_default_target_whose_gradient_can_be_built_names_the_operator(tmp_pa
 
 def test_unknown_target_lists_close_names(tmp_path):
     with pytest.raises(ExportError, match="unknown target tensor 'rellu'; closest: relu"):
-        export_onnx(conv_bn_relu_maxpool(), tmp_path / "out.onnx", target_layers=["rellu"])
+        export_onnx(conv_bn_relu_maxpool(), tmp_path / "out.onnx", layers=["rellu"])
 
 
 def test_not_a_model_is_one_line(tmp_path):

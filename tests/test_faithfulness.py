@@ -48,10 +48,10 @@ def test_metrics_prefer_the_map_to_its_inverse(localisation):
     result = explainer.explain(batch)
     predict = predictor(explainer)
     inverse = 1 - result.heatmaps
-    drop, _ = average_drop_increase(predict, batch, result.heatmaps, result.targets)
-    drop_inverse, _ = average_drop_increase(predict, batch, inverse, result.targets)
-    deletion, _, _, _ = deletion_insertion(predict, batch, result.heatmaps, result.targets, steps=16)
-    deletion_inv, _, _, _ = deletion_insertion(predict, batch, inverse, result.targets, steps=16)
+    drop, _ = average_drop_increase(predict, batch, result.heatmaps, result.classes)
+    drop_inverse, _ = average_drop_increase(predict, batch, inverse, result.classes)
+    deletion, _, _, _ = deletion_insertion(predict, batch, result.heatmaps, result.classes, steps=16)
+    deletion_inv, _, _, _ = deletion_insertion(predict, batch, inverse, result.classes, steps=16)
     assert drop < drop_inverse
     assert deletion.mean() < deletion_inv.mean()
     # (insertion from a blurred image says little here: the blurred shape alone is often recognised)
@@ -68,14 +68,14 @@ def test_metric_arithmetic_against_references(localisation):
         full = torch.softmax(model(torch.from_numpy(batch)), 1)
         masked = torch.softmax(model(torch.from_numpy(batch * result.heatmaps[:, None])), 1)
     rows = np.arange(6)
-    y, o = full.numpy()[rows, result.targets], masked.numpy()[rows, result.targets]
-    drop, increase = average_drop_increase(predictor(explainer), batch, result.heatmaps, result.targets)
+    y, o = full.numpy()[rows, result.classes], masked.numpy()[rows, result.classes]
+    drop, increase = average_drop_increase(predictor(explainer), batch, result.heatmaps, result.classes)
     assert drop == pytest.approx(100 * np.mean(np.maximum(y - o, 0) / y), rel=1e-4)
     assert increase == pytest.approx(100 * np.mean(o > y))
     deletion, _, curves, inserted = deletion_insertion(predictor(explainer), batch, result.heatmaps,
-                                                       result.targets, steps=4)
+                                                       result.classes, steps=4)
     np.testing.assert_allclose(inserted[:, -1], y, rtol=1e-4)  # everything inserted: the full image again
-    image, heat, target = batch[0], result.heatmaps[0], result.targets[0]
+    image, heat, target = batch[0], result.heatmaps[0], result.classes[0]
     order = np.argsort(-heat.ravel(), kind="stable")
     for k, fraction in enumerate(np.linspace(0, 1, 5)):
         removed = image.reshape(3, -1).copy()

@@ -114,9 +114,9 @@ def test_a_named_target_off_the_grid_is_refused_unless_its_layout_is_given(tmp_p
     model = onnx.shape_inference.infer_shapes(onnx.load(str(vit)))
     softmax = next(n.output[0] for n in model.graph.node if n.op_type == "Softmax")
     with pytest.raises(onnxcam.ExportError, match="is attention between tokens, not a grid over the image"):
-        export_onnx(vit, tmp_path / "x.onnx", target_layers=[softmax])
+        export_onnx(vit, tmp_path / "x.onnx", layers=[softmax])
     assert not (tmp_path / "x.onnx").exists()
-    assert export_onnx(vit, tmp_path / "x.onnx", target_layers=[softmax], layouts=["nchw"]).layers == [softmax]
+    assert export_onnx(vit, tmp_path / "x.onnx", layers=[softmax], layouts=["nchw"]).layers == [softmax]
 
 
 def test_large_models_are_written_with_their_data_beside_them(tmp_path):
@@ -162,7 +162,7 @@ def test_an_output_that_is_not_class_scores_needs_a_target(tmp_path):
         [onnx.numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
          onnx.numpy_helper.from_array(rng.standard_normal((4, 6, 1, 1)).astype(np.float32), "k")])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=9)
-    spec = export_onnx(model, tmp_path / "segmenter.onnx", target_layers=["relu"])
+    spec = export_onnx(model, tmp_path / "segmenter.onnx", layers=["relu"])
     assert spec.score_shape == [4, 16, 16]
     explainer = onnxcam.Explainer(tmp_path / "segmenter.onnx", provider="cpu")
     with pytest.raises(onnxcam.ExplainError, match="not class scores: explain it with a target"):

@@ -83,7 +83,7 @@ def test_explain_takes_the_servers_targets_under_kserve(url, small_onnx):
     answer = httpx.post(f"{url}/v1/models/small:explain", json=body, timeout=60).json()
     expected = onnxcam.Explainer(small_onnx, provider="cpu").explain(images, "scorecam", Classes(top=2))
     assert [(e["instance"], e["target"]) for e in answer["explanations"]] == list(
-        zip(expected.image_index.tolist(), expected.targets.tolist(), strict=True))
+        zip(expected.image_index.tolist(), expected.classes.tolist(), strict=True))
     assert len(answer["explanations"]) == 4
     np.testing.assert_allclose([e["heatmap"] for e in answer["explanations"]], expected.heatmaps, atol=1e-6)
     np.testing.assert_allclose([e["score"] for e in answer["explanations"]], expected.scores, rtol=1e-6)

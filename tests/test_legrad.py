@@ -131,7 +131,7 @@ def test_legrad_matches_torchcam(exported, model, front_end):
     result = explainer.explain(x.numpy(), method="legrad", targets=CLASSES)
     logits = model(x).detach().numpy()
     expected_classes = np.where(CLASSES < 0, logits.argmax(1), CLASSES)
-    np.testing.assert_array_equal(result.targets, expected_classes)
+    np.testing.assert_array_equal(result.classes, expected_classes)
     np.testing.assert_allclose(result.logits, logits, rtol=1e-4, atol=1e-5)
     reference = _torchcam(model, x, expected_classes)
 
@@ -150,7 +150,7 @@ def test_legrad_of_a_deit_matches_autograd(tmp_path):
     their mean: the map against plain PyTorch, each block's score differentiated by autograd."""
     torch.manual_seed(0)
     model = deit().eval()
-    spec = export_torch(model, tmp_path / "deit.onnx", input_shape=(3, SIZE, SIZE), target_layers=["blocks.2.norm1"],
+    spec = export_torch(model, tmp_path / "deit.onnx", input_shape=(3, SIZE, SIZE), layers=["blocks.2.norm1"],
                         legrad=True)
     assert spec.attention_layout == "tokens:2:4x4"
     x = _inputs()
@@ -165,7 +165,7 @@ def test_legrad_of_a_deit_matches_autograd(tmp_path):
     finally:
         for handle in handles:
             handle.remove()
-    selected = torch.as_tensor(result.targets)[:, None]
+    selected = torch.as_tensor(result.classes)[:, None]
     maps = []
     for attention, tokens in zip(attentions, outputs, strict=True):
         score = model.head(model.norm(tokens)[:, :2].mean(dim=1)).gather(1, selected).sum()

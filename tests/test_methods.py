@@ -92,7 +92,7 @@ def reference_heatmaps(model, layers, x, method, classes):
 def two_layer_onnx(tmp_path_factory, small_model):
     path = tmp_path_factory.mktemp("two") / "two.onnx"
     onnxcam.exporters.export_torch(small_model, path, input_shape=(3, 32, 32),
-                                   target_layers=["features.6", "features.8"])
+                                   layers=["features.6", "features.8"])
     return path
 
 
@@ -103,7 +103,7 @@ def test_method_matches_pytorch_reference(method, small_onnx, small_model):
     classes = [-1, 0, 4]
     result = explainer.explain(x.numpy(), method=method, targets=classes)
     expected, selected = reference_heatmaps(small_model, ["features.8"], x.clone(), method, classes)
-    np.testing.assert_array_equal(result.targets, selected)
+    np.testing.assert_array_equal(result.classes, selected)
     assert result.heatmaps.shape == (3, 32, 32) and result.heatmaps.dtype == np.float32
     assert result.heatmaps.max() == pytest.approx(1.0)
     np.testing.assert_allclose(result.heatmaps, expected, atol=2e-4)

@@ -27,14 +27,14 @@ def model():
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory, model):
     path = tmp_path_factory.mktemp("family") / "plain.onnx"
-    onnxcam.exporters.export_torch(model, path, input_shape=(3, 32, 32), target_layers=["features.8"])
+    onnxcam.exporters.export_torch(model, path, input_shape=(3, 32, 32), layers=["features.8"])
     return onnxcam.Explainer(path, provider="cpu")
 
 
 @pytest.fixture(scope="module")
 def gradients_file(tmp_path_factory, model):
     path = tmp_path_factory.mktemp("family") / "input-gradients.onnx"
-    onnxcam.exporters.export_torch(model, path, input_shape=(3, 32, 32), target_layers=["features.8"],
+    onnxcam.exporters.export_torch(model, path, input_shape=(3, 32, 32), layers=["features.8"],
                                    mean=[0.5] * 3, std=[0.25] * 3, input_gradients=True)
     return onnxcam.Explainer(path, provider="cpu")
 
@@ -69,7 +69,7 @@ def test_cam_uses_the_linear_weights_after_pooling(plain, model):
     result = plain.explain(X.numpy(), method="cam", targets=CLASSES)
     _, A, _, selected = _hooked(model, X.clone())
     expected = _post(torch.relu(torch.einsum("bk,bkhw->bhw", model.fc.weight[selected].detach(), A)))
-    np.testing.assert_array_equal(result.targets, selected.numpy())
+    np.testing.assert_array_equal(result.classes, selected.numpy())
     np.testing.assert_allclose(result.heatmaps, expected, atol=2e-4)
 
 
@@ -85,7 +85,7 @@ class TwoLayerHead(nn.Module):
 
 def test_cam_refuses_a_head_that_is_not_pooling_then_linear(tmp_path):
     path = tmp_path / "deep-head.onnx"
-    onnxcam.exporters.export_torch(TwoLayerHead().eval(), path, input_shape=(3, 32, 32), target_layers=["features.8"])
+    onnxcam.exporters.export_torch(TwoLayerHead().eval(), path, input_shape=(3, 32, 32), layers=["features.8"])
     explainer = onnxcam.Explainer(path, provider="cpu")
     with pytest.raises(onnxcam.ExplainError, match="cam needs global average pooling"):
         explainer.explain(X.numpy(), method="cam")
@@ -222,7 +222,7 @@ def test_refinecam_multiplies_the_layer_maps(tmp_path, model):
     from test_methods import reference_cam
 
     path = tmp_path / "two.onnx"
-    onnxcam.exporters.export_torch(model, path, input_shape=(3, 32, 32), target_layers=["features.6", "features.8"])
+    onnxcam.exporters.export_torch(model, path, input_shape=(3, 32, 32), layers=["features.6", "features.8"])
     explainer = onnxcam.Explainer(path, provider="cpu")
     single = []
     for layer in ("features.6", "features.8"):
@@ -251,7 +251,7 @@ def _input_gradient(model, x, classes, guided=False):
 
 def test_guided_backprop_and_guided_gradcam(gradients_file, model):
     guided = gradients_file.explain(X.numpy(), method="guided-backprop", targets=CLASSES)
-    selected = guided.targets
+    selected = guided.classes
     expected = _input_gradient(model, X, selected, guided=True)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(guided.attributions, expected, atol=1e-4 * scale)
@@ -312,14 +312,14 @@ def test_classes_targets_give_one_map_per_class_as_single_class_runs_do(gradient
         top2 = torch.argsort(model(X), dim=1, descending=True)[:, :2].numpy()
     result = gradients_file.explain(X.numpy(), method, targets=Classes(top=2), **options)
     np.testing.assert_array_equal(result.image_index, [0, 0, 1, 1, 2, 2])
-    np.testing.assert_array_equal(result.targets, top2.reshape(-1))
+    np.testing.assert_array_equal(result.classes, top2.reshape(-1))
     assert result.heatmaps.shape == (6, 32, 32) and result.logits.shape == (3, 5)
-    for image, target, heatmap in zip(result.image_index, result.targets, result.heatmaps, strict=True):
+    for image, target, heatmap in zip(result.image_index, result.classes, result.heatmaps, strict=True):
         alone = gradients_file.explain(X.numpy()[image:image + 1], method, targets=int(target), **options)
         np.testing.assert_allclose(heatmap, alone.heatmaps[0], atol=1e-5)
     mixed = gradients_file.explain(X.numpy(), method, targets=[Classes(top=1), 3, Classes(above=1.0)], **options)
     np.testing.assert_array_equal(mixed.image_index, [0, 1])
-    np.testing.assert_array_equal(mixed.targets, [top2[0, 0], 3])
+    np.testing.assert_array_equal(mixed.classes, [top2[0, 0], 3])
     with pytest.raises(onnxcam.ExplainError, match="not other target objects"):
         gradients_file.explain(X.numpy(), method, targets=Contrast(0), **options)
 
@@ -416,7 +416,7 @@ def test_fullgrad_matches_its_definition(tmp_path):
     BatchNorm2d, each channel scaled then resized to the input, summed, scaled."""
     model = BiasFreeConvNet().eval()
     path = tmp_path / "fullgrad.onnx"
-    onnxcam.exporters.export_torch(model, path, input_shape=(3, 32, 32), target_layers=["features.8"],
+    onnxcam.exporters.export_torch(model, path, input_shape=(3, 32, 32), layers=["features.8"],
                                    input_gradients=True)
     result = onnxcam.Explainer(path, provider="cpu").explain(X.numpy(), method="fullgrad", targets=CLASSES)
     layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)
@@ -432,7 +432,7 @@ def test_fullgrad_matches_its_definition(tmp_path):
     scores = model(x)
     for handle in handles:
         handle.remove()
-    scores.gather(1, torch.as_tensor(result.targets)[:, None]).sum().backward()
+    scores.gather(1, torch.as_tensor(result.classes)[:, None]).sum().backward()
     total = _scaled((x.grad * x).abs().detach()).sum(1)
     for layer in layers:
         bias = layer.bias if isinstance(layer, nn.Conv2d) else \

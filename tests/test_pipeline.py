@@ -64,7 +64,7 @@ def test_streamed_batches_equal_explain_on_the_decoded_images(explainer, folder)
             continue
         reference = explainer.explain([read_image(p) for p in batch.paths], method="gradcam++")
         np.testing.assert_allclose(batch.explanation.heatmaps, reference.heatmaps, atol=1e-5)
-        np.testing.assert_array_equal(batch.explanation.targets, reference.targets)
+        np.testing.assert_array_equal(batch.explanation.classes, reference.classes)
         for path, image in zip(batch.paths, batch.images, strict=True):
             np.testing.assert_array_equal(image, read_image(path))
         seen += batch.paths
@@ -97,7 +97,7 @@ def test_every_output_against_explain(explainer, folder, tmp_path):
         reference = explainer.explain(image, method="layercam")
         levels = np.frombuffer(row["heatmap"], np.uint8).reshape(row["height"], row["width"])
         np.testing.assert_allclose(levels, uint8_map(reference.heatmaps[0]), atol=1)
-        assert row["class"] == reference.targets[0] == record[path]["target"]
+        assert row["class"] == reference.classes[0] == record[path]["target"]
         expected = reference.top_k(5, explainer.labels)[0]
         assert row["top5"] == [{**p, "score": pytest.approx(p["score"], rel=1e-5)} for p in expected]
         assert row["label"] == f"class {row['class']}" and row["score"] == pytest.approx(row["top5"][0]["score"])
@@ -158,9 +158,9 @@ class SeveralTargets:
     def explain(self, batch, method, targets, **options):
         top = self.explainer.explain(batch, method=method)
         zero = self.explainer.explain(batch, method=method, targets=0)
-        count = len(top.targets)
+        count = len(top.classes)
         result = top.__class__(np.concatenate([top.heatmaps, zero.heatmaps]), top.logits,
-                               np.concatenate([top.targets, zero.targets]), method)
+                               np.concatenate([top.classes, zero.classes]), method)
         result.image_index = np.concatenate([np.arange(count), np.arange(count)])
         return result
 
@@ -200,9 +200,9 @@ def test_detections_are_drawn_on_the_overlays_and_listed_in_the_record(tmp_path)
         reference = explainer.explain([read_image(path)], targets=target)  # boxes in the pixels of the image
         line = record[path]
         maps = line.get("maps", [line] if "target" in line else [])
-        assert len(maps) == len(reference.targets) and line["top5"] == []
+        assert len(maps) == len(reference.classes) and line["top5"] == []
         report = next(text for text in reports if text.startswith(f"{path}: "))
-        for entry, box, score, klass in zip(maps, reference.boxes, reference.scores, reference.targets, strict=True):
+        for entry, box, score, klass in zip(maps, reference.boxes, reference.scores, reference.classes, strict=True):
             assert entry["target"] == klass and entry["score"] == pytest.approx(score, rel=1e-5)
             np.testing.assert_allclose(entry["box"], box, atol=0.01)
             assert f"{klass} {score:.3f} at {entry['box']}" in report

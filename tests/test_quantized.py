@@ -197,7 +197,7 @@ def shapes_models(tmp_path_factory):
 
 
 def _heatmaps(path, out, target, images, classes):
-    export_onnx(path, out, target_layers=[target] if target else None, mean=[0.5] * 3, std=[0.5] * 3)
+    export_onnx(path, out, layers=[target] if target else None, mean=[0.5] * 3, std=[0.5] * 3)
     return onnxcam.Explainer(out, provider="cpu").explain(list(images), targets=classes).heatmaps
 
 
@@ -237,7 +237,7 @@ def test_float16_model_is_differentiated_in_float16(shapes_models, tmp_path):
     images, labels, _ = shapes.make(5, seed=11)
     target = FIRST_BLOCK["float"]  # through Conv, ReLU and MaxPool
     explainable = tmp_path / "half.explain.onnx"
-    export_onnx(half, explainable, target_layers=[target], mean=[0.5] * 3, std=[0.5] * 3)
+    export_onnx(half, explainable, layers=[target], mean=[0.5] * 3, std=[0.5] * 3)
     outputs = {o.name: o.type.tensor_type.elem_type for o in onnx.load(str(explainable)).graph.output}
     assert outputs["onnxcam_gradient_0"] == outputs["onnxcam_activation_0"] == TensorProto.FLOAT16
     half_maps = onnxcam.Explainer(explainable, provider="cpu").explain(list(images), targets=labels).heatmaps

@@ -89,6 +89,6 @@ def test_every_image_comes_back_once_when_an_actor_dies(cluster, small_onnx, tmp
             reference = explainer.explain(read_image(row["path"]))
             levels = np.frombuffer(row["heatmap"], np.uint8).reshape(row["height"], row["width"])
             np.testing.assert_allclose(levels, uint8_map(reference.heatmaps[0]), atol=1)
-            assert row["class"] == reference.targets[0]
+            assert row["class"] == reference.classes[0]
         else:
             assert row["path"].endswith("broken.jpg") and "JPEG" in row["error"]

@@ -164,7 +164,7 @@ def test_a_target_before_a_bidirectional_lstm_gets_the_finite_difference_gradien
     original = onnx.load(str(plain))
     assert "LSTM" in {n.op_type for n in original.graph.node}
     target = next(n.output[0] for n in original.graph.node if n.op_type == "Conv")
-    spec = export_onnx(plain, tmp_path / "explainable.onnx", target_layers=[target],
+    spec = export_onnx(plain, tmp_path / "explainable.onnx", layers=[target],
                        input_size=size if len(dynamic) > 1 else None)
     explainer = onnxcam.Explainer(tmp_path / "explainable.onnx", provider="cpu")
     images = np.random.default_rng(3).standard_normal((BATCH, 3, *size)).astype(np.float32)

@@ -405,7 +405,7 @@ def test_rule_matches_finite_differences(op_type: str, variant: str, tmp_path: P
     assert any(n.op_type == op_type for n in model.graph.node), "the case must use the operator it tests"
     static = {d for shape in _shapes(case, model.graph.node, model.graph.initializer).values() for d in shape}
     assert BATCH not in static, "a static size equal to the batch could hide a rule that mixes the two up"
-    spec = export_onnx(scored_in_float32(model), tmp_path / "case.onnx", target_layers=[case.target],
+    spec = export_onnx(scored_in_float32(model), tmp_path / "case.onnx", layers=[case.target],
                        input_layout="nchw", layouts=["nchw"])
     session = ort.InferenceSession(str(tmp_path / "case.onnx"), providers=["CPUExecutionProvider"])
     x = images(case.dtype)

@@ -37,7 +37,7 @@ def _run(path, x, classes):
 
 def test_seed_conv_linear_gradient_at_conv_output(tmp_path):
     path = tmp_path / "seed.onnx"
-    export_torch(TinyConvLinear().eval(), path, input_shape=(1, 3, 3), target_layers=["conv"])
+    export_torch(TinyConvLinear().eval(), path, input_shape=(1, 3, 3), layers=["conv"])
     x = np.stack([SEED_INPUT, SEED_INPUT * 0 + 1, SEED_INPUT])[:, None]  # batch 3: not the export's 2
     out = _run(path, x, [0, 0, -1])
     np.testing.assert_array_equal(out["onnxcam_activation_0"][0, 0], [[4, 7], [5, 6]])
@@ -52,7 +52,7 @@ def test_seed_conv_linear_gradient_at_input(tmp_path):
     torch.onnx.export(TinyConvLinear().eval(), (torch.zeros(2, 1, 3, 3),), plain, input_names=["input"],
                       output_names=["logits"], dynamo=False, dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
     path = tmp_path / "seed_input.onnx"
-    export_onnx(plain, path, target_layers=["input"])
+    export_onnx(plain, path, layers=["input"])
     out = _run(path, SEED_INPUT[None, None], [0])
     np.testing.assert_array_equal(out["onnxcam_gradient_0"][0, 0], [[0, 1, 0], [0, 2, 2], [0, 1, 2]])
 

@@ -137,14 +137,14 @@ def test_detections_come_back_in_the_pixels_of_the_image_as_sent(detector):
     expected = explainer.explain(image, targets=Detection(score_threshold=0.575))
     assert len(expected.boxes) >= 2 and (expected.boxes[:, [1, 3]] > 32).any()  # past the model's 32 x 32
     answer = httpx.post(f"{base}/explain?task=detect&score_threshold=0.575", content=encode_png(image)).json()
-    assert answer["top5"] == [] and [m["target"] for m in answer["maps"]] == expected.targets.tolist()
+    assert answer["top5"] == [] and [m["target"] for m in answer["maps"]] == expected.classes.tolist()
     np.testing.assert_allclose([m["box"] for m in answer["maps"]], expected.boxes, atol=1e-3)
     np.testing.assert_allclose([m["score"] for m in answer["maps"]], expected.scores, rtol=1e-5)
     np.testing.assert_array_equal(np.stack([_grey(m["heatmap_png"]) for m in answer["maps"]]),
                                   _uint8(expected.heatmaps))
     second = httpx.post(f"{base}/explain?task=detect&score_threshold=0.575&ranks=1", content=encode_png(image),
                         headers={"Accept": "image/png"})
-    label = f"class {expected.targets[1]} {expected.scores[1]:.2f}"
+    label = f"class {expected.classes[1]} {expected.scores[1]:.2f}"
     drawn = annotate(overlay(image, expected.heatmaps[1]), box=expected.boxes[1], label=label)
     np.testing.assert_array_equal(_rgb(second.content), drawn)  # the second detection's map, box and label
     assert (drawn != overlay(image, expected.heatmaps[1])).any()
@@ -177,7 +177,7 @@ def test_a_segment_is_drawn_with_its_mask_outline(tmp_path):
     image = random_images(1, seed=13, size=(50, 70))[0]
     found = [explainer.explain(image, targets=Segmentation(k)) for k in range(4)]
     expected = next(r for r in found if r.masks[0].any())  # a class predicted somewhere
-    segment = int(expected.targets[0])
+    segment = int(expected.classes[0])
     drawn = annotate(overlay(image, expected.heatmaps[0], 0.5, "jet"), mask=expected.masks[0])
     with serving(create_app(tmp_path / "explain.onnx", name="seg", provider="cpu")) as base:
         answer = httpx.post(f"{base}/explain?task=segment&target={segment}&alpha=0.5", content=encode_png(image),
@@ -218,7 +218,7 @@ def test_the_batcher_splits_maps_by_image_and_a_bad_target_spares_its_neighbours
     for index in (0, 2, 3):
         expected = explainer.explain(batches[index], targets=asked[index])
         np.testing.assert_array_equal(results[index].image_index, expected.image_index)
-        np.testing.assert_array_equal(results[index].targets, expected.targets)
+        np.testing.assert_array_equal(results[index].targets, expected.classes)
         np.testing.assert_allclose(results[index].heatmaps, expected.heatmaps, atol=1e-6)
     assert results[0].heatmaps.shape == (4, 32, 32) and results[2].image_index.tolist() == [0, 0, 1, 1, 2, 2]
     # the three target jobs together (6 images), each again alone, and the class job on its own

@@ -109,7 +109,7 @@ def _explainable(model: nn.Module, tmp_path, layer: str) -> onnxcam.Explainer:
         torch.onnx.export(model, (torch.zeros(2, 3, 32, 32),), plain, dynamo=False, input_names=["input"],
                           output_names=["out"], dynamic_axes={"input": {0: "N"}, "out": {0: "N"}})
     tensor = f"/{layer.split('.', maxsplit=1)[0]}/{layer}/Relu_output_0"
-    export_onnx(plain, path, target_layers=[tensor])
+    export_onnx(plain, path, layers=[tensor])
     return onnxcam.Explainer(path, provider="cpu")
 
 
@@ -123,7 +123,7 @@ def test_several_classes_equal_single_class_runs(explainer):
     result = explainer.explain(x, targets=Classes(4, 1))
     assert result.heatmaps.shape == (2 * BATCH, 32, 32)
     np.testing.assert_array_equal(result.image_index, [0, 0, 1, 1, 2, 2])
-    np.testing.assert_array_equal(result.targets, [4, 1] * BATCH)
+    np.testing.assert_array_equal(result.classes, [4, 1] * BATCH)
     for position, class_index in enumerate((4, 1)):
         single = explainer.explain(x, targets=class_index)
         np.testing.assert_array_equal(result.heatmaps[position::2], single.heatmaps)
@@ -136,7 +136,7 @@ def test_top_classes_and_per_image_targets_match_pytorch(explainer, small_model)
     logits = small_model(x).detach()
     top = torch.argsort(logits[0], descending=True)[:3].tolist()
     expected_targets = [*top, 2, int(logits[2].argmax())]
-    np.testing.assert_array_equal(result.targets, expected_targets)
+    np.testing.assert_array_equal(result.classes, expected_targets)
     np.testing.assert_array_equal(result.image_index, [0, 0, 0, 1, 2])
     pairs = list(zip(result.image_index.tolist(), expected_targets, strict=True))
     expected = hook_gradcam(small_model, "features.8", x, lambda out: [(i, out[i, c]) for i, c in pairs])
@@ -148,7 +148,7 @@ def test_labels_above_a_probability_for_multi_label_models(explainer, small_mode
     result = explainer.explain(x.numpy(), targets=Classes(above=0.5))
     positive = torch.sigmoid(small_model(x)).detach() > 0.5
     np.testing.assert_array_equal(result.image_index, positive.nonzero()[:, 0].numpy())
-    np.testing.assert_array_equal(result.targets, positive.nonzero()[:, 1].numpy())
+    np.testing.assert_array_equal(result.classes, positive.nonzero()[:, 1].numpy())
 
 
 def test_contrast_is_finer_cam(explainer, small_model):
@@ -219,7 +219,7 @@ def test_detections_match_pytorch(v5, threshold, tmp_path):
     found = [(i, *d) for i in range(BATCH) for d in _reference_detections(rows[i], threshold, 0.3)[:4]]
     assert len(found) >= 2
     np.testing.assert_array_equal(result.image_index, [i for i, *_ in found])
-    np.testing.assert_array_equal(result.targets, [c for _, _, c, _ in found])
+    np.testing.assert_array_equal(result.classes, [c for _, _, c, _ in found])
     np.testing.assert_allclose(result.scores, [s for *_, s in found], rtol=1e-5)
 
     def score(out, i, n, c):
@@ -245,7 +245,7 @@ def test_similarity_matches_pytorch(tmp_path):
                                                                for i in range(BATCH)])
     np.testing.assert_allclose(result.heatmaps, expected, atol=2e-4)
     np.testing.assert_allclose(result.scores, F.cosine_similarity(model(x), c[None]).detach().numpy(), rtol=1e-5)
-    np.testing.assert_array_equal(result.targets, [-1] * BATCH)
+    np.testing.assert_array_equal(result.classes, [-1] * BATCH)
 
 
 def _helper_model(path, head: str, classes: int = 3) -> None:
@@ -278,7 +278,7 @@ def test_head_gradient_matches_finite_differences(head, tmp_path):
 
     plain, explainable = tmp_path / "plain.onnx", tmp_path / "explain.onnx"
     _helper_model(plain, head)
-    export_onnx(plain, explainable, target_layers=["feat"])
+    export_onnx(plain, explainable, layers=["feat"])
     explainer = onnxcam.Explainer(explainable, provider="cpu")
     x = np.random.default_rng(8).standard_normal((BATCH, 3, 6, 6)).astype(np.float32)
     target = Segmentation(1) if head == "segment" else Detection(score_threshold=0.0, max_detections=2)
@@ -332,11 +332,11 @@ def test_nudenet_yolov8n_detects_and_explains_the_astronauts_face(tmp_path):
     from onnxcam.testing.detectors import NUDENET_FACE, NUDENET_LAYERS, nudenet_file
 
     explainable = tmp_path / "320n.explain.onnx"
-    export_onnx(nudenet_file(), explainable, input_size=(320, 320), target_layers=NUDENET_LAYERS)
+    export_onnx(nudenet_file(), explainable, input_size=(320, 320), layers=NUDENET_LAYERS)
     explainer = onnxcam.Explainer(explainable, provider="cpu")
     image = skimage.astronaut()
     result = explainer.explain([image, image[:, ::-1].copy()], targets=Detection(score_threshold=0.3))
-    face = [row for row, label in enumerate(result.targets) if label == NUDENET_FACE]
+    face = [row for row, label in enumerate(result.classes) if label == NUDENET_FACE]
     assert sorted(result.image_index[face].tolist()) == [0, 1]
     for row in face:
         x1, y1, x2, y2 = result.boxes[row]
@@ -369,10 +369,10 @@ def test_cli_several_targets_and_a_bad_task(small_onnx, tmp_path):
 
     picture = tmp_path / "picture.png"
     write_png(picture, random_images(1)[0])
-    done = run_cli("explain", small_onnx, picture, "-o", tmp_path / "out", "--target", 1, "--target", 3)
+    done = run_cli("explain", small_onnx, picture, "-o", tmp_path / "out", "--class", 1, "--class", 3)
     assert done.returncode == 0, done.stderr
     assert {"picture.class1.png", "picture.class3.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
-    done = run_cli("explain", small_onnx, picture, "-o", tmp_path / "bad", "--task", "segment", "--target", 1)
+    done = run_cli("explain", small_onnx, picture, "-o", tmp_path / "bad", "--task", "segment", "--class", 1)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == ("error: Segmentation needs an output of K x h x w per image; "
                                                     "this one is 5")

@@ -33,7 +33,7 @@ def vit_onnx(tmp_path_factory, vit_model):
 @pytest.fixture(scope="module")
 def swin_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("swin") / "swin.onnx"
-    spec = export_torch(swin(), path, input_shape=(3, 32, 32), target_layers=["layers.1.blocks.1.norm1", "norm"])
+    spec = export_torch(swin(), path, input_shape=(3, 32, 32), layers=["layers.1.blocks.1.norm1", "norm"])
     return path, spec
 
 
@@ -109,7 +109,7 @@ def test_tanh_gelu_gradients_match_autograd(tmp_path):
     """GELU's tanh form, which the exporter writes as opset 20's Gelu(approximate="tanh")."""
     model = vit(gelu="tanh")
     names = ["blocks.0.norm1", "blocks.2.norm1"]
-    spec = export_torch(model, tmp_path / "vit.onnx", input_shape=(3, 32, 32), target_layers=names)
+    spec = export_torch(model, tmp_path / "vit.onnx", input_shape=(3, 32, 32), layers=names)
     x, classes = _inputs(9), [-1, 2, 4]
     out = _run(tmp_path / "vit.onnx", x, classes)
     _, _, _, grads = _autograd(model, names, x, classes)
@@ -185,7 +185,7 @@ def test_grad_rollout_matches_reference(vit_model, vit_onnx):
     got = grad_rollout([out[n] for n in spec.attentions], [out[n] for n in spec.attention_gradients], 1, (4, 4), 0.9)
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
     result = onnxcam.Explainer(path, provider="cpu").explain(x.numpy(), method="grad-rollout", targets=classes)
-    assert result.heatmaps.shape == (BATCH, 32, 32) and result.targets[0] == 1
+    assert result.heatmaps.shape == (BATCH, 32, 32) and result.classes[0] == 1
 
 
 def test_fused_attention_is_found_in_the_exported_graph(vit_onnx, tmp_path):
@@ -230,13 +230,13 @@ def test_distillation_tokens_are_found_from_the_image_grid(tmp_path):
     """DeiT puts two tokens before the patches: 18 tokens are 2 + a 4 x 4 grid over the 32 x 32 image, and the
     override says the same. A layout that fits no grid over the image is refused."""
     model = deit()
-    guessed = export_torch(model, tmp_path / "guessed.onnx", input_shape=(3, 32, 32), target_layers=["blocks.2.norm1"])
+    guessed = export_torch(model, tmp_path / "guessed.onnx", input_shape=(3, 32, 32), layers=["blocks.2.norm1"])
     assert guessed.layouts == ["tokens:2:4x4"]
     assert default_layer(model, (3, 32, 32)) == "blocks.2.norm1"  # not the 18 x 18 attention, an 18 x 18 "map"
     with pytest.raises(ExportError, match="layout tokens:1:4x4 does not fit an activation of shape"):
-        export_torch(model, tmp_path / "deit.onnx", input_shape=(3, 32, 32), target_layers=["blocks.2.norm1"],
+        export_torch(model, tmp_path / "deit.onnx", input_shape=(3, 32, 32), layers=["blocks.2.norm1"],
                      layouts=["tokens:1:4x4"])
-    spec = export_torch(model, tmp_path / "deit.onnx", input_shape=(3, 32, 32), target_layers=["blocks.2.norm1"],
+    spec = export_torch(model, tmp_path / "deit.onnx", input_shape=(3, 32, 32), layers=["blocks.2.norm1"],
                         layouts=["tokens:2:4x4"])
     assert spec.attention_layout == "tokens:2:4x4" and len(spec.attentions) == 3
     assert spec.attention_gradients == []  # opt-in: they cost a backward pass through every block

@@ -58,7 +58,7 @@ def test_bundle_repository_names_the_extensions_library(tmp_path, small_model):
     from onnxcam.exporters import export_torch
 
     bundle = tmp_path / "small.bundle.onnx"
-    export_torch(small_model, bundle, input_shape=(3, 32, 32), target_layers=["features.8"], bundled=True)
+    export_torch(small_model, bundle, input_shape=(3, 32, 32), layers=["features.8"], bundled=True)
     config = _parse(write_repository(bundle, tmp_path / "models") / "config.pbtxt")
     assert list(config.model_operations.op_library_filename) == ["/models/small/libortextensions.so"]
     assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
@@ -79,7 +79,7 @@ def test_heatmaps_from_tritons_outputs_equal_the_explainers(small_onnx, tmp_path
     result = explanation_from_outputs(spec, method, outputs)
     expected = explainer.explain(batch, method, classes)
     np.testing.assert_allclose(result.heatmaps, expected.heatmaps, atol=1e-5)
-    np.testing.assert_array_equal(result.targets, expected.targets)
+    np.testing.assert_array_equal(result.classes, expected.classes)
     np.testing.assert_allclose(result.logits, expected.logits, rtol=1e-5)
 
 
@@ -87,7 +87,7 @@ def test_export_writes_the_repository_from_the_command_line(tmp_path):
     from conftest import run_cli
 
     result = run_cli("export", "conftest:small_net", "-o", tmp_path / "net.explain.onnx", "--input-size", 32,
-                     "--target-layer", "features.8", "--triton-repo", tmp_path / "models",
+                     "--layer", "features.8", "--triton-repo", tmp_path / "models",
                      cwd=Path(__file__).parent)
     assert result.returncode == 0, result.stderr
     config = _parse(tmp_path / "models" / "net" / "config.pbtxt")

@@ -142,7 +142,7 @@ class Case:
         self.entry = entry
         model = entry.build()
         path = directory / f"{entry.name}.onnx"
-        export_torch(model, path, input_shape=entry.input_shape, target_layers=entry.targets)
+        export_torch(model, path, input_shape=entry.input_shape, layers=entry.targets)
 
         self.x, self.images = images_away_from_kinks(model, entry)
         options = ort.SessionOptions()

@@ -41,7 +41,7 @@ def map_entries(explanation: Explanation, image: int, indices: list[int], labels
     probability = None if own_scores else probabilities(explanation.logits[image:image + 1])[0]
     entries = []
     for m in indices:
-        target = int(explanation.targets[m])
+        target = int(explanation.classes[m])
         score = own[m] if own_scores or target < 0 else probability[target]
         entry = {"target": target, "label": labels[target] if labels and target >= 0 else None,
                  "score": None if score is None else float(score)}

@@ -161,7 +161,7 @@ class _Job:
             return number, entries
         tops = [[] for _ in batch.paths] if has_regions(explanation) else explanation.top_k(5, labels)
         for i, (path, indices) in enumerate(zip(batch.paths, explanation.maps_per_image(), strict=True)):
-            classes = [int(explanation.targets[m]) for m in indices]
+            classes = [int(explanation.classes[m]) for m in indices]
             maps = map_entries(explanation, i, indices, labels)
             line = {"path": path, "batch": number, "method": self.method, "top5": tops[i]}
             files = None

@@ -34,7 +34,7 @@ def job_result(result: Explanation, start: int, end: int) -> Explanation:
 
     boxes = part(result.boxes, lambda b: np.isnan(b).all())
     masks = part(result.masks, lambda m: not m.any())
-    return Explanation(result.heatmaps[rows], result.logits[start:end], result.targets[rows], result.method,
+    return Explanation(result.heatmaps[rows], result.logits[start:end], result.classes[rows], result.method,
                        result.image_index[rows] - start, part(result.scores, lambda _: False), boxes, masks,
                        None if result.attributions is None else result.attributions[start:end])
 

@@ -184,7 +184,7 @@ def v2_response(name: str, spec: ExplainSpec, logits, result: Explanation | None
     and scores and boxes (x1 y1 x2 y2) where the targets give them."""
     outputs = [v2_tensor(spec.scores, logits, "FP32")]
     if result is not None:
-        outputs += [v2_tensor("heatmaps", result.heatmaps, "FP32"), v2_tensor("targets", result.targets, "INT64"),
+        outputs += [v2_tensor("heatmaps", result.heatmaps, "FP32"), v2_tensor("targets", result.classes, "INT64"),
                     v2_tensor("image_index", result.image_index, "INT64")]
         if result.scores is not None:
             outputs.append(v2_tensor("scores", result.scores, "FP32"))

@@ -138,7 +138,7 @@ class Service:
         method, result = await self.run(asked, explain=True)
         labels = self.explainer.labels
         return JSONResponse({"predictions": protocol.v1_predictions(result.logits, labels),
-                             "explanations": protocol.v1_explanations(result.heatmaps, result.targets, method, labels,
+                             "explanations": protocol.v1_explanations(result.heatmaps, result.classes, method, labels,
                                                                       result)})
 
     # an encoded image, for people and the page
@@ -210,7 +210,7 @@ def query_parameters(query) -> dict:
 def drawn(image: np.ndarray, result: Explanation, row: int, labels, alpha: float, colormap: str) -> np.ndarray:
     """Map `row`'s overlay on the image, with its detection's box and label, or its segment's mask outline."""
     picture = overlay(image, result.heatmaps[row], alpha, colormap)
-    target = int(result.targets[row])
+    target = int(result.classes[row])
     if protocol.has_boxes(result):
         name = protocol.label_of(target, labels) or f"class {target}"
         score = f" {result.scores[row]:.2f}" if result.scores is not None else ""
@@ -222,7 +222,7 @@ def drawn(image: np.ndarray, result: Explanation, row: int, labels, alpha: float
 
 def map_entry(image: np.ndarray, result: Explanation, row: int, labels, alpha: float, colormap: str) -> dict:
     """One map of the image route's JSON answer."""
-    target = int(result.targets[row])
+    target = int(result.classes[row])
     grey = np.repeat((result.heatmaps[row] * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
     entry = {"target": target, "target_label": protocol.label_of(target, labels),
              "overlay_png": base64.b64encode(encode_png(drawn(image, result, row, labels, alpha, colormap))).decode(),
