@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import cpu_model
 
 from onnxcam.timing import interleaved
 
@@ -281,7 +282,7 @@ def write(rows, args):
         for row in rows:
             writer.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine_name()} ({machine}); input {args.size}x{args.size}; "
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {cpu_model()} ({machine}); input {args.size}x{args.size}; "
              f"median of up to {args.repeats} runs, [p10, p90].", "",
              "| model | batch | configuration | median ms | [p10, p90] | images/s | peak MB | x floor "
              "| speed-up vs eager |",
@@ -292,16 +293,6 @@ def write(rows, args):
                      f"{r['x_floor']:.2f} | {r['speedup_vs_eager']:.2f} |")
     (RESULTS / "table.md").write_text("\n".join(lines) + "\n")
     plot(rows)
-
-
-def machine_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def plot(rows):
