@@ -164,16 +164,26 @@ def prepare(model_name: str, size: int, folder: Path) -> tuple[Path, Path]:
     sys.path.insert(0, str(HERE))
     from models import MODELS
 
+    plain = folder / f"{model_name}.onnx"
+    if not plain.exists():
+        torch.onnx.export(MODELS[model_name][0](), (torch.zeros(2, 3, size, size),), plain, dynamo=True,
+                          input_names=["input"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return plain, explainable_file(model_name, size, folder)
+
+
+def explainable_file(model_name: str, size: int, folder: Path) -> Path:
+    """The explainable export of a model of models.py (its builders are seeded: the same weights as the floor's),
+    made once."""
+    sys.path.insert(0, str(HERE))
+    from models import MODELS
+
     from onnxcam.exporters import export_torch
 
     build, layer = MODELS[model_name]
-    plain, explainable = folder / f"{model_name}.onnx", folder / f"{model_name}.explain.onnx"
-    if not plain.exists():
-        model = build()
-        torch.onnx.export(model, (torch.zeros(2, 3, size, size),), plain, dynamo=True, input_names=["input"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
-        export_torch(model, explainable, input_shape=(3, size, size), target_layers=[layer])
-    return plain, explainable
+    explainable = folder / f"{model_name}.explain.onnx"
+    if not explainable.exists():
+        export_torch(build(), explainable, input_shape=(3, size, size), target_layers=[layer])
+    return explainable
 
 
 def worker_groups(batch: int, cuda: bool, torch_cuda: bool) -> list[list[str]]:
