@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import cpu_model
 
 from onnxcam.core.timing import interleaved
 
@@ -163,16 +164,26 @@ def prepare(model_name: str, size: int, folder: Path) -> tuple[Path, Path]:
     sys.path.insert(0, str(HERE))
     from models import MODELS
 
+    plain = folder / f"{model_name}.onnx"
+    if not plain.exists():
+        torch.onnx.export(MODELS[model_name][0](), (torch.zeros(2, 3, size, size),), plain, dynamo=True,
+                          input_names=["input"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return plain, explainable_file(model_name, size, folder)
+
+
+def explainable_file(model_name: str, size: int, folder: Path) -> Path:
+    """The explainable export of a model of models.py (its builders are seeded: the same weights as the floor's),
+    made once."""
+    sys.path.insert(0, str(HERE))
+    from models import MODELS
+
     from onnxcam.exporters import export_torch
 
     build, layer = MODELS[model_name]
-    plain, explainable = folder / f"{model_name}.onnx", folder / f"{model_name}.explain.onnx"
-    if not plain.exists():
-        model = build()
-        torch.onnx.export(model, (torch.zeros(2, 3, size, size),), plain, dynamo=True, input_names=["input"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
-        export_torch(model, explainable, input_shape=(3, size, size), layers=[layer])
-    return plain, explainable
+    explainable = folder / f"{model_name}.explain.onnx"
+    if not explainable.exists():
+        export_torch(build(), explainable, input_shape=(3, size, size), layers=[layer])
+    return explainable
 
 
 def worker_groups(batch: int, cuda: bool, torch_cuda: bool) -> list[list[str]]:
@@ -281,7 +292,7 @@ def write(rows, args):
         for row in rows:
             writer.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine_name()} ({machine}); input {args.size}x{args.size}; "
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {cpu_model()} ({machine}); input {args.size}x{args.size}; "
              f"median of up to {args.repeats} runs, [p10, p90].", "",
              "| model | batch | configuration | median ms | [p10, p90] | images/s | peak MB | x floor "
              "| speed-up vs eager |",
@@ -292,16 +303,6 @@ def write(rows, args):
                      f"{r['x_floor']:.2f} | {r['speedup_vs_eager']:.2f} |")
     (RESULTS / "table.md").write_text("\n".join(lines) + "\n")
     plot(rows)
-
-
-def machine_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def plot(rows):

@@ -6,8 +6,10 @@ The good requests are images to POST /explain, Open Inference tensors and KServe
 truncated images, 64 MiB bodies sent the way urllib sends them (the whole body before the answer is read),
 tensors whose data does not match their shape, and unknown models. It checks: no 5xx; every bad request
 answered with its own 4xx; the server's resident memory growing under 10% from the first 200 requests to the
-last; and after SIGTERM, every request accepted before it answered. Exit status 1 when a check fails; --json
-prints the figures as JSON.
+last; and after SIGTERM, every request accepted before it answered (one per client, held in flight by a body
+sent in two halves, the second after the signal). Exit status 1 when a check fails; --json
+prints the figures as JSON; --record writes them to benchmarks/results/soak.md and soak.json, with the command,
+the machine and its load (off by default: tests/test_soak.py runs this script with fewer requests).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 import cv2
 import httpx
 import numpy as np
+from provenance import begin, describe, end, write
 
 EXPECTED = {"image": 200, "tensor": 200, "v1": 200, "truncated": 400, "oversized": 413, "wrong tensor": 400,
             "unknown model": 404}
@@ -72,6 +75,17 @@ class Workload:
         if kind == "unknown model":
             return session.post(f"{base}/v2/models/not-{model}/infer", json=self.tensor).status_code
         return urllib_post(f"{base}/explain", self.oversized)
+
+    def held(self, session: httpx.Client, release: threading.Event) -> int:
+        """An image whose second half is sent only once `release` is set: the request is in flight until then."""
+        half = len(self.png) // 2
+
+        def body():
+            yield self.png[:half]
+            release.wait(60)
+            yield self.png[half:]
+
+        return session.post(f"{self.base}/explain", content=body(), headers={"Accept": "image/png"}).status_code
 
 
 def urllib_post(url: str, body: bytes) -> int:
@@ -124,12 +138,12 @@ def run_load(work: Workload, kinds: list[str], clients: int, pid: int) -> dict:
                 with lock:
                     results.append((kind, status))
                     if len(results) == min(200, len(kinds)):
-                        memory["after 200 MiB"] = resident_mib(pid)
+                        memory["after 200 MiB"] = round(resident_mib(pid), 1)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
-    memory["at the end MiB"] = resident_mib(pid)
+    memory["at the end MiB"] = round(resident_mib(pid), 1)
     wrong = Counter(f"{kind} -> {status}" for kind, status in results if status != EXPECTED[kind])
     return {"requests": len(results), "seconds": round(time.perf_counter() - start, 1),
             "bad requests": sum(kind in BAD for kind, _ in results),
@@ -138,19 +152,22 @@ def run_load(work: Workload, kinds: list[str], clients: int, pid: int) -> dict:
 
 
 def sigterm_under_load(work: Workload, server: subprocess.Popen, accepted: int) -> dict:
-    """`accepted` requests in flight, then SIGTERM: readiness must turn false and every one be answered."""
+    """`accepted` requests in flight (their bodies half sent, so that a fast model cannot answer them first), then
+    SIGTERM: readiness must turn false, and once the bodies are finished every one must be answered."""
     def in_flight() -> float:
         text = httpx.get(f"{work.base}/metrics").text
         return float(next(line.split()[-1] for line in text.splitlines()
                           if line.startswith("onnxcam_requests_in_flight")))
 
+    release = threading.Event()
     with ThreadPoolExecutor(accepted) as pool, httpx.Client(timeout=120) as session:
-        calls = [pool.submit(work.send, session, "image") for _ in range(accepted)]
+        calls = [pool.submit(work.held, session, release) for _ in range(accepted)]
         deadline = time.monotonic() + 30
         while (measured := in_flight()) < accepted and time.monotonic() < deadline:
             time.sleep(0.005)
         server.send_signal(signal.SIGTERM)
         ready = httpx.get(f"{work.base}/v2/health/ready").status_code
+        release.set()
         statuses = [call.result() for call in calls]
     code = server.wait(60)
     return {"in flight at SIGTERM": int(measured), "readiness after SIGTERM": ready,
@@ -164,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--oversized-mib", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="Print the figures as one JSON object.")
+    parser.add_argument("--record", action="store_true", help="Write benchmarks/results/soak.md and soak.json.")
     args = parser.parse_args(argv)
+    run = begin()
     from onnxcam import Explainer
 
     spec = Explainer(args.model, provider="cpu").spec
@@ -182,10 +201,27 @@ def main(argv: list[str] | None = None) -> int:
         ("5xx answers", figures["5xx"] > 0), ("bad requests without their 4xx", bool(figures["unexpected"])),
         ("memory growth >= 10%", figures["memory growth %"] >= 10),
         ("readiness still true after SIGTERM", figures["readiness after SIGTERM"] != 503),
-        ("errors after SIGTERM", figures["errors after SIGTERM"] > 0)] if failed]
+        ("errors after SIGTERM", figures["errors after SIGTERM"] > 0),
+        ("fewer requests in flight at SIGTERM than sent", figures["in flight at SIGTERM"] < args.clients)] if failed]
     figures["failed checks"] = failures
     print(json.dumps(figures) if args.json else "\n".join(f"{k:<32}{v}" for k, v in figures.items()))
+    if args.record:
+        record(end(run), args, spec, figures)
     return 1 if failures else 0
+
+
+def record(run: dict, args, spec, figures: dict) -> None:
+    model = (f"{args.model.name} ({args.model.stat().st_size / 2**10:.0f} KiB, input {spec.input_size[0]} x "
+             f"{spec.input_size[1]}, target {', '.join(spec.layers)})")
+    lines = ["# Soak test of `onnxcam serve` (benchmarks/soak.py)", "", *describe(run), "",
+             f"{args.requests} requests from {args.clients} clients on loopback (127.0.0.1), a fifth of them bad "
+             f"({args.oversized_mib} MiB bodies sent as urllib sends them among them), then SIGTERM with "
+             f"{figures['in flight at SIGTERM']} of {args.clients} requests in flight (sent with their bodies half "
+             f"sent). Model: {model}.", "",
+             "| figure | value |", "|---|---|"]
+    lines += [f"| {name} | {value if value not in ({}, []) else 'none'} |" for name, value in figures.items()]
+    write("soak", "\n".join(lines), {"run": run, "model": model, "requests": args.requests,
+                                     "clients": args.clients, "figures": figures})
 
 
 if __name__ == "__main__":
