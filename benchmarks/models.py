@@ -3,10 +3,14 @@ transformer. Random weights where no pretrained ones ship: timing does not depen
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from onnxcam.testing.zoo_transformers import VisionTransformer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the model builders shared with the tests
+from support.zoo_transformers import VisionTransformer  # noqa: E402
 
 
 class Bottleneck(nn.Module):

@@ -37,7 +37,8 @@ CONFIGS = {"resnet50": ["floor", "top-1", "top-5", "head:top-5", "eager:top-5"],
 def prepare_yolo(folder: Path) -> tuple[Path, Path]:
     """nudenet's file as shipped (the floor; its input is dynamic) and its explainable export at 320 x 320."""
     from onnxcam.exporters import export_onnx
-    from onnxcam.testing.detectors import NUDENET_LAYERS, nudenet_file
+    sys.path.insert(0, str(HERE.parent / "tests"))  # the model builders shared with the tests
+    from support.detectors import NUDENET_LAYERS, nudenet_file
 
     explainable = folder / "yolov8n-320.explain.onnx"
     if not explainable.exists():

@@ -31,9 +31,9 @@ from provenance import RESULTS, begin, describe, end, write
 from threadpoolctl import threadpool_limits
 
 import onnxcam
-from onnxcam.methods import METHODS
 from onnxcam.core.layouts import to_grid
 from onnxcam.core.timing import interleaved
+from onnxcam.methods import METHODS
 
 
 def ways(explainer: onnxcam.Explainer, batch: np.ndarray, method: str) -> dict:

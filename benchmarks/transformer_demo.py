@@ -11,6 +11,7 @@ and transformer-demo.json, with the command, the machine and its load.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +24,10 @@ from provenance import begin, describe, end, write
 import onnxcam
 from onnxcam.core.metrics import pointing_game
 from onnxcam.exporters import export_torch
-from onnxcam.testing import shapes
-from onnxcam.testing.zoo_transformers import VisionTransformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the model builders shared with the tests
+from support import shapes  # noqa: E402
+from support.zoo_transformers import VisionTransformer  # noqa: E402
 
 METHODS = ["gradcam", "rollout", "grad-rollout"]
 

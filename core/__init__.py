@@ -1,4 +1,5 @@
-"""The numpy core: class activation map methods, map post-processing, scores, metrics and overlays. No I/O."""
+"""The bottom layer: the numpy core (the methods' formulas, map post-processing, scores, metrics, overlays), the
+contract of an explainable file, the errors a user can act on, and image files. It imports no other layer."""
 
 from .images import COLORMAPS, overlay, preprocess
 from .maps import heatmaps, normalize, upsample

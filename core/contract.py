@@ -1,6 +1,6 @@
 """The contract between an explainable ONNX file and the runtimes: the names `onnxcam export` adds to the
 graph and the facts it records as JSON under the metadata key `onnxcam`. Exporters write it, runtimes
-read it; neither imports the other.
+read it. It sits in the bottom layer, beside the numpy core: every other layer may read it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Perturbation CAMs: the Score-CAM family (masked inputs) and Ablation-CAM (zeroed channels). Pure functions that
 build the perturbed tensors and turn the scores of their forward runs into channel weights; the runs are the
-caller's (onnxcam.strategies).
+caller's (onnxcam.methods.perturbation).
 """
 
 from __future__ import annotations

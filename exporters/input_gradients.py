@@ -2,7 +2,7 @@
 guided backpropagation, Guided Grad-CAM, saliency, SmoothGrad and Integrated Gradients. It costs a backward pass
 through the whole network on every run of the file, so it is opt-in. The ReLUs' masks of that backward pass are
 marked (autodiff.guided): a runtime that wants guided backpropagation loads the file a second time with them
-rewritten (onnxcam.strategies), and the file's own runs pay nothing for it. The target-layer
+rewritten (runtimes.explainable.guided_runner), and the file's own runs pay nothing for it. The target-layer
 gradients keep the plain rule either way (they come from the first walk), so one run serves Guided Grad-CAM.
 """
 

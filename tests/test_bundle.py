@@ -7,12 +7,12 @@ import numpy as np
 import onnx
 import pytest
 from conftest import random_images, run_cli
+from support.zoo_transformers import swin, vit
 
 import onnxcam
 from onnxcam.core.files import decode_image, encode_png
 from onnxcam.exporters import export_torch
 from onnxcam.runtimes import Bundle, create_session
-from onnxcam.testing.zoo_transformers import swin, vit
 
 OPTIONS = dict(input_shape=(3, 32, 32), layers=["features.6", "features.8"], mean=[0.5] * 3, std=[0.25] * 3)
 

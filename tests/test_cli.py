@@ -69,7 +69,7 @@ def images(workdir):
     return folder
 
 
-def test_inspect_marks_the_default_target(workdir):
+def test_inspect_marks_the_default_layer(workdir):
     result = run_cli("inspect", "tiny_models:build", "--input-size", "32", cwd=workdir)
     assert result.returncode == 0, result.stderr
     marked = [line for line in result.stdout.splitlines() if line.startswith("*")]
@@ -79,7 +79,7 @@ def test_inspect_marks_the_default_target(workdir):
 def test_inspect_onnx_lists_tensors(exported):
     result = run_cli("inspect", exported)
     assert result.returncode == 0, result.stderr
-    assert "explainable: targets 4, 4 classes" in result.stdout
+    assert "explainable: layers 4, 4 classes" in result.stdout
 
 
 def test_explain_writes_good_images_and_reports_each_bad_one(exported, images, tmp_path):

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
+from support import shapes
 
 import onnxcam
 from onnxcam.core.metrics import average_drop_increase, deletion_insertion, pointing_game
 from onnxcam.evaluation import evaluate, predictor
 from onnxcam.exporters import export_torch
-from onnxcam.testing import shapes
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import numpy as np
 import onnx
 import pytest
 from conftest import run_cli
+from support.finite_differences import directional_check
 
 import onnxcam
 from onnxcam.core.layouts import fits_image, grid_of
 from onnxcam.exporters import export_onnx
 from onnxcam.exporters.autodiff import expose_dequantized
-from onnxcam.testing.finite_differences import directional_check
 
 FOREIGN = Path(__file__).parent / "fixtures" / "foreign"
 ENTRIES = json.loads((FOREIGN / "MANIFEST.json").read_text())

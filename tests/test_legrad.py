@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from support.zoo_transformers import deit
 from torch import nn
 from torchcam.methods import LeGrad
 
@@ -18,7 +19,6 @@ from onnxcam.cli import Failed
 from onnxcam.core import heatmaps
 from onnxcam.core.rollout import legrad
 from onnxcam.exporters import ExportError, export_onnx, export_torch
-from onnxcam.testing.zoo_transformers import deit
 
 BATCH = 3  # the export traces at 2
 SIZE = 32

@@ -1,4 +1,5 @@
-"""The distribution installs everything under `onnxcam`: nothing called `core` lands in site-packages."""
+"""The distribution installs everything under `onnxcam`: nothing called `core` lands in site-packages, and the
+tests' model builders (tests/support) stay out of it."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ def test_wheel_holds_only_the_onnxcam_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"onnxcam", wheel.name.split("-py3")[0] + ".dist-info"}
     for module in ["onnxcam/core/methods.py", "onnxcam/exporters/autodiff/rules.py", "onnxcam/runtimes/session.py",
-                   "onnxcam/serving/page.html", "onnxcam/demo/efficientnet_lite.py", "onnxcam/testing/zoo.py",
-                   "onnxcam/contract.py", "onnxcam/cli.py"]:
+                   "onnxcam/serving/page.html", "onnxcam/demo/efficientnet_lite.py", "onnxcam/methods/registry.py",
+                   "onnxcam/jobs/job.py", "onnxcam/core/contract.py", "onnxcam/cli.py"]:
         assert module in names
+    assert not [name for name in names if "testing" in name or "support" in name], "test builders left in the wheel"
     sources = {str(p.relative_to(ROOT)) for folder in ("core", "exporters", "runtimes", "onnxcam")
                for p in (ROOT / folder).rglob("*.py")}
     installed = {name.removeprefix("onnxcam/") for name in names if name.endswith(".py")}

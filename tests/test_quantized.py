@@ -15,12 +15,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from support import shapes
 from torch import nn
 
 import onnxcam
 from onnxcam.exporters import export_onnx
 from onnxcam.exporters.autodiff import QUANTIZED_RULES, GraphBuilder, append_gradients, expose_dequantized, prune
-from onnxcam.testing import shapes
 
 RNG = np.random.default_rng(0)
 

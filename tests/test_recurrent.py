@@ -12,11 +12,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
+from support.finite_differences import directional_check
 
 import onnxcam
 from onnxcam.exporters import export_onnx
 from onnxcam.exporters.recurrent import expand_recurrent
-from onnxcam.testing.finite_differences import directional_check
 
 EXPORT_BATCH, BATCH, STEPS = 2, 3, 5
 

@@ -329,7 +329,7 @@ def test_bad_targets_get_one_line(explainer, tmp_path):
 def test_nudenet_yolov8n_detects_and_explains_the_astronauts_face(tmp_path):
     pytest.importorskip("nudenet")
     skimage = pytest.importorskip("skimage.data")
-    from onnxcam.testing.detectors import NUDENET_FACE, NUDENET_LAYERS, nudenet_file
+    from support.detectors import NUDENET_FACE, NUDENET_LAYERS, nudenet_file
 
     explainable = tmp_path / "320n.explain.onnx"
     export_onnx(nudenet_file(), explainable, input_size=(320, 320), layers=NUDENET_LAYERS)
@@ -409,7 +409,7 @@ def test_targets_from_plain_options():
 def test_a_vit_head_reads_the_residual_stream_as_a_cut(tmp_path):
     """A ViT's target (the first LayerNorm of its last block) does not hold the residual stream the rest of the
     block adds to: the head reads it as a cut tensor, and several classes still equal single-class runs."""
-    from onnxcam.testing.zoo_transformers import VisionTransformer
+    from support.zoo_transformers import VisionTransformer
 
     torch.manual_seed(0)
     model = VisionTransformer(image=32, patch=8, dim=32, depth=2, heads=2, classes=5).eval()

@@ -8,12 +8,12 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from support.zoo_transformers import deit, swin, vit
 from test_methods import reference_cam
 
 import onnxcam
 from onnxcam.core.rollout import grad_rollout, rollout
 from onnxcam.exporters import ExportError, default_layer, export_onnx, export_torch
-from onnxcam.testing.zoo_transformers import deit, swin, vit
 
 BATCH = 3  # the export traces at 2
 

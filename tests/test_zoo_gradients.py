@@ -23,10 +23,10 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from support.zoo import ZOO
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from onnxcam.exporters import export_torch
-from onnxcam.testing.zoo import ZOO
 
 BATCH = 3
 RTOL = 1e-4

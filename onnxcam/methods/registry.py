@@ -180,3 +180,19 @@ def capabilities(model: ExplainableModel) -> dict[str, str | None]:
             need, error = lacking[0]
             reasons[name] = error.message if need == "linear_head" else NEEDS[need].menu
     return reasons
+
+
+def method_table() -> str:
+    """The methods as a Markdown table, in the registry's order: what each is, what it needs from the file besides
+    the activations, its options with their defaults, and the smoothing it takes. The documentation's table."""
+    rows = ["| method | what it is | needs | options | smoothing |", "|---|---|---|---|---|"]
+    for name, method in METHODS.items():
+        needs = [need.replace("_", " ") for need in method.needs]
+        if method.gradients and not method.needs:
+            needs.insert(0, "gradients")
+        options = ", ".join(f"`{f.name}={f.default!r}`" for f in dataclasses.fields(method.options)) or "-"
+        smoothing = [word for word, takes in (("eigen_smooth", method.terms is not None),
+                                              ("aug_smooth", method.augmentable)) if takes]
+        rows.append(f"| `{name}` | {method.summary} | {', '.join(needs) or '-'} | {options} | "
+                    f"{', '.join(smoothing) or '-'} |")
+    return "\n".join(rows)

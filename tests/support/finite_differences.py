@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from ..exporters.precision import float32_twin
+from onnxcam.exporters.precision import float32_twin
 
 STEPS = (1e-3, 1e-4, 1e-5)  # relative to the activation's mean magnitude; the best agreeing one is kept
 HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
