@@ -1,7 +1,7 @@
 """What Classes targets cost the family methods, side by side in one run: Classes(top=2) against the same maps
 asked for by class index (each image repeated once per class). The difference is the run that reads the classes
-from the scores before the method runs (Explainer's Classes path for methods that explain classes only). EfficientNet-Lite0 (the demo
-model), 4 images at 224 x 224.
+from the scores before the method runs (the Explainer's path for methods that explain classes only).
+EfficientNet-Lite0 (the demo model), 4 images at 224 x 224.
 
     python benchmarks/family_targets.py      # writes benchmarks/results/family-targets.md
 """
