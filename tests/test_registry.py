@@ -3,6 +3,8 @@ all read the registry, and a method declared there is explained with no other ch
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -65,3 +67,10 @@ def test_a_method_is_one_declaration(small_onnx):
 def test_a_name_is_declared_once():
     with pytest.raises(ValueError, match="declared twice"):
         declare(METHODS["gradcam"])
+
+
+def test_the_readmes_method_table_is_the_registrys():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = readme.split("<!-- methods: rendered by onnxcam.methods.registry.method_table -->\n")[1]
+    assert shown.split("\n<!-- /methods -->")[0] == method_table(), \
+        "the README's method table differs from the registry: paste onnxcam.methods.registry.method_table()"
