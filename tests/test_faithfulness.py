@@ -28,7 +28,7 @@ def localisation(tmp_path_factory):
 
 def test_classifier_learned_the_shapes(localisation):
     model, explainer, images, labels, _, _ = localisation
-    assert (explainer.explain(list(images)).targets == labels).mean() > 0.95
+    assert (explainer.explain(list(images)).classes == labels).mean() > 0.95
 
 
 def test_gradcam_points_at_the_object(localisation):

@@ -266,7 +266,7 @@ def test_guided_backprop_and_guided_gradcam(gradients_file, model):
 
 def test_saliency_smoothgrad_integrated_gradients_match_captum(gradients_file, model):
     captum = pytest.importorskip("captum.attr")
-    selected = gradients_file.explain(X.numpy(), method="gradcam", targets=CLASSES).targets
+    selected = gradients_file.explain(X.numpy(), method="gradcam", targets=CLASSES).classes
     target = torch.as_tensor(selected)
     saliency = gradients_file.explain(X.numpy(), method="saliency", targets=CLASSES)
     expected = captum.Saliency(model).attribute(X.clone(), target=target).numpy()
@@ -464,7 +464,7 @@ def test_cams_match_torchcam_itself(plain, model, method):
     layer's resolution and min-max scaled; scaled again after upsampling they are comparable). torchcam's CAM
     skips the final ReLU that every onnxcam map (and pytorch-grad-cam's) goes through: it is switched on."""
     methods = pytest.importorskip("torchcam.methods")
-    selected = plain.explain(X.numpy(), method="gradcam", targets=CLASSES).targets
+    selected = plain.explain(X.numpy(), method="gradcam", targets=CLASSES).classes
     options = {"cam": {"fc_layer": "fc"}, "iscam": {"num_samples": 3, "batch_size": 7},
                "scorecam": {"batch_size": 7}}[method]
     extractor = {"cam": methods.CAM, "scorecam": methods.ScoreCAM, "iscam": methods.ISCAM}[method](

@@ -74,3 +74,9 @@ def test_the_readmes_method_table_is_the_registrys():
     shown = readme.split("<!-- methods: rendered by onnxcam.methods.registry.method_table -->\n")[1]
     assert shown.split("\n<!-- /methods -->")[0] == method_table(), \
         "the README's method table differs from the registry: paste onnxcam.methods.registry.method_table()"
+
+
+def test_explanation_targets_is_the_old_name_of_classes(small_onnx):
+    result = onnxcam.Explainer(small_onnx, provider="cpu").explain(np.zeros((2, 3, 32, 32), np.float32))
+    with pytest.warns(FutureWarning, match="'Explanation.targets' is now called 'Explanation.classes'"):
+        np.testing.assert_array_equal(result.targets, result.classes)

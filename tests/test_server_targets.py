@@ -218,7 +218,7 @@ def test_the_batcher_splits_maps_by_image_and_a_bad_target_spares_its_neighbours
     for index in (0, 2, 3):
         expected = explainer.explain(batches[index], targets=asked[index])
         np.testing.assert_array_equal(results[index].image_index, expected.image_index)
-        np.testing.assert_array_equal(results[index].targets, expected.classes)
+        np.testing.assert_array_equal(results[index].classes, expected.classes)
         np.testing.assert_allclose(results[index].heatmaps, expected.heatmaps, atol=1e-6)
     assert results[0].heatmaps.shape == (4, 32, 32) and results[2].image_index.tolist() == [0, 0, 1, 1, 2, 2]
     # the three target jobs together (6 images), each again alone, and the class job on its own
