@@ -86,7 +86,8 @@ def run(app: Starlette, host: str = "127.0.0.1", port: int = 8000, *, drain_dela
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server whose first SIGTERM/SIGINT turns readiness false before it stops accepting."""
+    """uvicorn's server whose first SIGTERM/SIGINT turns readiness false and runs the batch the batcher holds
+    before it stops accepting (after the drain delay, or at a second signal)."""
 
     def __init__(self, config: uvicorn.Config, service: Service, drain_delay: float):
         super().__init__(config)
@@ -96,6 +97,7 @@ class GracefulServer(uvicorn.Server):
         if self.service.draining:  # a second signal: stop now
             return super().handle_exit(sig, frame)
         self.service.draining = True
+        self.service.batcher.flush()  # the requests it holds are answered now, not after its wait for a batch
         exit_later = threading.Timer(self.drain_delay, super().handle_exit, (signal.SIGTERM, None))
         exit_later.daemon = True
         exit_later.start()

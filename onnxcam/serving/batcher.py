@@ -50,6 +50,8 @@ class MicroBatcher:
         self.queue: asyncio.Queue[Job] | None = None
         self.queue_size = queue_size
         self.worker: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.flushing: asyncio.Event | None = None
 
     @property
     def running(self) -> bool:
@@ -57,7 +59,14 @@ class MicroBatcher:
 
     async def start(self) -> None:
         self.queue = asyncio.Queue(self.queue_size)
+        self.loop, self.flushing = asyncio.get_running_loop(), asyncio.Event()
         self.worker = asyncio.create_task(self._work())
+
+    def flush(self) -> None:
+        """From now on, run what is queued at once instead of waiting for a fuller batch (a drain has begun: no
+        more requests are worth waiting for). Callable from any thread or a signal handler."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.flushing.set)
 
     async def stop(self, grace: float = 30.0) -> None:
         """Answer what is queued (for at most `grace` seconds), then stop the worker."""
@@ -86,15 +95,23 @@ class MicroBatcher:
             jobs = [await self.queue.get()]
             deadline = loop.time() + self.max_wait
             while sum(len(j.batch) for j in jobs) < self.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
+                job = await self._next(deadline - loop.time())
+                if job is None:
                     break
-                try:
-                    jobs.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
+                jobs.append(job)
             for kind in dict.fromkeys((j.method, j.plain) for j in jobs):
                 await self._run(loop, kind[0], [j for j in jobs if (j.method, j.plain) == kind])
+
+    async def _next(self, remaining: float) -> Job | None:
+        """The next queued job within `remaining` seconds; None when time is up or the batcher is flushing."""
+        if remaining <= 0 or self.flushing.is_set():
+            return None
+        getter = asyncio.ensure_future(self.queue.get())
+        flushed = asyncio.ensure_future(self.flushing.wait())
+        await asyncio.wait({getter, flushed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        flushed.cancel()
+        getter.cancel()  # a no-op where the job arrived: it is kept below, never lost
+        return getter.result() if getter.done() and not getter.cancelled() else None
 
     async def _run(self, loop: asyncio.AbstractEventLoop, method: str, jobs: list[Job]) -> None:
         jobs = [j for j in jobs if not j.future.done()]  # a request that timed out or went away
