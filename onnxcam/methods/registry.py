@@ -79,11 +79,9 @@ class Call:
     options: object
     method: Method
 
-    def again(self, batch, classes: np.ndarray, method: Method | None = None, options=None) -> Result:
-        """The same method (or `method`) run on another batch: how smoothing wrappers compose."""
-        method = method or self.method
-        return method.run(Call(self.model, batch, classes, options if options is not None else self.options,
-                               method))
+    def again(self, batch, classes: np.ndarray, method: Method) -> Result:
+        """`method` (the one a wrapper wraps) run on another batch with these options: how wrappers compose."""
+        return method.run(Call(self.model, batch, classes, self.options, method))
 
 
 @dataclass(frozen=True)
