@@ -22,33 +22,57 @@ from ..runtimes.explainable import ExplainableModel
 
 @dataclass(frozen=True)
 class Need:
-    """Something a method needs from the file besides the scores: why a menu greys the method out, what a call
-    is told, and the export option that provides it."""
+    """Something a method needs from the file besides the scores: whether a loaded file provides it, why a menu
+    greys the method out, what a call is told (after the method's name), and the export option that provides it."""
 
+    provided: Callable[[ExplainableModel], bool]
     menu: str
     told: str
     option: str | None = None
 
+    def lacking(self, method: str, model: ExplainableModel) -> ExplainError | None:
+        """The error `method` meets on this file, or None where the file provides what it needs."""
+        return None if self.provided(model) else ExplainError(f"{method} {self.told}", option=self.option)
+
+
+class LinearHead:
+    """CAM's need, a linear layer after global average pooling of the target layer: the file's own error says
+    what its head lacks (runtimes.linear_head), in menus too."""
+
+    menu = ""
+
+    @staticmethod
+    def lacking(method: str, model: ExplainableModel) -> ExplainError | None:
+        try:
+            model.linear_head_weights  # noqa: B018 - read (and kept) to learn whether the head has the shape
+        except ExplainError as error:
+            return error
+        return None
+
+
+def _exported(field: str) -> Callable[[ExplainableModel], bool]:
+    return lambda model: bool(getattr(model.spec, field))
+
 
 # in the order a file is checked (a transformer's attention before its gradients)
 NEEDS = {
-    "input_gradient": Need("needs a file exported with input gradients",
+    "input_gradient": Need(_exported("input_gradient"), "needs a file exported with input gradients",
                            "needs the gradient down to the input image, which costs a backward pass through the "
                            "whole network and is exported on request", "input_gradients"),
-    "attentions": Need("needs attention probabilities (a transformer)",
+    "attentions": Need(_exported("attentions"), "needs attention probabilities (a transformer)",
                        "needs attention probabilities, and this model exposes none (export a transformer whose "
                        "attention modules are named attn_drop, or name them)"),
-    "attention_gradients": Need("needs a file exported with attention gradients",
+    "attention_gradients": Need(_exported("attention_gradients"), "needs a file exported with attention gradients",
                                 "needs the attention gradients, which cost a backward pass through every block and "
                                 "are exported on request", "attention_gradients"),
-    "legrad_gradients": Need("needs a file exported with LeGrad's layer-score gradients",
-                             "needs each block's gradient of its layer score, which costs a backward pass per block "
-                             "and is exported on request", "legrad"),
-    "one_layer": Need("explains one target layer; this file has several",
+    "legrad_gradients": Need(_exported("legrad_gradients"), "needs a file exported with LeGrad's layer-score "
+                             "gradients", "needs each block's gradient of its layer score, which costs a backward "
+                             "pass per block and is exported on request", "legrad"),
+    "one_layer": Need(lambda model: len(model.spec.layers) == 1, "explains one target layer; this file has several",
                       "explains one target layer; this file has several"),
-    "scikit-learn": Need("needs scikit-learn (the family extra)",
-                         "needs scikit-learn: pip install 'onnxcam[family]'"),
-    "linear_head": Need("", ""),  # the file's own reason: linear_head_weights says what its head lacks
+    "scikit-learn": Need(lambda model: importlib.util.find_spec("sklearn") is not None,
+                         "needs scikit-learn (the family extra)", "needs scikit-learn: pip install 'onnxcam[family]'"),
+    "linear_head": LinearHead(),
 }
 
 
@@ -139,44 +163,26 @@ def method_named(name: str) -> Method:
     return METHODS[name]
 
 
-def _lacks(need: str, model: ExplainableModel) -> ExplainError | None:
-    """The error that a method needing `need` meets on this file, or None where the file provides it."""
-    spec = model.spec
-    if need == "linear_head":
-        try:
-            model.linear_head_weights  # noqa: B018 - read (and kept) to learn whether the head has the shape
-        except ExplainError as error:
-            return error
-        return None
-    present = {
-        "input_gradient": bool(spec.input_gradient),
-        "attentions": bool(spec.attentions),
-        "attention_gradients": bool(spec.attention_gradients),
-        "legrad_gradients": bool(spec.legrad_gradients),
-        "one_layer": len(spec.layers) == 1,
-        "scikit-learn": importlib.util.find_spec("sklearn") is not None,
-    }[need]
-    return None if present else ExplainError(NEEDS[need].told, option=NEEDS[need].option)
+def _first_lacking(method: Method, model: ExplainableModel):
+    """(the need, the error) of the first need of `method` this file lacks, or None."""
+    for name, need in NEEDS.items():
+        if name in method.needs and (error := need.lacking(method.name, model)) is not None:
+            return need, error
+    return None
 
 
 def check_needs(method: Method, model: ExplainableModel) -> None:
     """Refuse, in one line, a method whose needs the loaded file lacks."""
-    for need in NEEDS:
-        if need in method.needs and (error := _lacks(need, model)) is not None:
-            message = error.message if need == "linear_head" else f"{method.name} {error.message}"
-            raise ExplainError(message, option=error.option)
+    if (lacking := _first_lacking(method, model)) is not None:
+        raise lacking[1]
 
 
 def capabilities(model: ExplainableModel) -> dict[str, str | None]:
     """Per method, None where the loaded file supports it, else the reason it does not (for menus)."""
     reasons: dict[str, str | None] = {}
     for name, method in METHODS.items():
-        lacking = [(need, error) for need in NEEDS if need in method.needs
-                   and (error := _lacks(need, model)) is not None]
-        reasons[name] = None
-        if lacking:
-            need, error = lacking[0]
-            reasons[name] = error.message if need == "linear_head" else NEEDS[need].menu
+        lacking = _first_lacking(method, model)
+        reasons[name] = None if lacking is None else lacking[0].menu or lacking[1].message
     return reasons
 
 
