@@ -32,9 +32,11 @@ class Faithfulness:
 def predictor(explainer: Explainer):
     """`predict` for the metrics: the explainable session's scores (softmax for several classes)."""
 
+    spec = explainer.spec
+
     def predict(batch: np.ndarray) -> np.ndarray:
         classes = np.full(len(batch), -1, np.int64)  # any class: only the scores are fetched
-        scores = explainer.model.run(batch, classes, [])[0]
+        (scores,) = explainer.model.runner.run([spec.scores], {spec.input: batch, spec.class_input: classes})
         return as_probabilities(scores.reshape(len(batch), -1))
 
     return predict

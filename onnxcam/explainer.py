@@ -99,7 +99,8 @@ class Explainer:
                                    attributions=result.attributions)
             targets = [as_target(item) for item in items]
             if chosen.objects:
-                explanation = explain_objects(Call(self.model, batch, classes, call_options, chosen), targets)
+                top = np.full(count, -1, dtype=np.int64)
+                explanation = explain_objects(Call(self.model, batch, top, call_options, chosen), targets)
                 return self._in_given_pixels(explanation, inputs)
             return self._explain_classes(batch, targets, chosen, call_options, method)
 

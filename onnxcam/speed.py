@@ -42,7 +42,8 @@ def time_methods(explainer: Explainer, batch_sizes: Sequence[int], methods: Sequ
             (batch_size, channels, height, width)
         batch = np.random.default_rng(0).standard_normal(shape).astype(spec.input_type)
         classes = np.full(batch_size, -1, np.int64)
-        calls = {FLOOR: lambda b=batch, c=classes: explainer.model.run(b, c, [])}
+        feeds = {spec.input: batch, spec.class_input: classes}
+        calls = {FLOOR: lambda f=feeds: explainer.model.runner.run([spec.scores], f)}
         calls.update({method: (lambda m=method, b=batch: explainer.explain(b, method=m)) for method in methods})
         medians = {name: float(np.median(t)) * 1000 for name, t in interleaved(calls, repeats, budget_s).items()}
         for name, ms in medians.items():

@@ -15,7 +15,8 @@ from .registry import Call, Method
 
 
 def explain_objects(call: Call, targets: list[Target]) -> Explanation:
-    """One map per pick of each image's target (boxes in the model input's pixels)."""
+    """One map per pick of each image's target (boxes in the model input's pixels); `call.classes` are all -1,
+    since the classes are picked from the outputs."""
     model, method = call.model, call.method
     spec = model.spec
     outputs = list(dict.fromkeys([spec.scores, *(t.output or spec.scores for t in targets)]))
@@ -24,8 +25,8 @@ def explain_objects(call: Call, targets: list[Target]) -> Explanation:
         if output not in known:
             raise ExplainError(f"the model has no output '{output}'; its outputs: {', '.join(known)}")
     count = len(targets)
-    fetched = model.runner.run([*outputs, *spec.activations, *spec.cuts],
-                               {spec.input: call.batch, spec.class_input: np.full(count, -1, dtype=np.int64)})
+    layers = [*spec.activations, *spec.cuts] if method.formula is not None else []  # rollout reads neither
+    fetched = model.runner.run([*outputs, *layers], {spec.input: call.batch, spec.class_input: call.classes})
     values = dict(zip(outputs, fetched[:len(outputs)], strict=True))
     activations = fetched[len(outputs):len(outputs) + len(spec.activations)]
     cuts = fetched[len(outputs) + len(spec.activations):]
@@ -34,8 +35,7 @@ def explain_objects(call: Call, targets: list[Target]) -> Explanation:
     image_index = np.array([image for image, _ in picks], dtype=np.int64)
     heat = np.zeros((0, *spec.input_size), dtype=np.float32)
     if picks and method.formula is None:  # attention rollout: class-agnostic, one map per image
-        heat = method.run(Call(model, call.batch, np.full(count, -1, dtype=np.int64), call.options,
-                               method)).heatmaps[image_index]
+        heat = method.run(call).heatmaps[image_index]
     elif picks:
         heat = heatmaps(_pick_maps(model, method, targets, picks, activations, cuts), spec.input_size)
     boxes = None
