@@ -103,8 +103,11 @@ class MicroBatcher:
                 await self._run(loop, kind[0], [j for j in jobs if (j.method, j.plain) == kind])
 
     async def _next(self, remaining: float) -> Job | None:
-        """The next queued job within `remaining` seconds; None when time is up or the batcher is flushing."""
-        if remaining <= 0 or self.flushing.is_set():
+        """The next queued job within `remaining` seconds; None when time is up. Flushing, only what is queued
+        already joins the batch."""
+        if self.flushing.is_set():
+            return None if self.queue.empty() else self.queue.get_nowait()
+        if remaining <= 0:
             return None
         getter = asyncio.ensure_future(self.queue.get())
         flushed = asyncio.ensure_future(self.flushing.wait())
