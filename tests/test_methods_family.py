@@ -4,6 +4,8 @@ for the input-gradient attributions where it installs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -479,3 +481,25 @@ def test_cams_match_torchcam_itself(plain, model, method):
     ours = {"iscam": {"samples": 3}}.get(method, {})
     result = plain.explain(X.numpy(), method=method, targets=CLASSES, **ours)
     np.testing.assert_allclose(result.heatmaps, _post(cams), atol=5e-4)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_aug_smooth_is_flip_equivariant_in_either_layout(plain, tmp_path, layout):
+    """aug_smooth averages each image with its mirror image (flipped along the width, whatever the layout), so the
+    map of a mirrored image is the mirrored map, for the same class. Flipping the channels instead breaks this."""
+    if layout == "nhwc":
+        from onnxcam.exporters import export_onnx
+
+        # a Keras ResNet (tf2onnx, NHWC) whose map changes when the channels are reversed
+        export_onnx(Path(__file__).parent / "fixtures" / "foreign" / "keras_resnet.onnx", tmp_path / "nhwc.onnx")
+        explainer = onnxcam.Explainer(tmp_path / "nhwc.onnx", provider="cpu")
+        height, width = explainer.spec.input_size
+        images = (np.random.default_rng(3).standard_normal((2, height, width, 3)) * 50 + 120).astype(np.float32)
+        mirrored = np.ascontiguousarray(images[:, :, ::-1])
+    else:
+        explainer, images = plain, X.numpy()
+        mirrored = np.ascontiguousarray(images[..., ::-1])
+    classes = [1, 2, 3][:len(images)]
+    heat = explainer.explain(images, method="gradcam", targets=classes, aug_smooth=True).heatmaps
+    flipped = explainer.explain(mirrored, method="gradcam", targets=classes, aug_smooth=True).heatmaps
+    np.testing.assert_allclose(flipped, heat[..., ::-1], atol=1e-4)
