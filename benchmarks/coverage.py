@@ -53,9 +53,9 @@ FD_RTOL = 1e-2
 
 
 def import_timm():
-    """timm, after torchvision has been imported through the shim (benchmarks/torchvision_shim.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from torchvision_shim import import_torchvision
+    """timm, after torchvision has been imported through the shim (tests/support/torchvision_shim.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from support.torchvision_shim import import_torchvision
 
     import_torchvision()
     import timm

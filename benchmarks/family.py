@@ -90,8 +90,8 @@ def anchor_call(config: str, threads: int):
         top = int(model(x).argmax(1))
     library, method = config.split(":")
     if library == "pytorch-grad-cam":
-        sys.path.insert(0, str(HERE))
-        from torchvision_shim import import_torchvision
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        from support.torchvision_shim import import_torchvision
 
         import_torchvision()
         from pytorch_grad_cam import AblationCAM, GradCAM
