@@ -63,6 +63,11 @@ def grid_of(layout: str, shape) -> tuple[int | None, int | None]:
     return height, width
 
 
+def channels_of(layout: str, shape) -> int | None:
+    """The number of channels of a target of this layout and shape (a token's width for token layouts)."""
+    return shape[1] if layout == "nchw" else shape[-1]
+
+
 def fits_image(grid: tuple[int | None, int | None], image_size: tuple[int, int]) -> bool:
     """Whether a grid can be a map over the image: more than one cell, no larger than the image, and the
     image's aspect ratio within rounding (strided layers round each side to within one cell)."""

@@ -14,7 +14,7 @@ from onnx import helper
 
 from ..core.contract import CLASS_INPUT
 from ..core.errors import ExportError
-from ..core.layouts import grid_of, guess_layout, parse_tokens, to_grid
+from ..core.layouts import channels_of, grid_of, guess_layout, parse_tokens, to_grid
 from .autodiff import GraphBuilder, Value, append_gradients, needed_nodes
 from .precision import float32_twin, has_bfloat16
 
@@ -259,7 +259,7 @@ def reached_cells(model: onnx.ModelProto, score: str, candidates: list[Candidate
     """For each candidate, on how many grid cells the gradient of the top class's score is non-zero, measured
     on a random batch: a map over a tensor that the score reads at one cell only (a CLS token, a pooled
     vector) says nothing about the image. Raises ExportError where a candidate's gradient cannot be built."""
-    return _measured_reach(*_probe_model(model, score, candidates), candidates, image)
+    return _measured_reach(*_probe_model(model, score, candidates, image), candidates, image)
 
 
 def _measured_reach(probe: onnx.ModelProto, outputs: list[str], candidates: list[Candidate],
@@ -270,13 +270,20 @@ def _measured_reach(probe: onnx.ModelProto, outputs: list[str], candidates: list
     return {c.name: _cells(v, c.layout) if v.shape[0] == batch else 0 for c, v in zip(candidates, values, strict=True)}
 
 
-def _probe_model(model: onnx.ModelProto, score: str, candidates: list[Candidate]) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of the model that also outputs the top class's gradient with respect to each candidate."""
+def _probe_model(model: onnx.ModelProto, score: str, candidates: list[Candidate],
+                 image: ImageInput) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of the model that also outputs the gradient of the top class's score with respect to each candidate:
+    of the top-1 score, or where the output is a map of class scores over the image, of the top class's segment
+    (the sum of its channel over the pixels that predict it: onnxcam.targets.Segmentation's default)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     builder = GraphBuilder(probe, prefix="onnxcam_probe")
     flat = builder.op("Flatten", score, axis=1)
-    seed = one_hot_seed(builder, score, builder.op("ArgMax", flat, axis=1, keepdims=0))
+    top = builder.op("ArgMax", flat, axis=1, keepdims=0)
+    shape = builder.shape(score)
+    layout = guess_layout(shape, image.size) if len(shape) == 4 and None not in shape[1:] else None
+    seed = segment_seed(builder, score, top, layout) if layout in ("nchw", "nhwc") else \
+        one_hot_seed(builder, score, top)
     names = [c.name for c in candidates]
     gradients = append_gradients(probe, names, score, seed, builder)
     outputs = [f"onnxcam_probe_gradient_{i}" for i in range(len(names))]
@@ -301,6 +308,27 @@ def one_hot_seed(builder: GraphBuilder, score: str, classes: Value) -> Value:
     if builder.elem_type(score) != onnx.TensorProto.FLOAT:  # ONNX Runtime's OneHot writes float32, not others
         one_hot = builder.op("Cast", one_hot, to=builder.elem_type(score))
     return builder.op("Reshape", one_hot, builder.op("Shape", score))
+
+
+def segment_seed(builder: GraphBuilder, score: str, top: Value, layout: str) -> Value:
+    """A seed shaped like a map of class scores (N x K x h x w, or N x h x w x K), one on the channel of the class
+    of each image's top-1 pixel (`top`, an index into the flattened map) where that class wins the pixel."""
+    shape = builder.shape(score)
+    axis, classes = (1, shape[1]) if layout == "nchw" else (3, shape[3])
+    pixels = int(np.prod(shape[1:])) // classes
+    cls = builder.op("Div", top, builder.ints(pixels)) if layout == "nchw" else \
+        builder.op("Mod", top, builder.ints(classes))
+    keep = [1, 1, 1, 1]
+    keep[axis] = classes
+    one_hot = builder.op("OneHot", cls, builder.ints([classes]), builder.const(np.array([0.0, 1.0])), axis=-1)
+    channel = builder.op("Reshape", one_hot, builder.ints([-1, *keep[1:]]))
+    winner = builder.op("ArgMax", score, axis=axis, keepdims=1)
+    mask = builder.op("Cast", builder.op("Equal", winner, builder.op("Reshape", cls, builder.ints([-1, 1, 1, 1]))),
+                      to=onnx.TensorProto.FLOAT)
+    seed = channel * mask
+    if builder.elem_type(score) != onnx.TensorProto.FLOAT:
+        seed = builder.op("Cast", seed, to=builder.elem_type(score))
+    return seed
 
 
 def random_images(image: ImageInput, batch: int | None = None) -> dict[str, np.ndarray]:
@@ -345,6 +373,7 @@ def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list | 
     if not candidates:
         raise ExportError("no tensor that feeds the output lies on a grid over the image: name a target layer",
                           option="layers")
+    candidates = _features_before_class_maps(candidates, shapes.get(score), image) or candidates
     tokens = attention_reads(model, shapes, image)
     ordered = ([c for c in candidates if c.name == tokens] + candidates[::-1])[:MAX_PROBED]
     passed_over, unbuilt, most = [], [], -1  # most cells any candidate reached; -1: no gradient could be built
@@ -369,12 +398,24 @@ def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list | 
                       f"({describe(passed_over)}): name a target layer", option="layers")
 
 
+def _features_before_class_maps(candidates: list[Candidate], score_shape, image: ImageInput) -> list[Candidate]:
+    """Where the output is itself a map of K class scores over the image (a segmenter's), the candidates that are
+    not maps of K channels: those are the class scores at a lower resolution (the classifier's 1x1 convolution
+    before the upsampling), whose Grad-CAM shows the output again. The default is then the last feature map
+    before them, as a user picks for segmentation (pytorch-grad-cam's tutorial takes DeepLabV3's backbone)."""
+    layout = guess_layout(score_shape, image.size) if score_shape and None not in score_shape[1:] else None
+    if layout is None:
+        return candidates
+    classes = channels_of(layout, score_shape)
+    return [c for c in candidates if channels_of(c.layout, c.shape) != classes]
+
+
 def _reached_or_none(model, score, candidates: list[Candidate], image: ImageInput,
                      unbuilt: list[str]) -> dict[str, int] | None:
     """reached_cells, or None where a candidate's gradient cannot be built (why is added to `unbuilt`); a model
     that does not run says so."""
     try:
-        probe, outputs = _probe_model(model, score, candidates)
+        probe, outputs = _probe_model(model, score, candidates, image)
     except ExportError as error:
         unbuilt.append(str(error))
         return None

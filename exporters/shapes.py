@@ -31,7 +31,7 @@ def infer_shapes(model: onnx.ModelProto, image: ImageInput, limit: int = PROTOBU
     if model.ByteSize() >= limit:
         return model
     builder = GraphBuilder(model)
-    unknown = [name for node in model.graph.node for name in node.output if name and _unsure(builder, name)]
+    unknown = [name for node in model.graph.node for name in node.output if name and _unsure(builder, name, image)]
     computed = _shape_computations(model, builder)
     if not unknown and not computed:
         return model
@@ -122,7 +122,7 @@ def _record_shapes(model: onnx.ModelProto, names: list[str], values: list[list[n
     builder = GraphBuilder(model)
     for name, runs in zip(names, values, strict=True):
         shapes = [r.shape for r in runs]
-        if len({len(s) for s in shapes}) != 1 or (name in known and not _is_unsure(known[name])):
+        if len({len(s) for s in shapes}) != 1 or (name in known and not _is_unsure(known[name], image)):
             continue
         dims = [sizes[0] if len(set(sizes)) == 1 else image.batch if list(sizes) == batches else None
                 for sizes in zip(*shapes, strict=True)]
@@ -136,22 +136,33 @@ def _record_shapes(model: onnx.ModelProto, names: list[str], values: list[list[n
             model.graph.value_info.append(info)
 
 
-def _is_unsure(info: onnx.ValueInfoProto) -> bool:
+def _is_unsure(info: onnx.ValueInfoProto, image: ImageInput) -> bool:
     tensor_type = info.type.tensor_type
-    return not tensor_type.HasField("shape") or any(
-        not (d.HasField("dim_value") and d.dim_value > 0) for d in list(tensor_type.shape.dim)[1:])
+    if not tensor_type.HasField("shape"):
+        return True
+    dims = list(tensor_type.shape.dim)
+    return any(not (d.HasField("dim_value") and d.dim_value > 0) for d in dims[1:]) or \
+        bool(dims) and _unnamed_batch(dims[0], image)
 
 
-def _unsure(builder: GraphBuilder, name: str) -> bool:
-    """Whether a tensor's type is unknown, or it is a float tensor of unknown sizes past the batch."""
+def _unnamed_batch(dim, image: ImageInput) -> bool:
+    """Whether a first dimension is symbolic under a name other than the image's batch (shape inference names the
+    sizes it cannot follow `unk__N`): measured, it is recorded as the batch where it is one."""
+    return isinstance(image.batch, str) and not dim.HasField("dim_value") and dim.dim_param != image.batch
+
+
+def _unsure(builder: GraphBuilder, name: str, image: ImageInput) -> bool:
+    """Whether a tensor's type is unknown, or it is a float tensor of unknown sizes past the batch or whose first
+    dimension is not known to be the batch."""
     if builder.elem_type(name) == onnx.TensorProto.UNDEFINED:
         return True
     if not builder.is_float(name):
         return False
     try:
-        return None in builder.shape(name)[1:]
+        shape = builder.shape(name)
     except ExportError:  # an unknown shape is what is asked
         return True
+    return None in shape[1:] or bool(shape) and shape[0] is None and builder.dim_param(name, 0) != image.batch
 
 
 def tensor_shapes(model: onnx.ModelProto, builder: GraphBuilder) -> dict[str, list | None]:

@@ -11,7 +11,7 @@ import torch
 
 from ..core.contract import ExplainSpec
 from ..core.errors import ExportError, renamed
-from ..core.layouts import attention_layout, guess_layout, to_grid
+from ..core.layouts import attention_layout, channels_of, guess_layout, to_grid
 from .onnx_frontend import export_onnx, unknown_name_error
 
 EXPORT_BATCH = 2  # tracing specialises sizes 0 and 1: a batch of 2 keeps the batch dimension symbolic
@@ -22,23 +22,25 @@ NORMALISATIONS = (torch.nn.LayerNorm, torch.nn.BatchNorm2d, torch.nn.GroupNorm)
 
 def module_outputs(model, input_shape) -> list[tuple[str, tuple]]:
     """(module name, output shape) for every submodule, in the order their forward passes finish."""
-    return [(name, shape) for name, _, shape, _ in _probe(model, input_shape)]
+    return [(name, shape) for name, _, shape, _ in _probe(model, input_shape)[:-1]]
 
 
 def _probe(model, input_shape):
-    """Per submodule returning a tensor: (name, module, output shape, grid cells the top-1 score's gradient reaches)."""
+    """Per submodule returning a tensor: (name, module, output shape, grid cells the top-1 score's gradient reaches);
+    last, the model's output itself (named "")."""
     outputs: list[tuple[str, torch.nn.Module, torch.Tensor]] = []
     handles = [module.register_forward_hook(lambda m, i, o, name=name: outputs.append((name, m, o)))
                for name, module in model.named_modules() if name]
     try:
         example = torch.randn(EXPORT_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
-        scores = model(example.to(_input_dtype(model)).requires_grad_())
+        scores = model_output(model(example.to(_input_dtype(model)).requires_grad_()))
     finally:
         for handle in handles:
             handle.remove()
     outputs = [(name, m, o) for name, m, o in outputs if isinstance(o, torch.Tensor)]
+    outputs.append(("", model, scores))  # the output itself, last: segmenters' class maps are told by its channels
     differentiable = [o for _, _, o in outputs if o.requires_grad]
-    grads = torch.autograd.grad(scores.flatten(1).max(1).values.sum(), differentiable, allow_unused=True) \
+    grads = torch.autograd.grad(_probed_score(scores, tuple(input_shape[-2:])), differentiable, allow_unused=True) \
         if differentiable else []
     grad_of = {id(o): g for o, g in zip(differentiable, grads, strict=True)}
     probed = []
@@ -50,6 +52,29 @@ def _probe(model, input_shape):
             reached = int((to_grid(grad.detach().float().numpy(), layout) != 0).any(axis=1).sum(axis=(1, 2)).max())
         probed.append((name, module, tuple(output.shape), reached))
     return probed
+
+
+def _probed_score(scores: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """The top-1 score of each image, summed; where the output is a map of class scores over the image, the top
+    class's segment (its channel summed over the pixels it wins), as exporters.discovery probes ONNX files."""
+    top = scores.flatten(1).argmax(1)
+    if scores.ndim != 4 or guess_layout(tuple(scores.shape), image_size) != "nchw":
+        return scores.flatten(1).gather(1, top[:, None]).sum()
+    classes = top // (scores.shape[2] * scores.shape[3])
+    chosen = scores[torch.arange(len(scores)), classes]
+    return (chosen * (scores.argmax(1) == classes[:, None, None])).sum()
+
+
+def model_output(outputs) -> torch.Tensor:
+    """The output explained: the tensor a model returns, or the first of several (torchvision's segmenters return a
+    dict whose first entry, `out`, is the segmentation)."""
+    if isinstance(outputs, dict):
+        outputs = next(iter(outputs.values()))
+    elif isinstance(outputs, (tuple, list)):
+        outputs = outputs[0]
+    if not isinstance(outputs, torch.Tensor):
+        raise ExportError(f"the model returns {type(outputs).__name__}, not a tensor of scores")
+    return outputs
 
 
 def _input_dtype(model) -> torch.dtype:
@@ -67,10 +92,10 @@ def _attention_modules(probed, layouts=()) -> list[str]:
 
 
 def default_layer(model, input_shape) -> str:
-    return _default_layer(_probe(model, input_shape))
+    return _default_layer(_probe(model, input_shape), tuple(input_shape[-2:]))
 
 
-def _default_layer(probed) -> str:
+def _default_layer(probed, image_size: tuple[int, int]) -> str:
     """The layer a user would pick: the last spatial activation that the class-score gradient reaches.
 
     Candidates are 4-D maps, channels-last maps and token sequences on a grid over the image, reached by the
@@ -79,10 +104,15 @@ def _default_layer(probed) -> str:
     pooling; for transformers, whose last blocks feed only the CLS token, it is the last normalisation
     layer still seen by every patch (the first LayerNorm of the last block of a ViT).
     """
+    probed, (_, _, score_shape, _) = probed[:-1], probed[-1]
+    dense = guess_layout(score_shape, image_size) if len(score_shape) == 4 else None
     tokens = {shape[1] for _, _, shape, _ in probed if len(shape) == 3}
     attention = {name for name, _, shape, _ in probed if len(shape) == 4 and shape[2] == shape[3] in tokens}
     candidates = [(name, module, shape) for name, module, shape, reached in probed
                   if reached > 1 and name not in attention and (len(shape) == 3 or shape[2] * shape[3] > 1)]
+    if dense:  # a segmenter: its maps of K channels are the class scores at lower resolutions (discovery's rule)
+        candidates = [c for c in candidates if channels_of(guess_layout(c[2]) or "nchw", c[2])
+                      != channels_of(dense, score_shape)] or candidates
     if not candidates:
         raise ExportError("no module outputs a spatial activation that the score depends on: name a target layer",
                           option="layers")
@@ -111,7 +141,7 @@ def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, 
     input_shape = tuple(int(d) for d in input_shape[-3:])
     model = model.eval()
     probed = _probe(model, input_shape) if not layers or attention_layers is None else []
-    layers = list(layers) if layers else [_default_layer(probed)]
+    layers = list(layers) if layers else [_default_layer(probed, input_shape[-2:])]
     attention = list(attention_layers) if attention_layers is not None else _attention_modules(probed, layouts or ())
     modules = dict(model.named_modules())
     for layer in layers + attention:
@@ -166,7 +196,7 @@ class _WithActivations(torch.nn.Module):
 
     def forward(self, x):
         self.captured.clear()
-        logits = self.model(x)
+        logits = model_output(self.model(x))
         return (logits, *(self.captured[i] for i in range(len(self.handles))))
 
     def remove_hooks(self):

@@ -161,12 +161,14 @@ class GraphBuilder:
         self._count = 0
         graph = model.graph
         self._types: dict[str, tuple[int, Dims | None]] = {}
+        self._dim_params: dict[str, list[str | None]] = {}
         for info in [*graph.input, *graph.value_info, *graph.output]:
             tensor_type = info.type.tensor_type
             dims = None
             if tensor_type.HasField("shape"):
                 dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None  # Paddle writes -1
                         for d in tensor_type.shape.dim]
+                self._dim_params[info.name] = [d.dim_param or None for d in tensor_type.shape.dim]
             self._types[info.name] = (tensor_type.elem_type, dims)
         self._constants = {t.name: t for t in graph.initializer}
         for node in graph.node:
@@ -187,6 +189,20 @@ class GraphBuilder:
         if dims is None:
             raise ExportError(f"the shape of tensor '{name}' is unknown after shape inference")
         return dims
+
+    def dim_param(self, name: str, axis: int) -> str | None:
+        """The name of a tensor's symbolic dimension `axis`, None where it has none."""
+        params = self._dim_params.get(name, [])
+        return params[axis] if axis < len(params) else None
+
+    def same_size(self, a: str, b: str, axis: int) -> bool:
+        """Whether two tensors are known to have the same size along `axis`: equal static sizes, or the same
+        symbolic dimension (ONNX gives equal names to equal sizes, such as the batch)."""
+        size_a, size_b = self.shape(a)[axis], self.shape(b)[axis]
+        if size_a is not None or size_b is not None:
+            return size_a == size_b
+        param = self.dim_param(a, axis)
+        return param is not None and param == self.dim_param(b, axis)
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of an initializer or Constant output, or None when it is computed at run time."""

@@ -648,25 +648,38 @@ def depth_to_space(g: GraphBuilder, n: Node, dy: Value) -> Value:
 def resize(g: GraphBuilder, n: Node, dy: Value) -> Value:
     """Resize is linear in X and separable: along each resized axis the output is an interpolation matrix times
     the input, so the adjoint multiplies dy by each transposed matrix. The matrices are read from ONNX Runtime
-    itself (interpolation_matrix): every mode, coordinate transformation, antialias and rounding as it runs."""
+    itself (interpolation_matrix): every mode, coordinate transformation, antialias and rounding as it runs.
+    Sizes computed at run time (F.interpolate(size=x.shape[-2:]) exports Shape -> Slice -> Concat) are read from
+    the output's shape, static once the image size is fixed; the batch is left alone where the output's is the
+    input's own symbolic batch."""
     x, y = n.inputs[0], n.outputs[0]
     if n.attrs["keep_aspect_ratio_policy"] not in (None, "stretch"):
         raise n.fail(f"keeps the aspect ratio ({n.attrs['keep_aspect_ratio_policy']}), which has no gradient rule")
-    roi, scales, sizes = n.constant(1), n.constant(2), n.constant(3)
-    scales = None if scales is None or scales.size == 0 else scales
-    axes = [int(a) % x.rank for a in n.attrs["axes"] or range(x.rank)]
     cropped = n.attrs["coordinate_transformation_mode"] == "tf_crop_and_resize"
+    roi, scales = n.constant(1) if cropped else None, n.constant(2)
+    scales = None if scales is None or scales.size == 0 else scales
+    sizes = None if scales is not None else resize_sizes(n)
+    axes = [int(a) % x.rank for a in n.attrs["axes"] or range(x.rank)]
     for position, axis in enumerate(axes):
         scale = None if scales is None else float(scales[position])
         size_in, size_out = x.shape[axis], y.shape[axis]
         window = (float(roi[position]), float(roi[len(axes) + position])) if cropped else None
-        if (scale == 1.0 if scale is not None else sizes[position] == size_in) and window in (None, (0.0, 1.0)):
-            continue  # the identity
+        identity = scale == 1.0 if scale is not None else \
+            sizes[position] == size_in if sizes is not None else g.same_size(x.name, y.name, axis)
+        if identity and window in (None, (0.0, 1.0)):
+            continue
         if size_in is None or size_out is None:
             raise n.fail("resizes a dimension of unknown size")
         weights = interpolation_matrix(g, n, size_in, size_out if scale is None else None, scale, window)
         dy = along_axis(dy, x.rank, axis, weights.T, like=x)
     return dy
+
+
+def resize_sizes(n: Node) -> np.ndarray | None:
+    """A Resize's constant `sizes`, or None where they are computed at run time (the output's shape then
+    tells them)."""
+    sizes = n.inputs[3] if len(n.inputs) > 3 else None
+    return None if sizes is None else sizes.g.constant(sizes.name)
 
 
 def interpolation_matrix(g: GraphBuilder, n: Node, size_in: int, size_out: int | None, scale: float | None,

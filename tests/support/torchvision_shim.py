@@ -1,5 +1,5 @@
-"""torchvision (and what imports it: timm, pytorch-grad-cam) for tests and benchmarks only. Its compiled operators fail to
-register against this torch build; its pure-Python part works once those registrations are skipped."""
+"""torchvision (and what imports it: timm, pytorch-grad-cam) for tests and benchmarks only. Its compiled operators
+fail to register against this torch build; its pure-Python part works once those registrations are skipped."""
 
 from __future__ import annotations
 
