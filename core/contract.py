@@ -17,6 +17,7 @@ VERSION = 1  # raised when a field changes meaning; new fields with defaults kee
 # names in the explainable graph
 CLASS_INPUT = "onnxcam_class"
 SELECTED_OUTPUT = "onnxcam_selected"
+LOGITS_OUTPUT = "onnxcam_logits"  # the logits, exposed where the scores output squashes them (ExplainSpec.explained)
 # names in a bundle (exporters.bundle, runtimes.Bundle)
 BYTES_INPUT = "image_bytes"
 HEATMAP_OUTPUT = "heatmap"
@@ -59,7 +60,19 @@ class ExplainSpec:
     bias_gradients: list[str] = field(default_factory=list)
     biases: list[str] = field(default_factory=list)
     bundled: bool = False  # input is encoded image bytes, output a Grad-CAM heatmap (exporters.bundle)
+    # where the scores output is a Softmax, LogSoftmax or Sigmoid of a tensor (through reshapes only): the output
+    # exposing that tensor, the logits, whose elements the gradients start from (the class score before the
+    # squashing, as Grad-CAM defines it), and the squashing's name; None where the output itself is explained
+    explained: str | None = None
+    squashing: str | None = None
+    logits: str | None = None  # the logits' own name in the model, for people
     version: int = VERSION
+
+    @property
+    def score_tensor(self) -> str:
+        """The tensor whose class scores the maps explain: the logits before the output's squashing, or the output
+        (the same elements in the same order either way)."""
+        return self.explained or self.scores
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

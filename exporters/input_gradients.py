@@ -45,12 +45,12 @@ def add_input_gradients(model: onnx.ModelProto) -> onnx.ModelProto:
         raise ExportError(f"input gradients need an N x C x H x W float image input; this one is "
                           f"{spec.input_layout} {spec.input_type}", option="input_gradients")
     builder = GraphBuilder(model, prefix="onnxcam_input")
-    score = builder.value(spec.scores)
+    score = builder.value(spec.score_tensor)
     one_hot = builder.op("OneHot", builder.value(SELECTED_OUTPUT), builder.ints([spec.num_classes]),
                          builder.const(np.array([0.0, 1.0]), like=score), axis=-1)
     seed = builder.op("Reshape", one_hot, builder.op("Shape", score))
     layers = bias_layers(model, builder)
-    gradient, *bias_gradients = append_gradients(model, [spec.input, *(name for name, _ in layers)], spec.scores,
+    gradient, *bias_gradients = append_gradients(model, [spec.input, *(name for name, _ in layers)], spec.score_tensor,
                                                  seed, builder, overrides=input_gradient_rules())
     builder.nodes.append(helper.make_node("Identity", [gradient.name], [INPUT_GRADIENT_OUTPUT]))
     outputs = [helper.make_tensor_value_info(INPUT_GRADIENT_OUTPUT, builder.elem_type(spec.input),

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, version_converter
 
-from ..core.contract import CLASS_INPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
+from ..core.contract import CLASS_INPUT, LOGITS_OUTPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
 from ..core.errors import ExportError, renamed
 from ..core.files import atomic_path
 from ..core.layouts import attention_layout, check_layout, guess_layout
@@ -51,7 +51,7 @@ EXTERNAL_DATA_OVER = 2**31 - 2**26  # bytes of weights past which a model is sav
 def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, layers=None, output=None,
                 mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
                 attention_gradients=False, bundled=False, input_gradients=False, legrad=False,
-                target_layers=None) -> ExplainSpec:
+                explain_probabilities=False, target_layers=None) -> ExplainSpec:
     """Rewrite the classifier `src` (a path or ModelProto) into an explainable graph saved at `path`.
 
     `input` names the image input (default: the one 4-D float or uint8 input), `input_layout` says whether it is
@@ -72,6 +72,10 @@ def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, la
     that takes encoded image bytes and returns the logits and the Grad-CAM heatmap (exporters.bundle).
     `input_gradients` adds the gradient down to the image, with a switch for guided backpropagation
     (exporters.input_gradients): a backward pass through the whole network on every run, so it is opt-in.
+    Where the scores output is a Softmax, LogSoftmax or Sigmoid of the logits (through reshapes only), the
+    gradients start from the logits, the class score before the squashing as Grad-CAM defines it (Selvaraju et al.,
+    arXiv 1610.02391, section 3: "y^c, the score for class c, before the softmax"): a confident probability rounds
+    to 1.0 and has no gradient. `explain_probabilities` keeps the output's own values instead.
     `target_layers` is the old name of `layers`.
     """
     if target_layers is not None:
@@ -79,7 +83,8 @@ def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, la
     model = make_explainable(load_model(src), input=input, input_layout=input_layout, input_size=input_size,
                              layers=layers, output=output, mean=mean, std=std, labels=labels,
                              layer_names=layer_names, layouts=layouts, attentions=attentions,
-                             attention_gradients=attention_gradients, legrad=legrad)
+                             attention_gradients=attention_gradients, legrad=legrad,
+                             explain_probabilities=explain_probabilities)
     if input_gradients:
         model = add_input_gradients(model)
     if bundled:
@@ -149,7 +154,11 @@ def inspect_onnx(src, *, input=None, input_layout=None, input_size=None, output=
                         input_size)
     model = expand_recurrent(infer_shapes(model, image))  # sequence lengths are static once the size is fixed
     builder = GraphBuilder(model)
-    score = spec.scores if spec else _score_output(model, builder, output)[0]
+    if spec:
+        score = spec.score_tensor
+    else:
+        score = _score_output(model, builder, output)[0]
+        score = (before_squashing(model, score) or (score,))[0]
     shapes = tensor_shapes(model, builder)
     grids = {c.name: c.layout for c in grid_candidates(model, score, shapes, image)}
     default = None if spec else default_target(model, score, shapes, image).name
@@ -164,13 +173,16 @@ def unknown_name_error(kind: str, name: str, known) -> ExportError:
 
 def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, input_size=None, layers=None,
                      output=None, mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
-                     attention_gradients=False, legrad=False) -> onnx.ModelProto:
+                     attention_gradients=False, legrad=False, explain_probabilities=False) -> onnx.ModelProto:
     """The model with the explanation outputs and the onnxcam metadata added (see export_onnx)."""
+    given = model
     model = _prepared(model)
     image = image_input(model, input, input_layout, input_size)
     model = expand_recurrent(infer_shapes(model, image))  # sequence lengths are static once the size is fixed
     builder = GraphBuilder(model)
-    score, num_classes = _score_output(model, builder, output)
+    output, num_classes = _score_output(model, builder, output)
+    squashing = None if explain_probabilities else before_squashing(model, output)
+    score = squashing[0] if squashing else output  # the tensor whose elements are explained
     shapes = tensor_shapes(model, builder)
     targets, layouts = _targets(model, score, shapes, image, layers, layouts, layer_names)
     attentions, attention_layout = _attentions(model, shapes, image, attentions, layouts)
@@ -181,7 +193,9 @@ def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, i
                             attentions, attention_gradients, scores_per_block)
     model = float32_edges(model)  # a bfloat16 model's file takes and gives float32; it computes in bfloat16
     spec = ExplainSpec(
-        input=image.name, scores=score, num_classes=num_classes, score_shape=builder.shape(score)[1:],
+        input=image.name, scores=output, num_classes=num_classes, score_shape=builder.shape(output)[1:],
+        explained=LOGITS_OUTPUT if squashing else None, squashing=squashing[1] if squashing else None,
+        logits=(before_squashing(given, output) or squashing)[0] if squashing else None,  # the name as given
         input_size=image.size,
         input_layout=image.layout, input_type=image.dtype, layers=list(layer_names or targets), layouts=layouts,
         attention_layout=attention_layout, mean=_triple(mean, "mean", image.channels),
@@ -230,6 +244,24 @@ def _score_output(model: onnx.ModelProto, builder: GraphBuilder, output: str | N
         raise ExportError(f"output '{score}' must have a static number of classes; its shape is {shape}",
                           option="output")
     return score, int(np.prod(shape[1:]))
+
+
+SQUASHINGS = {"Softmax": "softmax", "LogSoftmax": "log_softmax", "Sigmoid": "sigmoid"}
+REORDER_FREE = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}  # keep the elements in their order
+
+
+def before_squashing(model: onnx.ModelProto, output: str) -> tuple[str, str] | None:
+    """(the logits, the squashing's name) where `output` is a Softmax, LogSoftmax or Sigmoid of the logits, through
+    nodes that keep the elements in order (so that a seed on the output's elements applies to the logits' own);
+    None otherwise."""
+    producers = {name: node for node in model.graph.node for name in node.output}
+    name = output
+    while name in producers and producers[name].op_type in REORDER_FREE:
+        name = producers[name].input[0]
+    node = producers.get(name)
+    if node is None or node.op_type not in SQUASHINGS:
+        return None
+    return node.input[0], SQUASHINGS[node.op_type]
 
 
 def _targets(model, score, shapes, image: ImageInput, given, layouts, names) -> tuple[list[str], list[str]]:
@@ -320,7 +352,14 @@ def _append_outputs(model, builder: GraphBuilder, image: ImageInput, score: str,
              "legrad_gradients": expose("legrad_gradient", legrad_gradients,
                                         attentions if scores_per_block else []),
              "cuts": expose("cut", cuts, cuts)}
-    prune(builder, [SELECTED_OUTPUT, *(n for group in names.values() for n in group)])
+    exposed = [SELECTED_OUTPUT, *(n for group in names.values() for n in group)]
+    if score not in {o.name for o in graph.output}:  # the logits under the output's squashing
+        builder.nodes.append(helper.make_node("Identity", [score], [LOGITS_OUTPUT]))
+        dims = builder.shape(score)
+        new_outputs.append(helper.make_tensor_value_info(LOGITS_OUTPUT, builder.elem_type(score),
+                                                         [dims[0] or image.batch, *dims[1:]]))
+        exposed.append(LOGITS_OUTPUT)
+    prune(builder, exposed)
     graph.input.append(helper.make_tensor_value_info(CLASS_INPUT, onnx.TensorProto.INT64, [image.batch]))
     graph.node.extend(builder.nodes)
     graph.initializer.extend(builder.initializers)

@@ -18,6 +18,7 @@ EXPORT_BATCH = 2  # tracing specialises sizes 0 and 1: a batch of 2 keeps the ba
 
 
 NORMALISATIONS = (torch.nn.LayerNorm, torch.nn.BatchNorm2d, torch.nn.GroupNorm)
+SQUASHINGS = (torch.nn.Softmax, torch.nn.LogSoftmax, torch.nn.Sigmoid)  # explained before (onnx_frontend)
 
 
 def module_outputs(model, input_shape) -> list[tuple[str, tuple]]:
@@ -29,7 +30,14 @@ def _probe(model, input_shape):
     """Per submodule returning a tensor: (name, module, output shape, grid cells the top-1 score's gradient reaches);
     last, the model's output itself (named "")."""
     outputs: list[tuple[str, torch.nn.Module, torch.Tensor]] = []
-    handles = [module.register_forward_hook(lambda m, i, o, name=name: outputs.append((name, m, o)))
+    squashed: dict[int, torch.Tensor] = {}  # a Softmax, LogSoftmax or Sigmoid module's output -> its input
+
+    def keep(module, args, output, name):
+        outputs.append((name, module, output))
+        if isinstance(module, SQUASHINGS) and args and isinstance(args[0], torch.Tensor):
+            squashed[id(output)] = args[0]
+
+    handles = [module.register_forward_hook(lambda m, i, o, name=name: keep(m, i, o, name))
                for name, module in model.named_modules() if name]
     try:
         example = torch.randn(EXPORT_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
@@ -37,6 +45,7 @@ def _probe(model, input_shape):
     finally:
         for handle in handles:
             handle.remove()
+    scores = squashed.get(id(scores), scores)  # the logits, as the ONNX front end explains them
     outputs = [(name, m, o) for name, m, o in outputs if isinstance(o, torch.Tensor)]
     outputs.append(("", model, scores))  # the output itself, last: segmenters' class maps are told by its channels
     differentiable = [o for _, _, o in outputs if o.requires_grad]
@@ -125,7 +134,7 @@ def _default_layer(probed, image_size: tuple[int, int]) -> str:
 
 def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, labels=None, layouts=None,
                  attention_layers=None, attention_gradients=False, bundled=False,
-                 input_gradients=False, legrad=False, target_layers=None) -> ExplainSpec:
+                 input_gradients=False, legrad=False, explain_probabilities=False, target_layers=None) -> ExplainSpec:
     """Export `model` (a torch.nn.Module) to an explainable ONNX file at `path`.
 
     `input_shape` is C x H x W (a leading batch size is ignored: the batch is dynamic).
@@ -134,7 +143,8 @@ def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, 
     whose outputs are a block's attention probabilities, for attention rollout (default: modules
     named `attn_drop` that return B x heads x N x N; where none runs, as with fused scaled dot-product
     attention, the exported graph's Softmax outputs of that shape). `attention_gradients`, `bundled`,
-    `input_gradients`, `legrad`: see export_onnx. `target_layers` is the old name of `layers`.
+    `input_gradients`, `legrad`, `explain_probabilities`: see export_onnx (a model ending in nn.Softmax,
+    nn.LogSoftmax or nn.Sigmoid is explained before it). `target_layers` is the old name of `layers`.
     """
     if target_layers is not None:
         layers = renamed("target_layers", "layers", target_layers)
@@ -175,7 +185,7 @@ def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, 
     return export_onnx(onnx_model, path, layers=names[:len(layers)], layer_names=layers, mean=mean, std=std,
                        labels=labels, layouts=layouts, attentions=attentions,
                        attention_gradients=attention_gradients, bundled=bundled, input_gradients=input_gradients,
-                       legrad=legrad)
+                       legrad=legrad, explain_probabilities=explain_probabilities)
 
 
 class _WithActivations(torch.nn.Module):

@@ -120,16 +120,20 @@ def main():
 @click.option("--bundle", "bundled", is_flag=True,
               help="One file taking encoded image bytes, returning logits and the Grad-CAM heatmap "
                    "(onnxruntime-extensions).")
+@click.option("--explain-probabilities", is_flag=True,
+              help="Where the scores are a softmax or sigmoid of logits, explain the probabilities themselves "
+                   "(default: the logits, the class score before the squashing, as Grad-CAM defines it).")
 @click.option("--triton-repo", type=click.Path(file_okay=False),
               help="Also write a Triton model repository for the file here (model.onnx and config.pbtxt).")
 def export(model, out, layers, target_layer, input_size, image_input, input_layout, weights, mean, std, labels, scores,
-           score_output, layouts, attention_gradients, legrad, input_gradients, bundled, triton_repo):
+           score_output, layouts, attention_gradients, legrad, input_gradients, bundled, explain_probabilities,
+           triton_repo):
     """Make MODEL explainable: MODEL is package.module:callable returning a torch.nn.Module, or an .onnx file."""
     names = _read_labels(labels)
     layers, scores = list(layers + target_layer), scores or score_output
     options = dict(layers=layers or None, mean=_triple(mean), std=_triple(std), labels=names,
                    layouts=list(layouts) or None, attention_gradients=attention_gradients, bundled=bundled,
-                   input_gradients=input_gradients, legrad=legrad)
+                   input_gradients=input_gradients, legrad=legrad, explain_probabilities=explain_probabilities)
     try:
         if model.endswith(".onnx"):
             spec = export_onnx(model, out, input=image_input, input_layout=input_layout, input_size=input_size,
@@ -142,8 +146,9 @@ def export(model, out, layers, target_layer, input_size, image_input, input_layo
     except OnnxcamError as error:
         raise Failed.of(error) from None
     height, width = spec.input_size
+    squashing = f" = {spec.squashing}('{spec.logits}'); explained before the {spec.squashing}" if spec.squashing else ""
     click.echo(f"wrote {out}: input '{spec.input}' {spec.input_layout} {height}x{width} {spec.input_type}, scores "
-               f"'{spec.scores}' ({spec.num_classes} classes), layers {', '.join(spec.layers)}")
+               f"'{spec.scores}' ({spec.num_classes} classes){squashing}, layers {', '.join(spec.layers)}")
     if triton_repo:
         from .triton import write_repository
 

@@ -27,7 +27,10 @@ class HeadRunner:
         self.cuts = exposed_sources(model, spec.cuts)
 
     def runner(self, output: str) -> BoundRunner:
-        """The head session for `output`, built on first use."""
+        """The head session for `output`, built on first use; for the scores output, the head ends at the tensor
+        explained (its logits, where the output squashes them: ExplainSpec.score_tensor)."""
+        if output == self.spec.scores:
+            output = self.spec.score_tensor
         with self._building:
             if output not in self._runners:
                 self._runners[output] = self._build(output)
@@ -47,8 +50,10 @@ class HeadRunner:
         runner = self.runner(output)
         feeds = {name: np.ascontiguousarray(value[image_index])
                  for name, value in zip([*self.inputs, *self.cuts], [*activations, *cuts], strict=True)}
-        seed_type = next(i.type for i in runner.session.get_inputs() if i.name == SEED_INPUT)
-        feeds[SEED_INPUT] = np.ascontiguousarray(seeds, dtype=np.float16 if seed_type == "tensor(float16)" else
-                                                 np.float64 if seed_type == "tensor(double)" else np.float32)
+        seed_input = next(i for i in runner.session.get_inputs() if i.name == SEED_INPUT)
+        if all(isinstance(d, int) for d in seed_input.shape[1:]):  # logits under a squashing: same elements, in order
+            seeds = seeds.reshape(len(seeds), *seed_input.shape[1:])
+        feeds[SEED_INPUT] = np.ascontiguousarray(seeds, dtype=np.float16 if seed_input.type == "tensor(float16)"
+                                                 else np.float64 if seed_input.type == "tensor(double)" else np.float32)
         names = [o.name for o in runner.session.get_outputs()]
         return runner.run(names, feeds)

@@ -73,7 +73,7 @@ def read_linear_head(model: onnx.ModelProto, spec: ExplainSpec) -> np.ndarray:
         raise ExplainError("cam needs one N x C x H x W target layer followed by global average pooling")
     producers = {output: node for node in model.graph.node for output in node.output}
     target = exposed_sources(model, spec.activations)[0]
-    name = spec.scores
+    name = spec.score_tensor
     while name in producers and producers[name].op_type in ("Identity", "Dropout"):
         name = producers[name].input[0]
     weights, name = _linear_weights(model, producers[name], producers) if name in producers else (None, None)
@@ -92,7 +92,7 @@ def forward_head_session(model: onnx.ModelProto, spec: ExplainSpec, session: ort
     targets = exposed_sources(model, spec.activations)
     exposed = {**dict(zip(targets, spec.activations, strict=True)),
                **dict(zip(exposed_sources(model, spec.cuts), spec.cuts, strict=True))}
-    nodes, cuts = slice_head(model, targets, [spec.scores])
+    nodes, cuts = slice_head(model, targets, [spec.score_tensor])
     missing = [name for name in cuts if name not in exposed]
     if missing:
         raise ExplainError(f"cannot run the head alone: it reads '{missing[0]}', which this file does not expose "
@@ -100,7 +100,7 @@ def forward_head_session(model: onnx.ModelProto, spec: ExplainSpec, session: ort
     types = {info.name: info for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
     used = {name for node in nodes for name in node.input}
     graph = helper.make_graph(nodes, "onnxcam_forward_head", [_maps_first(types[n]) for n in [*targets, *cuts]],
-                              [_maps_first(types[spec.scores])],
+                              [_maps_first(types[spec.score_tensor])],
                               [t for t in model.graph.initializer if t.name in used])
     head = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     head.functions.extend(model.functions)
@@ -130,10 +130,11 @@ class HeadScores:
 
 def forward_model(model: onnx.ModelProto, spec: ExplainSpec) -> onnx.ModelProto:
     """The explainable file cut down to the nodes that compute the scores from the image: no class selection, no
-    gradients (the perturbation methods' many runs need the scores only)."""
-    kept, needed = needed_nodes(model.graph.node, [spec.scores])
+    gradients (the perturbation methods' many runs need the scores only): the scores explained, the logits where the
+    output squashes them (ExplainSpec.score_tensor)."""
+    kept, needed = needed_nodes(model.graph.node, [spec.score_tensor])
     graph = model.graph
-    scores = next(info for info in graph.output if info.name == spec.scores)
+    scores = next(info for info in [*graph.output, *graph.value_info] if info.name == spec.score_tensor)
     inputs = [info for info in graph.input if info.name in needed and info.name not in
               {t.name for t in graph.initializer}]
     forward = helper.make_graph(kept, "onnxcam_scores", inputs, [scores],

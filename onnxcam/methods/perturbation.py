@@ -54,10 +54,21 @@ def _class_scores(call: Call, inputs: np.ndarray, targets: np.ndarray) -> np.nda
     found = np.empty(len(inputs))
     for start in range(0, len(inputs), batch_size):
         part = np.ascontiguousarray(inputs[start:start + batch_size], dtype=np.float32)
-        (scores,) = runner.run([spec.scores], {spec.input: part})
+        (scores,) = runner.run([spec.score_tensor], {spec.input: part})
         scores = scores.reshape(len(part), -1)
         found[start:start + len(part)] = scores[np.arange(len(part)), targets[start:start + len(part)]]
     return found
+
+
+def _run_explained(call: Call, names: list[str]):
+    """One run: the scores and the selected classes, the scores explained per image (N x K: the logits where the
+    output squashes them, ExplainSpec.score_tensor), and the tensors `names`."""
+    spec = call.model.spec
+    extra = [spec.explained] if spec.explained else []
+    scores, selected, *tensors = call.model.run(call.batch, call.classes, [*extra, *names])
+    scores = scores.reshape(len(selected), -1)
+    explained = tensors.pop(0).reshape(len(selected), -1) if extra else scores
+    return scores, selected, explained, tensors
 
 
 def _score_cam(call: Call) -> Result:
@@ -66,10 +77,9 @@ def _score_cam(call: Call) -> Result:
     spec, options, name = call.model.spec, call.options, call.method.name
     if options.batch_size < 1 or (options.channels is not None and options.channels < 1):
         raise ExplainError(f"{name}: batch_size and channels must be at least 1")
-    scores, selected, *activations = call.model.run(call.batch, call.classes, spec.activations)
+    scores, selected, explained, activations = _run_explained(call, spec.activations)
     images = host_array(call.batch)
-    scores = scores.reshape(len(images), -1)
-    baseline = scores[np.arange(len(images)), selected]
+    baseline = explained[np.arange(len(images)), selected]
     samples = getattr(options, "samples", 1)
     rng = np.random.default_rng(getattr(options, "seed", None))
     maps = []
@@ -106,8 +116,7 @@ def _ablation_cam(call: Call) -> Result:
     between the target layer and the scores runs on the K ablated copies of each image's activation, in
     batches of `batch_size` copies."""
     spec = call.model.spec
-    scores, selected, activation, *cuts = call.model.run(call.batch, call.classes, [*spec.activations, *spec.cuts])
-    scores = scores.reshape(len(activation), -1)
+    scores, selected, explained, (activation, *cuts) = _run_explained(call, [*spec.activations, *spec.cuts])
     head = call.model.forward_head
     grid = to_grid(activation, spec.layouts[0])
     ablated = np.empty(grid.shape[:2])
@@ -121,10 +130,10 @@ def _ablation_cam(call: Call) -> Result:
             exposed = {name: np.ascontiguousarray(np.repeat(cut[image:image + 1], len(channels), axis=0))
                        for name, cut in zip(spec.cuts, cuts, strict=True)}
             exposed[spec.activations[0]] = _from_grid(copies[:len(channels)], spec.layouts[0])
-            head_scores = head.scores(spec.scores, exposed).reshape(len(channels), -1)
+            head_scores = head.scores(spec.score_tensor, exposed).reshape(len(channels), -1)
             ablated[image, channels] = head_scores[:, selected[image]]
             copies[rows, channels] = grid[image][channels]
-    weights = ablation_weights(scores[np.arange(len(grid)), selected], ablated)
+    weights = ablation_weights(explained[np.arange(len(grid)), selected], ablated)
     return Result(heatmaps([class_activation_map(grid, weights.astype(grid.dtype))], spec.input_size), scores,
                   selected)
 

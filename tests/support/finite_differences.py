@@ -42,10 +42,13 @@ def directional_check(original: onnx.ModelProto, target: str, feeds: dict, activ
     """(exported <gradient, v>, central difference of the class score along v), per image and direction, with
     the step of STEPS whose differences agree best with the exported ones (a wrong gradient agrees with none).
 
-    `activation` and `gradient` are the explainable file's outputs for `feeds`.
+    `activation` and `gradient` are the explainable file's outputs for `feeds`; `score` names the tensor explained
+    (ExplainSpec.logits where the file explains the logits under its output's squashing).
     """
     model = in_float32(original)
     fed = with_target_as_input(model, target, onnx.TensorProto.FLOAT)
+    if score not in {o.name for o in fed.graph.output}:  # the logits under a softmax: an inner tensor
+        fed.graph.output.append(onnx.ValueInfoProto(name=score))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(fed.SerializeToString(), options, providers=["CPUExecutionProvider"])
