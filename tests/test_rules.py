@@ -22,7 +22,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from onnxcam.exporters import export_onnx
+from onnxcam.exporters import ExportError, export_onnx
 from onnxcam.exporters.autodiff import RULES
 
 BATCH = 3
@@ -334,6 +334,48 @@ cases("Resize", nearest_floor_legacy=lambda: resize("- scales", {"scales": [1, 1
       cubic_antialias_sizes=lambda: resize("- - sizes", {"sizes": [2, 9]}, mode="cubic", antialias=1, axes=[-2, -1]))
 
 
+# ConvTranspose, the decoders' upsampling (issue 19): float32, as ONNX Runtime has no float64 ConvTranspose.
+# The image is 4 x 5; each case's output sizes are worked out in its comment (full = s (n - 1) + d (k - 1) + 1 +
+# output_padding, minus the pads). Odd totals put SAME_UPPER's and SAME_LOWER's extra cell on different sides.
+def conv_transpose(weight: tuple, extra: str = "", constants=None, before=(), source: str = "x", **attributes) -> Case:
+    return Case([*before, node("ConvTranspose", [source, "w", *extra.split()], **attributes)], "y",
+                {"w": random(*weight), **(constants or {})}, dtype=FLOAT)
+
+
+def conv_transpose_volume() -> Case:
+    """3-D: x as N x 1 x 2 x 4 x 5, out 5 x 4 x 10: 2 * 1 + 2 + 1, 3 + 2 - 1, 2 * 4 + 3 + 1 - 1 - 1."""
+    return conv_transpose((1, 2, 2, 2, 3), before=[node("Unsqueeze", "x one", "x5")], source="x5",
+                          constants={"one": ints(1)}, strides=[2, 1, 2], pads=[0, 1, 1, 0, 0, 1],
+                          output_padding=[1, 0, 1])
+
+
+cases("ConvTranspose",
+      # 8 x 15: height 2 * 3 + 2 + 1 - 1 - 0, width 3 * 4 + 2 + 2 - 0 - 1; output_padding past the end pads
+      strides_pads_output_padding=lambda: conv_transpose((C, 2, 2, 2), "b", {"b": random(2)}, strides=[2, 3],
+                                                          pads=[1, 0, 0, 1], output_padding=[1, 2]),
+      # 4 x 5 at stride 1, 4 channels out, asymmetric pads, a non-square kernel: 3 + 2 - 1 and 4 + 3 - 2
+      stride_1_non_square=lambda: conv_transpose((C, 4, 2, 3), pads=[0, 1, 1, 1]),
+      # two groups of two channels in, three out each; height dilated: 3 + 2 (3 - 1) + 1 - 1 - 0 = 7,
+      # width 2 * 4 + 2 - 1 - 2 = 7
+      groups_dilations=lambda: conv_transpose((4, 3, 3, 2), before=FOUR_CHANNELS, source="x4", group=2,
+                                              dilations=[2, 1], strides=[1, 2], pads=[1, 1, 0, 2]),
+      # full 2 * 3 + 3 = 9 by 2 * 4 + 3 = 11 cut to 8 x 9: totals 1 and 2, the odd cell at the start
+      output_shape=lambda: conv_transpose((C, 2, 3, 3), strides=[2, 2], output_shape=[8, 9]),
+      # with output_padding, which counts in the totals: 2 * 3 + 1 + 3 = 10 -> 9, 3 * 4 + 2 + 2 = 16 -> 14
+      output_shape_output_padding=lambda: conv_transpose((C, 2, 3, 2), strides=[2, 3], output_padding=[1, 2],
+                                                         output_shape=[9, 14]),
+      # 8 x 15 (4 * 2, 5 * 3), totals 2 * 3 + 3 - 8 = 1 and 3 * 4 + 4 - 15 = 1
+      same_upper=lambda: conv_transpose((C, 2, 3, 4), strides=[2, 3], auto_pad="SAME_UPPER"),
+      same_lower=lambda: conv_transpose((C, 2, 3, 4), strides=[2, 3], auto_pad="SAME_LOWER"),
+      valid_dilated=lambda: conv_transpose((C, 2, 2, 2), strides=[2, 2], dilations=[1, 2], output_padding=[1, 1],
+                                           auto_pad="VALID"),
+      # 1-D, x as N x 2 x 20: 3 * 19 + 1 + 3 - 2 - 1 = 58
+      one_d=lambda: conv_transpose((C, 2, 3), before=[node("Reshape", "x flat_shape", "x1")], source="x1",
+                                   constants={"flat_shape": ints(0, C, H * W)}, strides=[3], pads=[2, 1],
+                                   output_padding=[1]),
+      three_d=conv_transpose_volume)
+
+
 # the test -------------------------------------------------------------------------------------------------
 def images(dtype: int) -> np.ndarray:
     """BATCH images of distinct values 0.1 apart (none within 0.05 of an integer multiple of 0.1), shuffled
@@ -420,6 +462,25 @@ def test_rule_matches_finite_differences(op_type: str, variant: str, tmp_path: P
         assert scale > 0, "the score must depend on the target"
         np.testing.assert_allclose(gradient[image], expected[image], rtol=1e-6 if double else 1e-2,
                                    atol=(1e-7 if double else 1e-2) * scale, err_msg=f"image {image}")
+
+
+REFUSED_CONV_TRANSPOSE = {  # forms whose output runtimes or shape inference read differently
+    "shape inference": dict(strides=[2, 2], auto_pad="SAME_UPPER", output_padding=[1, 0]),  # 9 rows inferred, 8 run
+    "both output_shape and pads": dict(strides=[2, 2], output_shape=[8, 10], pads=[1, 0, 0, 0]),
+    "larger than its full output": dict(strides=[2, 2], auto_pad="SAME_LOWER", kernel_shape=[1, 1]),
+}
+
+
+@pytest.mark.parametrize("why", REFUSED_CONV_TRANSPOSE)
+def test_conv_transpose_refuses_what_runtimes_disagree_on(why: str, tmp_path: Path):
+    """ONNX Runtime sizes SAME_UPPER's output 4 x 2 whatever output_padding, shape inference adds it; it ignores
+    pads beside output_shape, ONNX's reference evaluator applies them; a SAME kernel shorter than the stride leaves
+    the runtimes' outputs of different sizes. The export stops, naming the node, rather than guess."""
+    attributes = REFUSED_CONV_TRANSPOSE[why]
+    kernel = attributes.get("kernel_shape", [3, 3])
+    case = conv_transpose((C, 2, *kernel), **attributes)
+    with pytest.raises(ExportError, match=f"ConvTranspose node 'y' .*{why}"):
+        export_onnx(case.model(), tmp_path / "case.onnx", layers=["x"], input_layout="nchw", layouts=["nchw"])
 
 
 def covered_elsewhere() -> set[str]:

@@ -93,6 +93,7 @@ RULES: dict[str, Rule] = {
     "Min": lambda g, n, dys: extremum(n, dys[0]),
     # windows and linear algebra
     "Conv": lambda g, n, dys: [conv(g, n, dys[0])] + [None] * (len(n.inputs) - 1),
+    "ConvTranspose": lambda g, n, dys: [conv_transpose(g, n, dys[0])] + [None] * (len(n.inputs) - 1),
     "MaxPool": lambda g, n, dys: [max_pool(g, n, dys[0])],
     "AveragePool": lambda g, n, dys: [average_pool(g, n, dys[0])],
     "GlobalAveragePool": lambda g, n, dys: [expand_like(dys[0], n.inputs[0]) / count_ratio(n.inputs[0], n.outputs[0])],
@@ -333,6 +334,63 @@ def window_transpose(g: GraphBuilder, n: Node, dy: Value, weight: Value, kernel,
 def conv(g: GraphBuilder, n: Node, dy: Value) -> Value:
     weight = n.inputs[1]
     return window_transpose(g, n, dy, weight, weight.shape[2:], n.attrs["group"], n.attrs["dilations"])
+
+
+def conv_transpose(g: GraphBuilder, n: Node, dy: Value) -> Value:
+    """ConvTranspose is the adjoint of a Conv, so its own adjoint is that Conv: y[j] = sum x[i] W[k] over
+    s i + d k = j + begin (begin: the cells cropped off the start), hence dx[i] = sum_k dy[s i + d k - begin] W[k],
+    a Conv of dy with the same weight (C_in x C_out/group x kernel is Conv's M x C/group x kernel), strides,
+    dilations and groups, padded by `begin` at the start and at the end by what the last window reaches past dy
+    (cropped where it reaches less: output_padding's cells, which no input touches)."""
+    x, weight, y = n.inputs[0], n.inputs[1], n.outputs[0]
+    spatial, out_spatial = x.shape[2:], y.shape[2:]
+    if None in spatial or None in out_spatial:
+        raise n.fail("needs static spatial sizes to be differentiated")
+    rank, found = len(spatial), weight.shape[2:]
+    kernel = list(n.attrs["kernel_shape"] or found)
+    if None in kernel:
+        raise n.fail("needs a static kernel size to be differentiated")
+    if len(found) != len(kernel) or any(f is not None and f != k for f, k in zip(found, kernel, strict=True)):
+        raise n.fail(f"declares kernel_shape {kernel} for a weight of kernel size {found}")
+    strides = list(n.attrs["strides"] or [1] * rank)
+    dilations = list(n.attrs["dilations"] or [1] * rank)
+    begin = transpose_crops(n, spatial, out_spatial, kernel, strides, dilations)
+    end = [s * (size - 1) + d * (k - 1) + 1 - b - out
+           for size, out, k, s, d, b in zip(spatial, out_spatial, kernel, strides, dilations, begin, strict=True)]
+    dy = pad_or_crop(g, dy, [0, 0] + [min(v, 0) for v in begin], [0, 0] + [min(v, 0) for v in end])
+    return g.op("Conv", dy, weight, group=n.attrs["group"], strides=strides, dilations=dilations,
+                pads=[max(v, 0) for v in begin + end])
+
+
+def transpose_crops(n: Node, spatial, out_spatial, kernel, strides, dilations) -> list[int]:
+    """The cells a ConvTranspose crops off the start of its full output along each axis, as the ONNX spec derives
+    them from pads, auto_pad, output_padding and output_shape (ONNX Runtime agrees). The forms runtimes disagree on
+    are refused, and so is an output size the spec's formula does not give: shape inference disagreeing with it."""
+    rank, auto, output_shape = len(spatial), n.attrs["auto_pad"], n.attrs["output_shape"]
+    pads = list(n.attrs["pads"] or [0] * (2 * rank))
+    full = [s * (size - 1) + op + d * (k - 1) + 1 for size, k, s, d, op in
+            zip(spatial, kernel, strides, dilations, n.attrs["output_padding"] or [0] * rank, strict=True)]
+    if output_shape or auto in ("SAME_UPPER", "SAME_LOWER"):
+        if output_shape and len(output_shape) != rank:
+            raise n.fail(f"sets output_shape {list(output_shape)}, not one size per spatial axis")
+        if output_shape and any(pads):
+            raise n.fail("sets both output_shape and pads, which runtimes read differently (ONNX Runtime ignores "
+                         "the pads, ONNX's reference evaluator applies them)")
+        sizes = list(output_shape) if output_shape else [size * s for size, s in zip(spatial, strides, strict=True)]
+        totals = [f - size for f, size in zip(full, sizes, strict=True)]
+        if min(totals) < 0:
+            raise n.fail(f"asks for an output larger than its full output ({sizes} > {full}), which runtimes fill "
+                         "differently")
+        # the odd cell goes to the end for SAME_UPPER, to the start otherwise (output_shape's own rule)
+        begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in totals]
+    else:
+        pads = [0] * (2 * rank) if auto == "VALID" else pads
+        begin = pads[:rank]
+        sizes = [f - pads[i] - pads[rank + i] for i, f in enumerate(full)]
+    if sizes != list(out_spatial):
+        raise n.fail(f"has an output of spatial size {list(out_spatial)} after shape inference, where its attributes "
+                     f"give {sizes}")
+    return begin
 
 
 def average_pool(g: GraphBuilder, n: Node, dy: Value) -> Value:
