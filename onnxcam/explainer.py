@@ -130,7 +130,8 @@ class Explainer:
                                f"or Classes), not other target objects", option="targets")
         host = host_array(batch)
         scores = self.model.run(host, np.full(len(host), -1, dtype=np.int64), [])[0].reshape(len(host), -1)
-        picks = [(image, pick) for image, target in enumerate(targets) for pick in target.picks(scores[image])]
+        picks = [(image, pick) for image, target in enumerate(targets)
+                 for pick in target.picks(scores[image], {}, spec.input_size)]
         image_index = np.array([image for image, _ in picks], dtype=np.int64)
         if self.fixed_batch not in (None, len(picks)):
             raise ExplainError(f"the model's image input is fixed at batches of {self.fixed_batch}, and these "

@@ -3,12 +3,14 @@
 Every target is a function of one output of the model. Its seed is the gradient of its score with respect
 to that output (for one image: an array shaped like the image's slice of the output), computed here in
 numpy; the engine differentiates from the output back to the target layers with that seed (exporters.head).
-A target may give several maps per image (Classes(top=5), every detection), or none.
+A target may give several maps per image (Classes(top=5), every detection), or none. A target may also read
+other outputs to make its picks (a DETR's boxes beside its class logits: `Target.reads`); they are fetched in
+the same session run, and the seed stays on the output explained.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -16,7 +18,8 @@ import numpy as np
 
 from .core.errors import ExplainError
 
-DETECTION_LAYOUTS = ("yolov5", "yolov8", "nms")
+DETECTION_LAYOUTS = ("yolov5", "yolov8", "nms", "detr", "rtdetr")
+QUERY_LAYOUTS = ("detr", "rtdetr")  # one row of class logits per query, the boxes in a second output
 
 
 @dataclass
@@ -40,8 +43,16 @@ class Target:
         """The single class this target explains when it is known before the run (one session run then serves)."""
         return None
 
-    def picks(self, scores: np.ndarray) -> list[Pick]:
-        """The maps of one image, from its slice of the output."""
+    def reads(self, output: str, shapes: Mapping[str, tuple]) -> tuple[str, ...]:
+        """The other outputs picks() reads beside the one it explains (`output`, by name), fetched in the same
+        session run; `shapes` gives every output of the model with its shape per image (None for a size the file
+        leaves open). Refuses, in one line, a target that these outputs show would be read wrong. None here."""
+        return ()
+
+    def picks(self, scores: np.ndarray, others: Mapping[str, np.ndarray] | None = None,
+              input_size: tuple[int, int] | None = None) -> list[Pick]:
+        """The maps of one image, from its slice of the output; `others`: its slices of the outputs reads()
+        named; `input_size`: the model input's H x W (for boxes given relative to the image, masks given at it)."""
         raise NotImplementedError
 
 
@@ -82,7 +93,7 @@ class Classes(Target):
     def fixed_class(self) -> int | None:
         return self.classes[0] if len(self.classes) == 1 else None
 
-    def picks(self, scores: np.ndarray) -> list[Pick]:
+    def picks(self, scores: np.ndarray, others=None, input_size=None) -> list[Pick]:
         flat = scores.reshape(-1)
         if self.top is not None:
             chosen = np.argsort(-flat, kind="stable")[:self.top]
@@ -97,14 +108,19 @@ class Classes(Target):
 @dataclass
 class Segmentation(Target):
     """For an output of K x h x w per image: the sum of class channel `class_index` over `mask` (a boolean h x w
-    array at the output's resolution; by default the pixels predicted as that class, as pytorch-grad-cam's
-    SemanticSegmentationTarget tutorial does)."""
+    array; by default the pixels predicted as that class, as pytorch-grad-cam's SemanticSegmentationTarget
+    tutorial does).
+
+    The mask is at the output's resolution, or at the model input's H x W where the output is smaller (SegFormer's
+    logits are at a quarter of the image): it is then resized to the output's h x w, nearest with pixel centres
+    aligned (an output pixel is in the mask when the image pixel at its centre is). The map's mask
+    (`Explanation.masks`) is always at the output's resolution."""
 
     class_index: int
     mask: np.ndarray | None = None
     output: str | None = None
 
-    def picks(self, scores: np.ndarray) -> list[Pick]:
+    def picks(self, scores: np.ndarray, others=None, input_size: tuple[int, int] | None = None) -> list[Pick]:
         if scores.ndim != 3:
             raise ExplainError(f"Segmentation needs an output of K x h x w per image; this one is "
                                f"{' x '.join(map(str, scores.shape)) or 'a scalar'}")
@@ -112,26 +128,52 @@ class Segmentation(Target):
         if self.mask is None:
             mask = scores.argmax(axis=0) == self.class_index
         else:
-            mask = np.asarray(self.mask, dtype=bool)
-            if mask.shape != scores.shape[1:]:
-                raise ExplainError(f"the mask is {mask.shape[0]} x {mask.shape[1]}; the output's maps are "
-                                   f"{scores.shape[1]} x {scores.shape[2]}" if mask.ndim == 2 else
-                                   f"the mask must be a 2-D boolean array, got shape {mask.shape}")
+            mask = _mask_at(np.asarray(self.mask, dtype=bool), scores.shape[1:], input_size)
         seed = np.zeros(scores.shape, dtype=np.float32)
         seed[self.class_index] = mask
         return [Pick(self.class_index, seed, float(scores[self.class_index][mask].sum()), mask=mask)]
 
 
+def _mask_at(mask: np.ndarray, size: tuple[int, int], input_size: tuple[int, int] | None) -> np.ndarray:
+    """A segment's mask at the output's h x w: as given, or resized (nearest) from the model input's H x W."""
+    if mask.ndim != 2:
+        raise ExplainError(f"the mask must be a 2-D boolean array, got shape {mask.shape}")
+    if mask.shape == tuple(size):
+        return mask
+    if input_size is not None and mask.shape == tuple(input_size):
+        return cv2.resize(mask.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT) > 0
+    image = f" or the image's {input_size[0]} x {input_size[1]}" if input_size is not None else ""
+    raise ExplainError(f"the mask is {mask.shape[0]} x {mask.shape[1]}; give it at the output's {size[0]} x "
+                       f"{size[1]}{image}")
+
+
 @dataclass
 class Detection(Target):
     """For a detector's raw head: YOLOv5's N x (5 + K), YOLOv8/v11's (4 + K) x N, or a head that already
-    ran NMS, D x 6 rows of x1 y1 x2 y2 score class (layout guessed from the shape where not given).
+    ran NMS, D x 6 rows of x1 y1 x2 y2 score class (layout guessed from the shape where not given); or a
+    DETR-style head, Q x C class logits per image (one row per query) with the boxes in a second output
+    (`boxes`, Q x 4 normalised cx cy w h, as Hugging Face's DETR and RT-DETR write `pred_boxes`), whose
+    layout must be given:
 
-    Boxes are decoded, NMS runs per class (OpenCV's NMSBoxesBatched), and each detection scoring at least
+    - "detr": softmax class logits whose last class is "no object" (DETR, YOLOS, Table Transformer). A query's
+      score is the softmax probability of its best real class, as Hugging Face's post_process_object_detection
+      computes it; one map per query kept.
+    - "rtdetr": sigmoid class logits, no "no object" class (RT-DETR, Deformable DETR, focal loss). As Hugging
+      Face's RTDetrImageProcessor does, the Q best (query, class) pairs by sigmoid probability are the
+      detections: one map per pair kept (a query may give maps for two classes).
+
+    In both the map explains the chosen class's logit at that query (a one-hot seed at [query, class] of the
+    logits output: the score before the softmax or sigmoid, as every class score here is); NMS does not run
+    (queries are already unique); boxes are turned into x1 y1 x2 y2 in model-input pixels. `boxes` may be left
+    out where the model has exactly one other output of Q x 4 per image. A head whose logits have a Q x 4
+    output beside them is refused without a layout, in one line: the shape cannot tell DETR from RT-DETR, nor
+    either from a YOLOv5 head.
+
+    For YOLO heads and NMS output, boxes are decoded, NMS runs per class (OpenCV's NMSBoxesBatched), and each
+    detection's score is its class score at its anchor: the class column for YOLOv8, objectness times class
+    probability for YOLOv5, the score column after NMS. For every layout, each detection scoring at least
     `score_threshold` (of class in `classes`, when given) is explained, best first, at most `max_detections`;
     or only those of `ranks` (0 = the best detection), as a page that lists the detections asks for one.
-    Its score is its class score at its anchor: the class column for YOLOv8, objectness times class
-    probability for YOLOv5, the score column after NMS.
     """
 
     score_threshold: float = 0.25
@@ -141,17 +183,41 @@ class Detection(Target):
     max_detections: int = 100
     ranks: Sequence[int] | None = None
     output: str | None = None
+    boxes: str | None = None
 
-    def picks(self, scores: np.ndarray) -> list[Pick]:
-        layout = self.layout or guess_detection_layout(scores.shape)
+    def reads(self, output: str, shapes: Mapping[str, tuple]) -> tuple[str, ...]:
+        """The boxes output named; else, for a query layout or none given, every output that may be Q x 4 per
+        image (picks() tells them apart by their values' shapes)."""
+        if self.layout is not None and self.layout not in DETECTION_LAYOUTS:
+            raise ExplainError(f"unknown detection layout '{self.layout}'; choose from {', '.join(DETECTION_LAYOUTS)}")
+        if self.boxes is not None and self.layout not in QUERY_LAYOUTS:
+            raise ExplainError(f"boxes='{self.boxes}' are read by the layouts {' and '.join(QUERY_LAYOUTS)} only; "
+                               f"give layout='detr' (softmax, last class 'no object') or 'rtdetr' (sigmoid)"
+                               if self.layout is None else f"layout '{self.layout}' reads its boxes from "
+                               f"'{output}' itself: boxes= is for the layouts {' and '.join(QUERY_LAYOUTS)}")
+        if self.boxes is not None:
+            if self.boxes == output:
+                raise ExplainError(f"boxes='{self.boxes}' is the output explained; name the boxes output")
+            return (self.boxes,)
+        if self.layout is None or self.layout in QUERY_LAYOUTS:
+            return tuple(_box_candidates(output, shapes))
+        return ()
+
+    def picks(self, scores: np.ndarray, others: Mapping[str, np.ndarray] | None = None,
+              input_size: tuple[int, int] | None = None) -> list[Pick]:
+        layout = self.layout or self._guessed(scores.shape, others or {})
         if layout not in DETECTION_LAYOUTS:
             raise ExplainError(f"unknown detection layout '{layout}'; choose from {', '.join(DETECTION_LAYOUTS)}")
-        boxes, confidence, labels, seeds = _decode(layout, scores)
+        if layout in QUERY_LAYOUTS:
+            boxes, confidence, labels, seeds = _decode_queries(layout, scores, self._boxes(scores, others or {}),
+                                                               input_size)
+        else:
+            boxes, confidence, labels, seeds = _decode(layout, scores)
         keep = confidence >= self.score_threshold
         if self.classes is not None:
             keep &= np.isin(labels, list(self.classes))
         index = np.flatnonzero(keep)
-        if layout != "nms" and index.size:
+        if layout not in ("nms", *QUERY_LAYOUTS) and index.size:
             xywh = np.concatenate([boxes[index, :2], boxes[index, 2:] - boxes[index, :2]], axis=1)
             kept = cv2.dnn.NMSBoxesBatched(xywh.tolist(), confidence[index].tolist(), labels[index].tolist(),
                                            self.score_threshold, self.iou_threshold)
@@ -161,10 +227,44 @@ class Detection(Target):
             index = index[[rank for rank in self.ranks if 0 <= rank < len(index)]]
         return [Pick(int(labels[i]), seeds(i), float(confidence[i]), boxes[i].astype(np.float32)) for i in index]
 
+    def _guessed(self, shape: tuple[int, ...], others: Mapping[str, np.ndarray]) -> str:
+        """The layout guessed from the shape; refused where a boxes output lies beside Q x C logits."""
+        layout = guess_detection_layout(shape)
+        beside = [name for name, value in others.items() if value.shape == (shape[0], 4)]
+        if beside:
+            raise ExplainError(f"the output explained has boxes beside it ({', '.join(beside)}: {shape[0]} x 4): a "
+                               f"DETR-style head; give layout='detr' (softmax, last class 'no object') or "
+                               f"layout='rtdetr' (sigmoid), and boxes='{beside[0]}'")
+        return layout
+
+    def _boxes(self, scores: np.ndarray, others: Mapping[str, np.ndarray]) -> np.ndarray:
+        """This image's Q x 4 boxes: the output named, or the only one of Q x 4 among those reads() gave."""
+        if self.boxes is not None:
+            if self.boxes not in others:
+                raise ExplainError(f"layout '{self.layout}' needs the values of boxes='{self.boxes}' beside the logits")
+            return others[self.boxes]
+        rows = scores.shape[0] if scores.ndim == 2 else None
+        found = [name for name, value in others.items() if value.shape == (rows, 4)]
+        if len(found) != 1:
+            named = f"candidates: {', '.join(found)}" if found else "none of the other outputs is Q x 4"
+            raise ExplainError(f"layout '{self.layout}' reads its boxes from a second output: give boxes=NAME "
+                               f"({named})")
+        return others[found[0]]
+
+
+def _box_candidates(output: str, shapes: Mapping[str, tuple]) -> list[str]:
+    """The outputs other than `output` that may be Q x 4 per image beside its Q x C (None: a size left open)."""
+    own = shapes.get(output)
+    rows = own[0] if own is not None and len(own) == 2 else None
+    return [name for name, shape in shapes.items() if name != output and shape is not None and len(shape) == 2
+            and shape[1] in (4, None) and (rows is None or shape[0] in (rows, None))]
+
 
 def guess_detection_layout(shape: tuple[int, ...]) -> str:
     """nms for D x 6 (up to 1000 rows); else yolov8 when the rows are fewer than the anchors ((4 + K) x N); else
-    yolov5 (N x (5 + K))."""
+    yolov5 (N x (5 + K)). DETR-style heads (detr, rtdetr) are never guessed: their Q x C logits look like a
+    yolov5 head, so their layout is given, or refused where the model has a boxes output beside them
+    (Detection.reads)."""
     if len(shape) != 2:
         raise ExplainError(f"Detection needs an output of rows x columns per image; this one is "
                            f"{' x '.join(map(str, shape)) or 'a scalar'}")
@@ -172,6 +272,38 @@ def guess_detection_layout(shape: tuple[int, ...]) -> str:
     if columns == 6 and rows <= 1000:
         return "nms"
     return "yolov8" if rows < columns else "yolov5"
+
+
+def _decode_queries(layout: str, logits: np.ndarray, boxes: np.ndarray, input_size: tuple[int, int] | None):
+    """A DETR-style head: boxes (x1 y1 x2 y2 in model-input pixels), confidences, labels, and the seed of
+    detection i (one-hot at its [query, class] logit). Detections are queries (detr) or (query, class) pairs
+    (rtdetr)."""
+    if logits.ndim != 2:
+        raise ExplainError(f"a {layout} head gives Q x C class logits per image; this one is "
+                           f"{' x '.join(map(str, logits.shape)) or 'a scalar'}")
+    queries, columns = logits.shape
+    if boxes.shape != (queries, 4):
+        raise ExplainError(f"the boxes must be Q x 4 (cx cy w h) per image, one per query of the logits ({queries}); "
+                           f"they are {' x '.join(map(str, boxes.shape))}")
+    if input_size is None:
+        raise ExplainError(f"a {layout} head's boxes are relative to the image: its size is needed")
+    height, width = input_size
+    centre, size = boxes[:, :2].astype(np.float64), boxes[:, 2:].astype(np.float64)
+    corners = np.concatenate([centre - size / 2, centre + size / 2], axis=1) * [width, height, width, height]
+    values = logits.astype(np.float64)
+    if layout == "detr":
+        if columns < 2:
+            raise ExplainError(f"a detr head's logits need a class and the 'no object' class; these have {columns}")
+        probabilities = np.exp(values - values.max(axis=1, keepdims=True))
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        labels = probabilities[:, :-1].argmax(axis=1)
+        confidence = probabilities[np.arange(queries), labels]
+        query = np.arange(queries)
+    else:  # the Q best (query, class) pairs by sigmoid probability
+        flat = _sigmoid(values).reshape(-1)
+        best = np.argsort(-flat, kind="stable")[:queries]
+        query, labels, confidence = best // columns, best % columns, flat[best]
+    return corners[query], confidence, labels, lambda i: _one_hot(logits.shape, int(query[i] * columns + labels[i]))
 
 
 def _decode(layout: str, scores: np.ndarray):
@@ -213,7 +345,7 @@ class Similarity(Target):
     concept: np.ndarray
     output: str | None = None
 
-    def picks(self, scores: np.ndarray) -> list[Pick]:
+    def picks(self, scores: np.ndarray, others=None, input_size=None) -> list[Pick]:
         embedding = scores.reshape(-1).astype(np.float64)
         concept = np.asarray(self.concept, dtype=np.float64).reshape(-1)
         if concept.size != embedding.size:
@@ -239,7 +371,7 @@ class Contrast(Target):
     count: int = 1
     output: str | None = field(default=None)
 
-    def picks(self, scores: np.ndarray) -> list[Pick]:
+    def picks(self, scores: np.ndarray, others=None, input_size=None) -> list[Pick]:
         flat = scores.reshape(-1).astype(np.float64)
         target = _check_class(self.class_index, flat.size)
         if self.against is not None:

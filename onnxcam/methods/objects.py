@@ -1,5 +1,6 @@
 """Maps of target objects (onnxcam.targets: several classes, a segment, a detection, a similarity, a contrast):
-targets set after seeing the outputs. The backbone runs once; the head runs once for all the maps, on the target
+targets set after seeing the outputs. The backbone runs once, fetching the outputs explained and those the targets
+read besides (Target.reads: a DETR's boxes); the head runs once for all the maps, on the target
 activations repeated per map with each map's seed (runtimes.head), and each map comes from the method's formula."""
 
 from __future__ import annotations
@@ -19,19 +20,24 @@ def explain_objects(call: Call, targets: list[Target]) -> Explanation:
     since the classes are picked from the outputs."""
     model, method = call.model, call.method
     spec = model.spec
-    outputs = list(dict.fromkeys([spec.scores, *(t.output or spec.scores for t in targets)]))
-    known = [o.name for o in model.session.get_outputs() if not o.name.startswith("onnxcam_")]
-    for output in outputs:
-        if output not in known:
-            raise ExplainError(f"the model has no output '{output}'; its outputs: {', '.join(known)}")
+    shapes = {o.name: tuple(d if isinstance(d, int) else None for d in o.shape[1:])
+              for o in model.session.get_outputs() if not o.name.startswith("onnxcam_")}
+    for target in targets:
+        _check_output(target.output or spec.scores, shapes)
+    reads = [target.reads(target.output or spec.scores, shapes) for target in targets]
+    for name in (name for names in reads for name in names):
+        _check_output(name, shapes)
+    outputs = list(dict.fromkeys([spec.scores, *(t.output or spec.scores for t in targets),
+                                  *(name for names in reads for name in names)]))
     count = len(targets)
     layers = [*spec.activations, *spec.cuts] if method.formula is not None else []  # rollout reads neither
     fetched = model.runner.run([*outputs, *layers], {spec.input: call.batch, spec.class_input: call.classes})
     values = dict(zip(outputs, fetched[:len(outputs)], strict=True))
     activations = fetched[len(outputs):len(outputs) + len(spec.activations)]
     cuts = fetched[len(outputs) + len(spec.activations):]
-    picks = [(image, pick) for image, target in enumerate(targets)
-             for pick in target.picks(values[target.output or spec.scores][image])]
+    picks = [(image, pick) for image, (target, names) in enumerate(zip(targets, reads, strict=True))
+             for pick in target.picks(values[target.output or spec.scores][image],
+                                      {name: values[name][image] for name in names}, spec.input_size)]
     image_index = np.array([image for image, _ in picks], dtype=np.int64)
     heat = np.zeros((0, *spec.input_size), dtype=np.float32)
     if picks and method.formula is None:  # attention rollout: class-agnostic, one map per image
@@ -45,6 +51,11 @@ def explain_objects(call: Call, targets: list[Target]) -> Explanation:
     return Explanation(heat, values[spec.scores].reshape(count, -1),
                        np.array([p.target for _, p in picks], dtype=np.int64), method.name, image_index,
                        np.array([p.score for _, p in picks], dtype=np.float32), boxes, masks=_masks(picks))
+
+
+def _check_output(name: str, shapes: dict) -> None:
+    if name not in shapes:
+        raise ExplainError(f"the model has no output '{name}'; its outputs: {', '.join(shapes)}")
 
 
 def _pick_maps(model, method: Method, targets: list, picks: list, activations: list, cuts: list) -> list:

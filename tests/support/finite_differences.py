@@ -37,13 +37,16 @@ def in_float32(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def directional_check(original: onnx.ModelProto, target: str, feeds: dict, activation: np.ndarray,
-                      gradient: np.ndarray, classes: np.ndarray, score: str, directions: int = 3,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                      gradient: np.ndarray, classes: np.ndarray | None, score: str, directions: int = 3,
+                      seed: int = 0, seeds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(exported <gradient, v>, central difference of the class score along v), per image and direction, with
     the step of STEPS whose differences agree best with the exported ones (a wrong gradient agrees with none).
 
     `activation` and `gradient` are the explainable file's outputs for `feeds`; `score` names the tensor explained
-    (ExplainSpec.logits where the file explains the logits under its output's squashing).
+    (ExplainSpec.logits where the file explains the logits under its output's squashing). The score of each image
+    is that tensor at `classes` (flat indices), or where `seeds` are given (one per image, shaped like its slice
+    of the tensor) the sum of the tensor weighted by them: a target object's score, whose gradient with respect
+    to the tensor is its seed.
     """
     model = in_float32(original)
     fed = with_target_as_input(model, target, onnx.TensorProto.FLOAT)
@@ -64,8 +67,8 @@ def directional_check(original: onnx.ModelProto, target: str, feeds: dict, activ
         differences = []
         for v in directions_:
             eps = step * scale / float(np.abs(v).mean())
-            plus = _scores(session, feeds, point + eps * v, target, score, classes)
-            minus = _scores(session, feeds, point - eps * v, target, score, classes)
+            plus = _scores(session, feeds, point + eps * v, target, score, classes, seeds)
+            minus = _scores(session, feeds, point - eps * v, target, score, classes, seeds)
             differences.append((plus - minus) / (2 * eps))
         differences = np.concatenate(differences)
         error = np.linalg.norm(differences - exported) / max(np.linalg.norm(exported), 1e-30)
@@ -74,7 +77,10 @@ def directional_check(original: onnx.ModelProto, target: str, feeds: dict, activ
     return exported, best[1]
 
 
-def _scores(session, feeds: dict, activation: np.ndarray, target: str, score: str, classes: np.ndarray) -> np.ndarray:
+def _scores(session, feeds: dict, activation: np.ndarray, target: str, score: str, classes: np.ndarray | None,
+            seeds: np.ndarray | None) -> np.ndarray:
     outputs = session.run([score], {**feeds, f"{target}/fed": activation})[0]
-    flat = outputs.reshape(len(classes), -1).astype(np.float64)
+    flat = outputs.reshape(len(activation), -1).astype(np.float64)
+    if seeds is not None:
+        return (flat * seeds.reshape(len(flat), -1)).sum(axis=1)
     return flat[np.arange(len(classes)), classes]
