@@ -373,8 +373,10 @@ def default_target(model: onnx.ModelProto, score: str, shapes: dict[str, list | 
     if not candidates:
         raise ExportError("no tensor that feeds the output lies on a grid over the image: name a target layer",
                           option="layers")
-    candidates = _features_before_class_maps(candidates, shapes.get(score), image) or candidates
-    tokens = attention_reads(model, shapes, image)
+    features = _features_before_class_maps(candidates, shapes.get(score), image)
+    dense = len(features) < len(candidates)  # a segmenter: its last feature map, also in a transformer (SegFormer)
+    candidates = features or candidates
+    tokens = None if dense else attention_reads(model, shapes, image)
     ordered = ([c for c in candidates if c.name == tokens] + candidates[::-1])[:MAX_PROBED]
     passed_over, unbuilt, most = [], [], -1  # most cells any candidate reached; -1: no gradient could be built
     for start in range(0, len(ordered), PROBE_GROUP):
@@ -403,7 +405,8 @@ def _features_before_class_maps(candidates: list[Candidate], score_shape, image:
     not maps of K channels: those are the class scores at a lower resolution (the classifier's 1x1 convolution
     before the upsampling), whose Grad-CAM shows the output again. The default is then the last feature map
     before them, as a user picks for segmentation (pytorch-grad-cam's tutorial takes DeepLabV3's backbone)."""
-    layout = guess_layout(score_shape, image.size) if score_shape and None not in score_shape[1:] else None
+    layout = guess_layout(score_shape, image.size) if score_shape and len(score_shape) == 4 \
+        and None not in score_shape[1:] else None
     if layout is None:
         return candidates
     classes = channels_of(layout, score_shape)

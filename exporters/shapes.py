@@ -118,7 +118,7 @@ def _fold(model: onnx.ModelProto, names: list[str], values: list[list[np.ndarray
 def _record_shapes(model: onnx.ModelProto, names: list[str], values: list[list[np.ndarray]], batches: list[int],
                    image: ImageInput) -> None:
     """Write the sizes measured for `names` into the model's value_info (see the module's docstring)."""
-    known = {info.name: info for info in model.graph.value_info}
+    known = {info.name: info for info in [*model.graph.value_info, *model.graph.output]}  # outputs: as measured
     builder = GraphBuilder(model)
     for name, runs in zip(names, values, strict=True):
         shapes = [r.shape for r in runs]

@@ -31,10 +31,6 @@ TOLERANCE = 0.02  # finite differences, relative to their norm
 
 # files whose default target cannot be confirmed today: the export refuses them in one line (issue 19's reports)
 REFUSED = {
-    # onnxcam's shape inference measures the query count (6) but records it beside the graph output, whose declared
-    # shape keeps the legacy exporter's symbolic 'Addlogits_dim_1'
-    "hf_detr_legacy_op17.onnx": "output 'logits' must have a static number of classes; its shape is "
-                                r"\[None, None, 4\]",
     # the decoder reads the encoder through deformable attention (GridSample, which has no gradient rule): the
     # only grid tensors whose gradient can be built are the decoder's own, none of which depends on the image's cells
     "hf_rtdetr_legacy_op17.onnx": "the class score depends at more than one cell on none of the grid tensors checked",
