@@ -11,12 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
+from .core.detections import DETECTION_LAYOUTS, decode, guess_detection_layout, kept
 from .core.errors import ExplainError
-
-DETECTION_LAYOUTS = ("yolov5", "yolov8", "nms")
 
 
 @dataclass
@@ -146,63 +144,15 @@ class Detection(Target):
         layout = self.layout or guess_detection_layout(scores.shape)
         if layout not in DETECTION_LAYOUTS:
             raise ExplainError(f"unknown detection layout '{layout}'; choose from {', '.join(DETECTION_LAYOUTS)}")
-        boxes, confidence, labels, seeds = _decode(layout, scores)
+        boxes, confidence, labels, seeds = decode(layout, scores)
         keep = confidence >= self.score_threshold
         if self.classes is not None:
             keep &= np.isin(labels, list(self.classes))
-        index = np.flatnonzero(keep)
-        if layout != "nms" and index.size:
-            xywh = np.concatenate([boxes[index, :2], boxes[index, 2:] - boxes[index, :2]], axis=1)
-            kept = cv2.dnn.NMSBoxesBatched(xywh.tolist(), confidence[index].tolist(), labels[index].tolist(),
-                                           self.score_threshold, self.iou_threshold)
-            index = index[np.asarray(kept, dtype=np.int64).reshape(-1)]
-        index = index[np.argsort(-confidence[index], kind="stable")][:self.max_detections]
+        index = kept(layout, boxes, confidence, labels, np.flatnonzero(keep), self.score_threshold,
+                     self.iou_threshold)[:self.max_detections]
         if self.ranks is not None:
             index = index[[rank for rank in self.ranks if 0 <= rank < len(index)]]
         return [Pick(int(labels[i]), seeds(i), float(confidence[i]), boxes[i].astype(np.float32)) for i in index]
-
-
-def guess_detection_layout(shape: tuple[int, ...]) -> str:
-    """nms for D x 6 (up to 1000 rows); else yolov8 when the rows are fewer than the anchors ((4 + K) x N); else
-    yolov5 (N x (5 + K))."""
-    if len(shape) != 2:
-        raise ExplainError(f"Detection needs an output of rows x columns per image; this one is "
-                           f"{' x '.join(map(str, shape)) or 'a scalar'}")
-    rows, columns = shape
-    if columns == 6 and rows <= 1000:
-        return "nms"
-    return "yolov8" if rows < columns else "yolov5"
-
-
-def _decode(layout: str, scores: np.ndarray):
-    """Boxes (x1 y1 x2 y2), confidences, labels, and a function giving the seed of detection i."""
-    if layout == "nms":
-        if scores.shape[1] != 6:
-            raise ExplainError(f"a head with NMS must give rows of 6 values (x1 y1 x2 y2 score class); these have "
-                               f"{scores.shape[1]}")
-        return (scores[:, :4].astype(np.float64), scores[:, 4].astype(np.float64), scores[:, 5].astype(np.int64),
-                lambda i: _one_hot(scores.shape, i * 6 + 4))
-    rows = scores.T if layout == "yolov8" else scores
-    first = 4 if layout == "yolov8" else 5
-    if rows.shape[1] <= first:
-        raise ExplainError(f"a {layout} head needs more than {first} values per anchor; it has {rows.shape[1]}")
-    centre, size = rows[:, :2].astype(np.float64), rows[:, 2:4].astype(np.float64)
-    boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
-    classes = rows[:, first:].astype(np.float64)
-    if layout == "yolov5":
-        classes = classes * rows[:, 4:5]
-    labels = classes.argmax(axis=1)
-    confidence = classes[np.arange(len(rows)), labels]
-
-    def seed(i: int) -> np.ndarray:
-        grad = np.zeros(rows.shape, dtype=np.float32)
-        if layout == "yolov5":  # d(obj * cls) = cls d obj + obj d cls
-            grad[i, 4], grad[i, first + labels[i]] = rows[i, first + labels[i]], rows[i, 4]
-        else:
-            grad[i, first + labels[i]] = 1.0
-        return grad.T.copy() if layout == "yolov8" else grad
-
-    return boxes, confidence, labels, seed
 
 
 @dataclass
