@@ -197,3 +197,12 @@ def test_the_command_line_says_the_task_it_guessed_and_stars_the_defaults(tmp_pa
     assert done.returncode == 0, done.stderr
     assert sorted(line.split()[1] for line in done.stdout.splitlines() if line.startswith("*")) == layers
 
+
+def test_export_torch_gives_a_detector_the_onnx_default(tmp_path):
+    from onnxcam.exporters import export_torch
+
+    spec = export_torch(TinyYoloV8().eval(), tmp_path / "explain.onnx", input_shape=(3, SIZE, SIZE))
+    assert len(spec.layers) == 3 and spec.layouts == ["nchw"] * 3
+    x = np.random.default_rng(2).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    result = onnxcam.Explainer(tmp_path / "explain.onnx", provider="cpu").explain(x, targets=Detection(0.5))
+    assert len(result.heatmaps) >= 2 and np.isfinite(result.heatmaps).all()
