@@ -13,7 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from support.finite_differences import directional_check
-from support.tiny_detectors import TinyYoloV8
+from support.tiny_detectors import TinyYoloV5, TinyYoloV8
 
 import onnxcam
 from onnxcam.core.detections import yolo_layout
@@ -50,12 +50,24 @@ def _exported(model: torch.nn.Module, path, dynamo: bool):
     return path
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
-def test_a_yolov8_head_explains_its_class_branch(dynamo, tmp_path):
-    """With no names, a YOLOv8-style file gets its class branch's maps (cv3's first features at each scale: a
-    detection's score reaches them at the 3 x 3 cells its next convolution reads) as targets; at batch 3 the
-    gradients of the detections' scores agree with finite differences of the original file."""
-    model = TinyYoloV8().eval()
+def _class_branch(model: TinyYoloV8) -> list[torch.nn.Module]:
+    return [branch[0] for branch in model.cv3]  # its first features: conv, norm, SiLU
+
+
+def _merged_scales(model: TinyYoloV5) -> list[torch.nn.Module]:
+    return [model.backbone.p5, model.backbone.merge4, model.backbone.merge3]  # as the graph computes them
+
+
+@pytest.mark.parametrize(("factory", "expected", "dynamo"), [
+    (TinyYoloV8, _class_branch, False), (TinyYoloV8, _class_branch, True), (TinyYoloV5, _merged_scales, False)],
+    ids=["yolov8-legacy", "yolov8-dynamo", "yolov5-legacy"])
+def test_a_yolo_head_with_no_names_explains_its_detections(factory, expected, dynamo, tmp_path):
+    """With no names, a YOLOv8-style file gets its class branch's first maps at each scale (a detection's score reaches
+    them at the 3 x 3 cells its next convolution reads; the maps after are read at one cell by the 1x1 class
+    prediction); a YOLOv5-style file, whose one 1x1 prediction per scale gives boxes and classes together, the maps
+    before each scale's 3 x 3 block, which feed one another (the coarser scales are read into the finer ones). At
+    batch 3 the gradients of the detections' scores agree with finite differences of the original file."""
+    model = factory().eval()
     plain = _exported(model, tmp_path / "plain.onnx", dynamo)
     spec = export_onnx(plain, tmp_path / "explain.onnx")
     assert spec.layouts == ["nchw"] * 3
@@ -65,28 +77,27 @@ def test_a_yolov8_head_explains_its_class_branch(dynamo, tmp_path):
                                         {spec.input: x, spec.class_input: np.full(BATCH, -1, np.int64)})
     output, activations, cuts = values[0], values[1:4], values[4:]
 
-    captured = []  # the class branch's first features, by hooks on the module
-    handles = [branch[0].register_forward_hook(lambda m, i, o: captured.append(o.detach().numpy()))
-               for branch in model.cv3]
+    captured = []  # the modules' outputs, by hooks
+    handles = [module.register_forward_hook(lambda m, i, o: captured.append(o.detach().numpy()))
+               for module in expected(model)]
     try:
         model(torch.from_numpy(x))
     finally:
         for handle in handles:
             handle.remove()
-    for activation, expected in zip(activations, captured, strict=True):
-        np.testing.assert_allclose(activation, expected, rtol=1e-4, atol=1e-4)
+    for activation, hooked in zip(activations, captured, strict=True):
+        np.testing.assert_allclose(activation, hooked, rtol=1e-4, atol=1e-4)
 
-    target = Detection(score_threshold=0.5, max_detections=4)
+    target = Detection(score_threshold=0.5 if factory is TinyYoloV8 else 0.2, max_detections=4)
     picks = [(i, p) for i in range(BATCH) for p in target.picks(output[i])]
     assert len(picks) >= 6
     index = np.array([i for i, _ in picks])
     seeds = np.stack([p.seed for _, p in picks])
     gradients = explainer.model.head.gradients(spec.scores, activations, cuts, index, seeds)
-    flat = np.array([int(seed.reshape(-1).argmax()) for seed in seeds])  # the class score at its anchor
     original = onnx.load(str(plain))
     exported, numeric = [], []
     for layer, activation, gradient in zip(spec.layers, activations, gradients, strict=True):
-        pair = directional_check(original, layer, {spec.input: x[index]}, activation[index], gradient, flat,
+        pair = directional_check(original, layer, {spec.input: x[index]}, activation[index], gradient, seeds,
                                  spec.scores)
         exported.append(pair[0])
         numeric.append(pair[1])

@@ -42,7 +42,9 @@ def directional_check(original: onnx.ModelProto, target: str, feeds: dict, activ
     """(exported <gradient, v>, central difference of the class score along v), per image and direction, with
     the step of STEPS whose differences agree best with the exported ones (a wrong gradient agrees with none).
 
-    `activation` and `gradient` are the explainable file's outputs for `feeds`.
+    `activation` and `gradient` are the explainable file's outputs for `feeds`. `classes` holds each image's class
+    (an index into its flattened output), or each image's seed shaped like its output: the score is then
+    sum(seed * output), the seed held fixed (a detection target's linearised score).
     """
     model = in_float32(original)
     fed = with_target_as_input(model, target, onnx.TensorProto.FLOAT)
@@ -74,4 +76,6 @@ def directional_check(original: onnx.ModelProto, target: str, feeds: dict, activ
 def _scores(session, feeds: dict, activation: np.ndarray, target: str, score: str, classes: np.ndarray) -> np.ndarray:
     outputs = session.run([score], {**feeds, f"{target}/fed": activation})[0]
     flat = outputs.reshape(len(classes), -1).astype(np.float64)
+    if classes.ndim > 1:
+        return (flat * classes.reshape(len(classes), -1)).sum(axis=1)
     return flat[np.arange(len(classes)), classes]
