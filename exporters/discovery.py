@@ -483,21 +483,20 @@ def detection_default(model: onnx.ModelProto, score: str, shapes: dict[str, list
     if not pool:
         raise ExportError(f"the detections' class scores do not depend on the image: their gradient is zero on every "
                           f"grid tensor checked ({describe(candidates)})")
-    blocks = _scale_blocks(pool, _anchor_count(layout, per_image))
-    within = [span for span, _ in blocks] if blocks else None
+    scales = _scales(model, pool)
+    blocks = _scale_blocks(scales, _anchor_count(layout, per_image))
     detections = [(i, row) for i in range(count)
-                  for row in best_detections(layout, out[i], PROBE_DETECTIONS, within=within)]
+                  for row in best_detections(layout, out[i], PROBE_DETECTIONS, within=blocks or None)]
     seeds = [(i, decode(layout, out[i])[3](row)) for i, row in detections]
     indices = [candidates.index(c) for c in pool]
     _, reach = _run_seeded(run, probe, score, outputs, candidates, image, images, seeds)
-    return _confirmed(pool, reach[:, indices], [grid for _, grid in blocks] if blocks else
-                      sorted({c.grid for c in branch}, key=lambda g: -g[0] * g[1]) or None)
+    return _confirmed(pool, reach[:, indices], scales)
 
 
-def _confirmed(pool: list[Candidate], reach: np.ndarray, scales: list[tuple[int, int]] | None) -> list[Candidate]:
+def _confirmed(pool: list[Candidate], reach: np.ndarray, scales: list[tuple[int, int]]) -> list[Candidate]:
     """Per scale, the last candidate of `pool` on its grid that each detection of that scale (the grid of the last
     candidate it reaches) reaches at more than one cell; `reach` is detections x pool cells. `scales`: the grids
-    the detections must cover, where known."""
+    the detections must cover."""
     homes = []
     for cells in reach:
         reached = np.flatnonzero(cells > 0)
@@ -506,7 +505,7 @@ def _confirmed(pool: list[Candidate], reach: np.ndarray, scales: list[tuple[int,
                               f"target layers", option="layers")
         homes.append(pool[reached[-1]].grid)
     found = list(dict.fromkeys(homes))
-    if scales is not None and set(found) != set(scales):
+    if set(found) != set(scales):
         missing = [c for c in pool if c.grid in set(scales) - set(found)]
         raise ExportError(f"the detections of random images land on the scales {_grids(found)}, not on "
                           f"{_grids(scales)}: the default cannot be confirmed for {describe(missing)}; name target "
@@ -536,25 +535,28 @@ def _anchor_count(layout: str, per_image: tuple[int, ...]) -> int | None:
     return {"yolov8": per_image[-1], "yolov5": per_image[0]}.get(layout)
 
 
-def _scale_blocks(pool: list[Candidate], anchors: int | None) -> list[tuple[range, tuple[int, int]]]:
-    """The anchors of each scale, finest first as YOLO heads concatenate them, where the candidates' grids tell
-    them: the one set of grids and number of anchors per cell whose cells times anchors make the output's
-    anchor count. Empty where none or several fit."""
-    grids = sorted({c.grid for c in pool}, key=lambda g: -g[0] * g[1])
-    fits = []
-    for chosen in range(1, 2 ** len(grids)):
-        subset = [g for i, g in enumerate(grids) if chosen >> i & 1]
-        cells = sum(h * w for h, w in subset)
-        fits += [(subset, per) for per in range(1, MAX_ANCHORS_PER_CELL + 1) if anchors == per * cells]
-    if len(fits) != 1:
+def _scales(model: onnx.ModelProto, pool: list[Candidate]) -> list[tuple[int, int]]:
+    """The grids of the head's scales, finest first: those of the candidates that no other candidate of the pool is
+    computed from (each scale's prediction: YOLOv8's class map, YOLOv5's boxes and classes)."""
+    names = {c.name for c in pool}
+    before: dict[str, set[str]] = {}  # per tensor, the candidates it is computed from
+    for node in model.graph.node:
+        sources = set().union(*(before.get(name, set()) | ({name} & names) for name in node.input))
+        for name in node.output:
+            before[name] = sources
+    inner = set().union(*(before.get(c.name, set()) for c in pool))
+    return sorted({c.grid for c in pool if c.name not in inner}, key=lambda g: -g[0] * g[1])
+
+
+def _scale_blocks(scales: list[tuple[int, int]], anchors: int | None) -> list[range]:
+    """The anchors of each scale, finest first as YOLO heads concatenate them, where the scales' cells times a
+    number of anchors per cell make the output's anchor count; none otherwise."""
+    cells = [h * w for h, w in scales]
+    per = anchors // sum(cells) if anchors else 0
+    if not 1 <= per <= MAX_ANCHORS_PER_CELL or per * sum(cells) != anchors:
         return []
-    subset, per = fits[0]
-    blocks, start = [], 0
-    for grid in subset:
-        size = per * grid[0] * grid[1]
-        blocks.append((range(start, start + size), grid))
-        start += size
-    return blocks
+    ends = np.cumsum([0, *cells]) * per
+    return [range(int(start), int(end)) for start, end in zip(ends[:-1], ends[1:], strict=True)]
 
 
 def _seeded_probe(model: onnx.ModelProto, score: str, candidates: list[Candidate]) -> tuple[onnx.ModelProto, list[str]]:
