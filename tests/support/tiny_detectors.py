@@ -3,8 +3,8 @@ top-down neck, and the raw heads ultralytics exports.
 
 TinyYoloV8: a Detect-like head with separate box (cv2) and class (cv3) branches per scale, the box branch read
 through a distribution over `bins` distances (DFL; bins=1 reads the distances directly), output N x (4 + K) x A with
-boxes cx cy w h in pixels and sigmoid class scores. TinyYoloV5: one 1x1 prediction per scale for three anchor boxes
-per cell, output N x A' x (5 + K) with objectness.
+boxes cx cy w h in pixels and sigmoid class scores; with depthwise-separable class blocks, YOLOv11's head.
+TinyYoloV5: one 1x1 prediction per scale for three anchor boxes per cell, output N x A' x (5 + K) with objectness.
 """
 
 from __future__ import annotations
@@ -56,15 +56,25 @@ def _points(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(points, 1), torch.cat(strides, 1)
 
 
+def separable(c_in: int, c_out: int) -> nn.Sequential:
+    """A depthwise 3 x 3 convolution, then a pointwise one (the blocks of YOLOv11's class branch)."""
+    depthwise = conv(c_in, c_in)
+    depthwise[0] = nn.Conv2d(c_in, c_in, 3, 1, 1, groups=c_in, bias=False)
+    return nn.Sequential(depthwise, conv(c_in, c_out, 1))
+
+
 class TinyYoloV8(nn.Module):
-    def __init__(self, classes: int = 3, bins: int = 4, seed: int = 0):
+    """`separable`: the class branch's blocks are depthwise-separable, as in YOLOv11."""
+
+    def __init__(self, classes: int = 3, bins: int = 4, seed: int = 0, separable_classes: bool = False):
         super().__init__()
         torch.manual_seed(seed)
         self.classes, self.bins = classes, bins
         self.backbone = Backbone()
         self.cv2 = nn.ModuleList(nn.Sequential(conv(c, 16), conv(16, 16), nn.Conv2d(16, 4 * bins, 1))
                                  for c in Backbone.channels)
-        self.cv3 = nn.ModuleList(nn.Sequential(conv(c, 16), conv(16, 16), nn.Conv2d(16, classes, 1))
+        block = separable if separable_classes else conv
+        self.cv3 = nn.ModuleList(nn.Sequential(block(c, 16), block(16, 16), nn.Conv2d(16, classes, 1))
                                  for c in Backbone.channels)
         self.register_buffer("weights", torch.arange(bins, dtype=torch.float32).reshape(1, bins, 1, 1))
 
