@@ -13,6 +13,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..core.contract import CLASS_INPUT
+from ..core.detections import best_detections, class_and_box_masks, decode
 from ..core.errors import ExportError
 from ..core.layouts import channels_of, grid_of, guess_layout, parse_tokens, to_grid
 from .autodiff import GraphBuilder, Value, append_gradients, needed_nodes
@@ -345,18 +346,35 @@ def random_images(image: ImageInput, batch: int | None = None) -> dict[str, np.n
 def run_model(model: onnx.ModelProto, outputs: list[str], feeds: dict) -> list[np.ndarray]:
     """Run a model in memory on ONNX Runtime's CPU provider, for the export's checks; a bfloat16 model as its
     float32 twin (that provider has no bfloat16 arithmetic), with bfloat16 feeds widened."""
-    if has_bfloat16(model):
+    return model_runner(model)(outputs, feeds)
+
+
+def model_runner(model: onnx.ModelProto):
+    """run_model's session, opened once: a function of (outputs, feeds)."""
+    twin = has_bfloat16(model)
+    if twin:
         model = float32_twin(model)
-        feeds = {name: value.astype(np.float32) if value.dtype == IMAGE_TYPES[onnx.TensorProto.BFLOAT16] else value
-                 for name, value in feeds.items()}
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return session.run(outputs, feeds)
     except Exception as error:  # ORT reports invalid or unsupported graphs with many exception types
-        raise ExportError(f"ONNX Runtime cannot run the model to check its targets: {str(error).splitlines()[0]}") \
-            from None
+        raise _not_run(error) from None
+
+    def run(outputs: list[str], feeds: dict) -> list[np.ndarray]:
+        if twin:
+            feeds = {name: value.astype(np.float32) if value.dtype == IMAGE_TYPES[onnx.TensorProto.BFLOAT16]
+                     else value for name, value in feeds.items()}
+        try:
+            return session.run(outputs, feeds)
+        except Exception as error:  # as above
+            raise _not_run(error) from None
+
+    return run
+
+
+def _not_run(error: Exception) -> ExportError:
+    return ExportError(f"ONNX Runtime cannot run the model to check its targets: {str(error).splitlines()[0]}")
 
 
 def describe(candidates: list[Candidate], limit: int = 5) -> str:
@@ -423,3 +441,168 @@ def _reached_or_none(model, score, candidates: list[Candidate], image: ImageInpu
         unbuilt.append(str(error))
         return None
     return _measured_reach(probe, outputs, candidates, image)
+
+
+# a detector's default ------------------------------------------------------------------------------------------
+
+MAX_DETECTION_PROBED = 96  # a detector's candidates nearest its output whose reach is measured
+PROBE_DETECTIONS = 5  # detections per random image that confirm a detector's default where its scales are not known
+MAX_ANCHORS_PER_CELL = 9
+SEED_INPUT = "onnxcam_probe_seed"
+
+
+def detection_default(model: onnx.ModelProto, score: str, shapes: dict[str, list | None], image: ImageInput,
+                      layout: str) -> list[Candidate]:
+    """The target layers of a detector whose `score` output is its raw head (core.detections layouts): maps that
+    every detection's score reaches at more than one grid cell, one per scale, merged by the explanation.
+
+    The candidates are the grid tensors nearest the output (MAX_DETECTION_PROBED), measured on random images by
+    the gradients of seeds on the output. Those that the class rows reach and the box rows do not are the class
+    branch (YOLOv8/v11's cv3 at each scale), and the default is taken among them; a head that computes boxes and
+    classes together (YOLOv5's one convolution per scale) leaves all the candidates the class rows reach. Then
+    the detections of the random images, as the Detection target finds them (NMS with no threshold: the best in
+    each scale's anchors where the output's anchor count tells the scales, else the best few), are seeded one at
+    a time: a detection belongs to the scale of the last candidate its score reaches, and each scale's target
+    is the last candidate on its grid that each of its detections reaches at more than one cell (the features a
+    1x1 prediction reads are reached at one cell, and say what the detection sees only through their channels).
+    Refused, with the candidates named, where a scale's detections confirm none, or the detections probed do not
+    land on every scale."""
+    candidates = [c for c in grid_candidates(model, score, shapes, image)
+                  if layout == "nms" or c.layout in ("nchw", "nhwc")][-MAX_DETECTION_PROBED:]
+    if not candidates:
+        raise ExportError("no tensor that feeds the output lies on a grid over the image: name target layers",
+                          option="layers")
+    probe, outputs = _seeded_probe(model, score, candidates)
+    run = model_runner(probe)
+    per_image = tuple(shapes[score][1:])
+    class_rows, box_rows = (mask.astype(np.float32) for mask in class_and_box_masks(layout, per_image))
+    images = random_images(image)[image.name]
+    count = len(images)
+    out, reach = _run_seeded(run, probe, score, outputs, candidates, image, images,
+                             [(i, class_rows) for i in range(count)] + [(i, box_rows) for i in range(count)])
+    by_class, by_box = reach[:count].min(axis=0), reach[count:].max(axis=0)
+    branch = [c for c, a, b in zip(candidates, by_class, by_box, strict=True) if a > 0 and b == 0]
+    pool = branch or [c for c, a in zip(candidates, by_class, strict=True) if a > 0]
+    if not pool:
+        raise ExportError(f"the detections' class scores do not depend on the image: their gradient is zero on every "
+                          f"grid tensor checked ({describe(candidates)})")
+    scales = _scales(model, pool)
+    blocks = _scale_blocks(scales, _anchor_count(layout, per_image))
+    detections = [(i, row) for i in range(count)
+                  for row in best_detections(layout, out[i], PROBE_DETECTIONS, within=blocks or None)]
+    seeds = [(i, decode(layout, out[i])[3](row)) for i, row in detections]
+    indices = [candidates.index(c) for c in pool]
+    _, reach = _run_seeded(run, probe, score, outputs, candidates, image, images, seeds)
+    return _confirmed(pool, reach[:, indices], scales)
+
+
+def _confirmed(pool: list[Candidate], reach: np.ndarray, scales: list[tuple[int, int]]) -> list[Candidate]:
+    """Per scale, the last candidate of `pool` on its grid that each detection of that scale (the grid of the last
+    candidate it reaches) reaches at more than one cell; `reach` is detections x pool cells. `scales`: the grids
+    the detections must cover."""
+    homes = []
+    for cells in reach:
+        reached = np.flatnonzero(cells > 0)
+        if not reached.size:
+            raise ExportError(f"a detection's score reaches none of the candidate layers ({describe(pool)}): name "
+                              f"target layers", option="layers")
+        homes.append(pool[reached[-1]].grid)
+    found = list(dict.fromkeys(homes))
+    if set(found) != set(scales):
+        missing = [c for c in pool if c.grid in set(scales) - set(found)]
+        raise ExportError(f"the detections of random images land on the scales {_grids(found)}, not on "
+                          f"{_grids(scales)}: the default cannot be confirmed for {describe(missing)}; name target "
+                          f"layers", option="layers")
+    chosen, unconfirmed = [], []
+    for grid in found:
+        mine = reach[[i for i, home in enumerate(homes) if home == grid]]
+        on_grid = [i for i, c in enumerate(pool) if c.grid == grid]
+        confirmed = [i for i in on_grid if (mine[:, i] > 1).all()]
+        if confirmed:
+            chosen.append(confirmed[-1])
+        else:
+            unconfirmed.append(grid)
+    if unconfirmed:
+        checked = [c for c in pool if c.grid in unconfirmed]
+        raise ExportError(f"the detections of random images reach no map at more than one cell on the "
+                          f"{_grids(unconfirmed)} grid{'s' if len(unconfirmed) > 1 else ''} (checked "
+                          f"{describe(checked, limit=8)}): name target layers", option="layers")
+    return [pool[i] for i in sorted(chosen)]
+
+
+def _grids(grids) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in grids)
+
+
+def _anchor_count(layout: str, per_image: tuple[int, ...]) -> int | None:
+    return {"yolov8": per_image[-1], "yolov5": per_image[0]}.get(layout)
+
+
+def _scales(model: onnx.ModelProto, pool: list[Candidate]) -> list[tuple[int, int]]:
+    """The grids of the head's scales, finest first: those of the candidates that no other candidate of the pool is
+    computed from (each scale's prediction: YOLOv8's class map, YOLOv5's boxes and classes)."""
+    names = {c.name for c in pool}
+    before: dict[str, set[str]] = {}  # per tensor, the candidates it is computed from
+    for node in model.graph.node:
+        sources = set().union(*(before.get(name, set()) | ({name} & names) for name in node.input))
+        for name in node.output:
+            before[name] = sources
+    inner = set().union(*(before.get(c.name, set()) for c in pool))
+    return sorted({c.grid for c in pool if c.name not in inner}, key=lambda g: -g[0] * g[1])
+
+
+def _scale_blocks(scales: list[tuple[int, int]], anchors: int | None) -> list[range]:
+    """The anchors of each scale, finest first as YOLO heads concatenate them, where the scales' cells times a
+    number of anchors per cell make the output's anchor count; none otherwise."""
+    cells = [h * w for h, w in scales]
+    per = anchors // sum(cells) if anchors else 0
+    if not 1 <= per <= MAX_ANCHORS_PER_CELL or per * sum(cells) != anchors:
+        return []
+    ends = np.cumsum([0, *cells]) * per
+    return [range(int(start), int(end)) for start, end in zip(ends[:-1], ends[1:], strict=True)]
+
+
+def _seeded_probe(model: onnx.ModelProto, score: str, candidates: list[Candidate]) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of the model with an input for a seed shaped like the score output, that also outputs, per candidate,
+    the gradient of the seeded score summed in absolute value over its channels (non-zero on the cells reached)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    elem_type = next(o.type.tensor_type.elem_type for o in model.graph.output if o.name == score)
+    probe.graph.input.append(helper.make_tensor_value_info(SEED_INPUT, elem_type, None))
+    builder = GraphBuilder(probe, prefix="onnxcam_probe")
+    gradients = append_gradients(probe, [c.name for c in candidates], score, builder.value(SEED_INPUT), builder)
+    outputs = [f"onnxcam_probe_reach_{i}" for i in range(len(candidates))]
+    for gradient, output, candidate in zip(gradients, outputs, candidates, strict=True):
+        axis = 1 if candidate.layout == "nchw" else len(candidate.shape) - 1
+        total = builder.op("ReduceSum", builder.op("Abs", gradient), builder.ints([axis]), keepdims=1)
+        builder.nodes.append(helper.make_node("Identity", [total.name], [output]))
+    probe.graph.node.extend(builder.nodes)
+    probe.graph.initializer.extend(builder.initializers)
+    probe.graph.output.extend(helper.make_tensor_value_info(o, elem_type, None) for o in outputs)
+    return probe, outputs
+
+
+def _run_seeded(run, probe: onnx.ModelProto, score: str, outputs: list[str], candidates: list[Candidate],
+                image: ImageInput, images: np.ndarray, pairs: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray,
+                                                                                                     np.ndarray]:
+    """The score output and the cells of each candidate reached (pairs x candidates) for each (image, seed) pair,
+    run as many at a time as the model's batch takes."""
+    chunk = image.batch if isinstance(image.batch, int) else len(pairs)
+    seed_type = helper.tensor_dtype_to_np_dtype(
+        next(i.type.tensor_type.elem_type for i in probe.graph.input if i.name == SEED_INPUT))
+    scores, reach = [], []
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start:start + chunk]
+        padded = part + [(part[-1][0], np.zeros_like(part[-1][1]))] * (chunk - len(part))
+        feed = {image.name: images[[i for i, _ in padded]],
+                SEED_INPUT: np.stack([seed for _, seed in padded]).astype(seed_type)}
+        values = run([score, *outputs], feed)
+        scores.append(values[0][:len(part)])
+        reach.append(np.stack([_cells_each(v[:len(part)], c.layout) for v, c in zip(values[1:], candidates,
+                                                                                     strict=True)], axis=1))
+    return np.concatenate(scores), np.concatenate(reach)
+
+
+def _cells_each(total: np.ndarray, layout: str) -> np.ndarray:
+    """Per image, on how many grid cells a gradient summed over its channels is non-zero."""
+    return (to_grid(total.astype(np.float32), layout) > 0).sum(axis=(1, 2, 3))

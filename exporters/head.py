@@ -83,8 +83,9 @@ def exposed_sources(model: onnx.ModelProto, names: list[str]) -> list[str]:
 
 
 def build_head(model: onnx.ModelProto, targets: list[str], cuts: list[str], score: str) -> onnx.ModelProto:
-    """A model taking the targets, the cuts and a seed shaped like `score` (one row per map), returning the
-    gradient of sum(seed * score) with respect to each target (exporters.autodiff on the sliced nodes)."""
+    """A model taking the targets (those it does not compute from another), the cuts and a seed shaped like `score`
+    (one row per map), returning the gradient of sum(seed * score) with respect to each target (exporters.autodiff
+    on the sliced nodes)."""
     nodes, needed = slice_head(model, targets, [score])
     missing = [name for name in needed if name not in cuts]
     if missing:
@@ -93,7 +94,11 @@ def build_head(model: onnx.ModelProto, targets: list[str], cuts: list[str], scor
     forward = _forward_types(model)
     used = {name for node in nodes for name in node.input}
     initializers = [t for t in model.graph.initializer if t.name in used]
-    inputs = [_with_maps_dim(forward[name]) for name in [*targets, *needed]]
+    produced = {name for node in nodes for name in node.output}
+    # a target that the head computes from another (a detector's scales, where a coarser one is read from a finer
+    # one) is not an input: computed inside, its path counts in the other target's gradient, as in the file's own
+    fed = [name for name in targets if name not in produced]
+    inputs = [_with_maps_dim(forward[name]) for name in [*fed, *needed]]
     seed = _with_maps_dim(forward[score], SEED_INPUT)
     graph = helper.make_graph(nodes, "onnxcam_head", [*inputs, seed], [], initializers,
                               value_info=[v for n, v in forward.items() if n in used or n == score])

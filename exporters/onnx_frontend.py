@@ -11,6 +11,7 @@ import onnx
 from onnx import helper, version_converter
 
 from ..core.contract import CLASS_INPUT, LOGITS_OUTPUT, METADATA_KEY, SELECTED_OUTPUT, ExplainSpec
+from ..core.detections import guess_detection_layout, yolo_layout
 from ..core.errors import ExportError, renamed
 from ..core.files import atomic_path
 from ..core.layouts import attention_layout, check_layout, guess_layout
@@ -30,6 +31,7 @@ from .discovery import (
     attention_probabilities,
     attention_token_counts,
     default_target,
+    detection_default,
     grid_candidates,
     image_input,
     is_attention_matrix,
@@ -46,23 +48,28 @@ from .shapes import infer_shapes, tensor_shapes
 MIN_OPSET = 17
 DIFFERENTIABLE = set(RULES) | set(QUANTIZED_RULES) | NON_DIFFERENTIABLE  # ops that are not expanded into functions
 EXTERNAL_DATA_OVER = 2**31 - 2**26  # bytes of weights past which a model is saved with external data
+TASKS = ("classify", "segment", "detect")  # what a score output holds (export_onnx's `task`)
 
 
 def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, layers=None, output=None,
                 mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
                 attention_gradients=False, bundled=False, input_gradients=False, legrad=False,
-                explain_probabilities=False, target_layers=None) -> ExplainSpec:
+                explain_probabilities=False, target_layers=None, task=None) -> ExplainSpec:
     """Rewrite the classifier `src` (a path or ModelProto) into an explainable graph saved at `path`.
 
     `input` names the image input (default: the one 4-D float or uint8 input), `input_layout` says whether it is
     nchw or nhwc (default: nhwc when its last dimension is 1 or 3), `input_size` (H, W) fixes dynamic spatial
     sizes. `layers` are the tensors explained (the target layers, by tensor name); by default, the tensor a user
     would pick (discovery.default_target): the last map before global pooling, or in a transformer the
-    normalised tokens its last attention reads. A layer must lie on a grid over the image unless its layout is
-    given (`layouts`: nchw, nhwc, tokens:P:HxW; see onnxcam.core.layouts). The new graph takes an extra int64
-    input `onnxcam_class` of shape [batch] (-1 selects the top-1 class) and also outputs the selected class and,
-    per layer, its activation and the
-    gradient of the selected score with respect to it, all from one session run.
+    normalised tokens its last attention reads; for a detector, the maps of each scale that every detection's
+    score reaches at more than one cell, in its class branch where it has one (discovery.detection_default).
+    `task` says what the score output holds: classify, segment (K x h x w maps) or detect (a detector's raw head,
+    core.detections' layouts); by default detect where its shape is a YOLOv5/v8/v11 head's for the image size
+    (core.detections.yolo_layout), segment where it is a map over the image, classify otherwise.
+    A layer must lie on a grid over the image unless its layout is given (`layouts`: nchw, nhwc, tokens:P:HxW; see
+    onnxcam.core.layouts). The new graph takes an extra int64 input `onnxcam_class` of shape [batch] (-1 selects
+    the top-1 class) and also outputs the selected class and, per layer, its activation and the gradient of the
+    selected score with respect to it, all from one session run.
 
     `attentions` names the per-block attention probabilities (B x heads x N x N) exposed for attention
     rollout; by default every such Softmax output is. `attention_gradients` adds their gradients, for
@@ -84,7 +91,7 @@ def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, la
                              layers=layers, output=output, mean=mean, std=std, labels=labels,
                              layer_names=layer_names, layouts=layouts, attentions=attentions,
                              attention_gradients=attention_gradients, legrad=legrad,
-                             explain_probabilities=explain_probabilities)
+                             explain_probabilities=explain_probabilities, task=task)
     if input_gradients:
         model = add_input_gradients(model)
     if bundled:
@@ -140,12 +147,13 @@ class Survey:
     """What `onnxcam inspect` shows of an ONNX file."""
 
     rows: list[tuple[str, list | None, str | None]]  # tensor, shape, layout when it lies on a grid over the image
-    default: str | None  # the default target; None for a file that is already explainable
+    defaults: list[str]  # the default targets; none for a file that is already explainable
     spec: ExplainSpec | None  # the metadata of an explainable file
 
 
-def inspect_onnx(src, *, input=None, input_layout=None, input_size=None, output=None) -> Survey:
-    """Every float tensor of the model with its shape, the possible targets marked with their grid layout."""
+def inspect_onnx(src, *, input=None, input_layout=None, input_size=None, output=None, task=None) -> Survey:
+    """Every float tensor of the model with its shape, the possible targets marked with their grid layout, and the
+    default targets (for `task`, guessed as export_onnx guesses it)."""
     model = load_model(src)
     spec = read_spec(model)
     if spec is None:
@@ -161,8 +169,9 @@ def inspect_onnx(src, *, input=None, input_layout=None, input_size=None, output=
         score = (before_squashing(model, score) or (score,))[0]
     shapes = tensor_shapes(model, builder)
     grids = {c.name: c.layout for c in grid_candidates(model, score, shapes, image)}
-    default = None if spec else default_target(model, score, shapes, image).name
-    return Survey([(name, shape, grids.get(name)) for name, shape in shapes.items()], default, spec)
+    defaults = [] if spec else _targets(model, score, shapes, image, None, None, None,
+                                        task_of(task, builder.shape(score), image)[1])[0]
+    return Survey([(name, shape, grids.get(name)) for name, shape in shapes.items()], defaults, spec)
 
 
 def unknown_name_error(kind: str, name: str, known) -> ExportError:
@@ -173,7 +182,8 @@ def unknown_name_error(kind: str, name: str, known) -> ExportError:
 
 def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, input_size=None, layers=None,
                      output=None, mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
-                     attention_gradients=False, legrad=False, explain_probabilities=False) -> onnx.ModelProto:
+                     attention_gradients=False, legrad=False, explain_probabilities=False,
+                     task=None) -> onnx.ModelProto:
     """The model with the explanation outputs and the onnxcam metadata added (see export_onnx)."""
     given = model
     model = _prepared(model)
@@ -184,7 +194,8 @@ def make_explainable(model: onnx.ModelProto, *, input=None, input_layout=None, i
     squashing = None if explain_probabilities else before_squashing(model, output)
     score = squashing[0] if squashing else output  # the tensor whose elements are explained
     shapes = tensor_shapes(model, builder)
-    targets, layouts = _targets(model, score, shapes, image, layers, layouts, layer_names)
+    _, detection = task_of(task, builder.shape(output), image)
+    targets, layouts = _targets(model, score, shapes, image, layers, layouts, layer_names, detection)
     attentions, attention_layout = _attentions(model, shapes, image, attentions, layouts)
     scores_per_block = layer_scores(model, shapes, attentions, score) if legrad else []
     if scores_per_block:
@@ -264,12 +275,39 @@ def before_squashing(model: onnx.ModelProto, output: str) -> tuple[str, str] | N
     return node.input[0], SQUASHINGS[node.op_type]
 
 
-def _targets(model, score, shapes, image: ImageInput, given, layouts, names) -> tuple[list[str], list[str]]:
+def task_of(task: str | None, score_shape, image: ImageInput) -> tuple[str, str | None]:
+    """The task (given, or guessed from the score output's shape) and, for detect, the head's layout (see
+    core.detections). Guessed strictly: detect only where the shape is a YOLOv5/v8/v11 head's for this image size,
+    segment where the output is a map of scores over the image, classify otherwise."""
+    per_image = list(score_shape[1:])
+    dense = len(score_shape) == 4 and guess_layout(score_shape, image.size) in ("nchw", "nhwc")
+    if task is None:
+        layout = yolo_layout(per_image, image.size)
+        return ("detect", layout) if layout else ("segment" if dense else "classify", None)
+    if task not in TASKS:
+        raise ExportError(f"unknown task '{task}'; choose from {', '.join(TASKS)}", option="task")
+    if task == "detect":
+        if len(per_image) != 2:
+            raise ExportError(f"task detect needs a detector's raw head, rows x columns per image; the output is "
+                              f"{' x '.join(map(str, per_image))} per image", option="task")
+        return task, yolo_layout(per_image, image.size) or guess_detection_layout(tuple(per_image))
+    if task == "segment" and not dense:
+        raise ExportError(f"task segment needs maps of class scores over the {image.size[0]}x{image.size[1]} image; "
+                          f"the output is {' x '.join(map(str, per_image))} per image", option="task")
+    return task, None
+
+
+def _targets(model, score, shapes, image: ImageInput, given, layouts, names,
+             detection: str | None = None) -> tuple[list[str], list[str]]:
     """The target tensors and their layouts: as given (each checked to lie on a grid over the image unless its
-    layout is given), or the default target found by discovery.default_target."""
+    layout is given), or the default targets: of a detector whose raw head is laid out as `detection`, those
+    found by discovery.detection_default; otherwise the one found by discovery.default_target."""
     if not given:
         if layouts:
             raise ExportError("layouts were given without target layers", option="layers")
+        if detection is not None:
+            chosen = detection_default(model, score, shapes, image, detection)
+            return [c.name for c in chosen], [c.layout for c in chosen]
         target = default_target(model, score, shapes, image)
         return [target.name], [target.layout]
     given, names = list(given), list(names or given)

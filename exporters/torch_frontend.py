@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from ..core.contract import ExplainSpec
+from ..core.detections import yolo_layout
 from ..core.errors import ExportError, renamed
 from ..core.layouts import attention_layout, channels_of, guess_layout, to_grid
 from .onnx_frontend import export_onnx, unknown_name_error
@@ -134,7 +135,8 @@ def _default_layer(probed, image_size: tuple[int, int]) -> str:
 
 def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, labels=None, layouts=None,
                  attention_layers=None, attention_gradients=False, bundled=False,
-                 input_gradients=False, legrad=False, explain_probabilities=False, target_layers=None) -> ExplainSpec:
+                 input_gradients=False, legrad=False, explain_probabilities=False, target_layers=None,
+                 task=None) -> ExplainSpec:
     """Export `model` (a torch.nn.Module) to an explainable ONNX file at `path`.
 
     `input_shape` is C x H x W (a leading batch size is ignored: the batch is dynamic).
@@ -143,15 +145,18 @@ def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, 
     whose outputs are a block's attention probabilities, for attention rollout (default: modules
     named `attn_drop` that return B x heads x N x N; where none runs, as with fused scaled dot-product
     attention, the exported graph's Softmax outputs of that shape). `attention_gradients`, `bundled`,
-    `input_gradients`, `legrad`, `explain_probabilities`: see export_onnx (a model ending in nn.Softmax,
-    nn.LogSoftmax or nn.Sigmoid is explained before it). `target_layers` is the old name of `layers`.
+    `input_gradients`, `legrad`, `explain_probabilities`, `task`: see export_onnx (a model ending in nn.Softmax,
+    nn.LogSoftmax or nn.Sigmoid is explained before it). `target_layers` is the old name of `layers`. A detector
+    (`task` detect, or guessed so from its output's shape as export_onnx guesses it) with no `layers` gets the
+    ONNX front end's default targets, named by their tensors in the exported graph rather than by module.
     """
     if target_layers is not None:
         layers = renamed("target_layers", "layers", target_layers)
     input_shape = tuple(int(d) for d in input_shape[-3:])
     model = model.eval()
     probed = _probe(model, input_shape) if not layers or attention_layers is None else []
-    layers = list(layers) if layers else [_default_layer(probed, input_shape[-2:])]
+    detector = not layers and (task == "detect" or task is None and yolo_layout(probed[-1][2][1:], input_shape[-2:]))
+    layers = list(layers or []) if layers or detector else [_default_layer(probed, input_shape[-2:])]
     attention = list(attention_layers) if attention_layers is not None else _attention_modules(probed, layouts or ())
     modules = dict(model.named_modules())
     for layer in layers + attention:
@@ -182,10 +187,10 @@ def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, 
     # no attention module ran (fused F.scaled_dot_product_attention skips attn_drop): the exporter decomposes
     # the fused kernel, and the ONNX front end finds its Softmax outputs
     attentions = names[len(layers):] if attention or attention_layers is not None else None
-    return export_onnx(onnx_model, path, layers=names[:len(layers)], layer_names=layers, mean=mean, std=std,
-                       labels=labels, layouts=layouts, attentions=attentions,
+    return export_onnx(onnx_model, path, layers=names[:len(layers)] or None, layer_names=layers or None, mean=mean,
+                       std=std, labels=labels, layouts=layouts, attentions=attentions,
                        attention_gradients=attention_gradients, bundled=bundled, input_gradients=input_gradients,
-                       legrad=legrad, explain_probabilities=explain_probabilities)
+                       legrad=legrad, explain_probabilities=explain_probabilities, task=task)
 
 
 class _WithActivations(torch.nn.Module):

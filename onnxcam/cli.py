@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .core import COLORMAPS
+from .core.detections import guess_detection_layout, yolo_layout
 from .core.errors import ExplainError, ExportError, OnnxcamError
 from .evaluation import evaluate_files
 from .explainer import Explainer
@@ -25,11 +26,12 @@ from .speed import time_methods
 from .targets import from_options
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+EXPORT_TASKS = ("classify", "segment", "detect")
 # the flag of each keyword argument that errors name (OnnxcamError.option)
 FLAGS = {"save": "--save", "layers": "--layer", "layouts": "--layout", "mean": "--mean", "std": "--std",
          "attention_gradients": "--grad-rollout", "input_gradients": "--input-gradients", "output": "--scores",
          "input_size": "--input-size", "input": "--input", "input_layout": "--input-layout", "targets": "--task",
-         "batch_size": "--batch-size", "legrad": "--legrad"}
+         "batch_size": "--batch-size", "legrad": "--legrad", "task": "--task"}
 
 
 class Failed(click.ClickException):
@@ -109,6 +111,10 @@ def main():
 @click.option("--scores", help="ONNX: the output holding the class scores the maps explain (default: the first).")
 @_renamed("--score-output", "--scores")
 @click.option("--layout", "layouts", multiple=True, help="Per layer: nchw, nhwc or tokens:P:HxW (default: guessed).")
+@click.option("--task", type=click.Choice(EXPORT_TASKS),
+              help="What the scores hold, for the default layers: class scores, K x h x w maps, or a detector's raw "
+                   "head (default: detect where the output is a YOLOv5/v8/v11 head's for the input size, segment "
+                   "where it is a map over the image, classify otherwise).")
 @click.option("--grad-rollout", "attention_gradients", is_flag=True,
               help="Also export attention gradients, for method grad-rollout (a backward pass through every block).")
 @click.option("--legrad", is_flag=True,
@@ -126,14 +132,15 @@ def main():
 @click.option("--triton-repo", type=click.Path(file_okay=False),
               help="Also write a Triton model repository for the file here (model.onnx and config.pbtxt).")
 def export(model, out, layers, target_layer, input_size, image_input, input_layout, weights, mean, std, labels, scores,
-           score_output, layouts, attention_gradients, legrad, input_gradients, bundled, explain_probabilities,
-           triton_repo):
+           score_output, layouts, task, attention_gradients, legrad, input_gradients, bundled,
+           explain_probabilities, triton_repo):
     """Make MODEL explainable: MODEL is package.module:callable returning a torch.nn.Module, or an .onnx file."""
     names = _read_labels(labels)
     layers, scores = list(layers + target_layer), scores or score_output
     options = dict(layers=layers or None, mean=_triple(mean), std=_triple(std), labels=names,
                    layouts=list(layouts) or None, attention_gradients=attention_gradients, bundled=bundled,
-                   input_gradients=input_gradients, legrad=legrad, explain_probabilities=explain_probabilities)
+                   input_gradients=input_gradients, legrad=legrad, explain_probabilities=explain_probabilities,
+                   task=task)
     try:
         if model.endswith(".onnx"):
             spec = export_onnx(model, out, input=image_input, input_layout=input_layout, input_size=input_size,
@@ -148,11 +155,26 @@ def export(model, out, layers, target_layer, input_size, image_input, input_layo
     height, width = spec.input_size
     squashing = f" = {spec.squashing}('{spec.logits}'); explained before the {spec.squashing}" if spec.squashing else ""
     click.echo(f"wrote {out}: input '{spec.input}' {spec.input_layout} {height}x{width} {spec.input_type}, scores "
-               f"'{spec.scores}' ({spec.num_classes} classes){squashing}, layers {', '.join(spec.layers)}")
+               f"'{spec.scores}' ({_holding(spec, task)}){squashing}, layers {', '.join(spec.layers)}")
     if triton_repo:
         from .triton import write_repository
 
         click.echo(f"wrote {write_repository(out, triton_repo) / 'config.pbtxt'} and the model beside it")
+
+
+def _holding(spec, task: str | None) -> str:
+    """What the export line says the scores hold: the number of classes, or for a detector's head the task, its
+    layout, classes and anchors, and whether the task was guessed (export_onnx's rule)."""
+    layout = yolo_layout(spec.score_shape or [], spec.input_size)
+    if task is None and layout is None:
+        return f"{spec.num_classes} classes"
+    if task not in (None, "detect") or len(spec.score_shape or []) != 2:
+        return f"{spec.num_classes} classes, task {task}"
+    rows, columns = spec.score_shape
+    layout = layout or guess_detection_layout(tuple(spec.score_shape))
+    head = {"yolov8": f"a YOLOv8/v11 head, {rows - 4} classes at {columns} anchors",
+            "yolov5": f"a YOLOv5 head, {columns - 5} classes at {rows} anchors"}.get(layout, "detections after NMS")
+    return f"{head}, task detect{' guessed from its shape' if task is None else ''}"
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
@@ -211,13 +233,16 @@ def _load_module(spec: str, weights):
 @main.command()
 @click.argument("model")
 @image_input_options
-def inspect(model, input_size, image_input, input_layout):
+@click.option("--task", type=click.Choice(EXPORT_TASKS),
+              help="ONNX: what the output holds, for the default layers (default: guessed, as export does).")
+def inspect(model, input_size, image_input, input_layout, task):
     """List the layers (PyTorch) or tensors (ONNX) of MODEL with their shapes. Tensors that lie on a grid over the
-    image, the layers that can be explained, show their layout; * marks the default layer."""
+    image, the layers that can be explained, show their layout; * marks the default layers."""
     try:
         if model.endswith(".onnx"):
-            survey = inspect_onnx(model, input=image_input, input_layout=input_layout, input_size=input_size)
-            rows, default = survey.rows, survey.default
+            survey = inspect_onnx(model, input=image_input, input_layout=input_layout, input_size=input_size,
+                                  task=task)
+            rows, defaults = survey.rows, survey.defaults
             if survey.spec is not None:
                 click.echo(f"explainable: layers {', '.join(survey.spec.layers)}, {survey.spec.num_classes} classes")
         else:
@@ -226,13 +251,14 @@ def inspect(model, input_size, image_input, input_layout):
             module = _load_module(model, None)
             size = (3, *(input_size or (224, 224)))
             rows = [(name, shape, None) for name, shape in module_outputs(module, size)]
-            default = default_layer(module, size)
+            defaults = [default_layer(module, size)]
     except OnnxcamError as error:
         raise Failed.of(error) from None
     width = max(len(name) for name, _, _ in rows)
     for name, shape, grid in rows:
         shape_text = "?" if shape is None else " x ".join("N" if d is None else str(d) for d in shape)
-        click.echo(f"{'*' if name == default else ' '} {name:<{width}}  {shape_text}" + (f"  [{grid}]" if grid else ""))
+        star = "*" if name in defaults else " "
+        click.echo(f"{star} {name:<{width}}  {shape_text}" + (f"  [{grid}]" if grid else ""))
 
 
 def _target_options(command):

@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
+from .core.detections import DETECTION_LAYOUTS, decode, guess_detection_layout, kept
 from .core.errors import ExplainError
 
-DETECTION_LAYOUTS = ("yolov5", "yolov8", "nms", "detr", "rtdetr")
 QUERY_LAYOUTS = ("detr", "rtdetr")  # one row of class logits per query, the boxes in a second output
+LAYOUTS = (*DETECTION_LAYOUTS, *QUERY_LAYOUTS)
 
 
 @dataclass
@@ -188,8 +188,8 @@ class Detection(Target):
     def reads(self, output: str, shapes: Mapping[str, tuple]) -> tuple[str, ...]:
         """The boxes output named; else, for a query layout or none given, every output that may be Q x 4 per
         image (picks() tells them apart by their values' shapes)."""
-        if self.layout is not None and self.layout not in DETECTION_LAYOUTS:
-            raise ExplainError(f"unknown detection layout '{self.layout}'; choose from {', '.join(DETECTION_LAYOUTS)}")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ExplainError(f"unknown detection layout '{self.layout}'; choose from {', '.join(LAYOUTS)}")
         if self.boxes is not None and self.layout not in QUERY_LAYOUTS:
             raise ExplainError(f"boxes='{self.boxes}' are read by the layouts {' and '.join(QUERY_LAYOUTS)} only; "
                                f"give layout='detr' (softmax, last class 'no object') or 'rtdetr' (sigmoid)"
@@ -206,23 +206,22 @@ class Detection(Target):
     def picks(self, scores: np.ndarray, others: Mapping[str, np.ndarray] | None = None,
               input_size: tuple[int, int] | None = None) -> list[Pick]:
         layout = self.layout or self._guessed(scores.shape, others or {})
-        if layout not in DETECTION_LAYOUTS:
-            raise ExplainError(f"unknown detection layout '{layout}'; choose from {', '.join(DETECTION_LAYOUTS)}")
+        if layout not in LAYOUTS:
+            raise ExplainError(f"unknown detection layout '{layout}'; choose from {', '.join(LAYOUTS)}")
         if layout in QUERY_LAYOUTS:
             boxes, confidence, labels, seeds = _decode_queries(layout, scores, self._boxes(scores, others or {}),
                                                                input_size)
         else:
-            boxes, confidence, labels, seeds = _decode(layout, scores)
+            boxes, confidence, labels, seeds = decode(layout, scores)
         keep = confidence >= self.score_threshold
         if self.classes is not None:
             keep &= np.isin(labels, list(self.classes))
         index = np.flatnonzero(keep)
-        if layout not in ("nms", *QUERY_LAYOUTS) and index.size:
-            xywh = np.concatenate([boxes[index, :2], boxes[index, 2:] - boxes[index, :2]], axis=1)
-            kept = cv2.dnn.NMSBoxesBatched(xywh.tolist(), confidence[index].tolist(), labels[index].tolist(),
-                                           self.score_threshold, self.iou_threshold)
-            index = index[np.asarray(kept, dtype=np.int64).reshape(-1)]
-        index = index[np.argsort(-confidence[index], kind="stable")][:self.max_detections]
+        if layout in QUERY_LAYOUTS:  # queries are unique detections: no NMS
+            index = index[np.argsort(-confidence[index], kind="stable")][:self.max_detections]
+        else:
+            index = kept(layout, boxes, confidence, labels, index, self.score_threshold,
+                         self.iou_threshold)[:self.max_detections]
         if self.ranks is not None:
             index = index[[rank for rank in self.ranks if 0 <= rank < len(index)]]
         return [Pick(int(labels[i]), seeds(i), float(confidence[i]), boxes[i].astype(np.float32)) for i in index]
@@ -260,20 +259,6 @@ def _box_candidates(output: str, shapes: Mapping[str, tuple]) -> list[str]:
             and shape[1] in (4, None) and (rows is None or shape[0] in (rows, None))]
 
 
-def guess_detection_layout(shape: tuple[int, ...]) -> str:
-    """nms for D x 6 (up to 1000 rows); else yolov8 when the rows are fewer than the anchors ((4 + K) x N); else
-    yolov5 (N x (5 + K)). DETR-style heads (detr, rtdetr) are never guessed: their Q x C logits look like a
-    yolov5 head, so their layout is given, or refused where the model has a boxes output beside them
-    (Detection.reads)."""
-    if len(shape) != 2:
-        raise ExplainError(f"Detection needs an output of rows x columns per image; this one is "
-                           f"{' x '.join(map(str, shape)) or 'a scalar'}")
-    rows, columns = shape
-    if columns == 6 and rows <= 1000:
-        return "nms"
-    return "yolov8" if rows < columns else "yolov5"
-
-
 def _decode_queries(layout: str, logits: np.ndarray, boxes: np.ndarray, input_size: tuple[int, int] | None):
     """A DETR-style head: boxes (x1 y1 x2 y2 in model-input pixels), confidences, labels, and the seed of
     detection i (one-hot at its [query, class] logit). Detections are queries (detr) or (query, class) pairs
@@ -304,37 +289,6 @@ def _decode_queries(layout: str, logits: np.ndarray, boxes: np.ndarray, input_si
         best = np.argsort(-flat, kind="stable")[:queries]
         query, labels, confidence = best // columns, best % columns, flat[best]
     return corners[query], confidence, labels, lambda i: _one_hot(logits.shape, int(query[i] * columns + labels[i]))
-
-
-def _decode(layout: str, scores: np.ndarray):
-    """Boxes (x1 y1 x2 y2), confidences, labels, and a function giving the seed of detection i."""
-    if layout == "nms":
-        if scores.shape[1] != 6:
-            raise ExplainError(f"a head with NMS must give rows of 6 values (x1 y1 x2 y2 score class); these have "
-                               f"{scores.shape[1]}")
-        return (scores[:, :4].astype(np.float64), scores[:, 4].astype(np.float64), scores[:, 5].astype(np.int64),
-                lambda i: _one_hot(scores.shape, i * 6 + 4))
-    rows = scores.T if layout == "yolov8" else scores
-    first = 4 if layout == "yolov8" else 5
-    if rows.shape[1] <= first:
-        raise ExplainError(f"a {layout} head needs more than {first} values per anchor; it has {rows.shape[1]}")
-    centre, size = rows[:, :2].astype(np.float64), rows[:, 2:4].astype(np.float64)
-    boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
-    classes = rows[:, first:].astype(np.float64)
-    if layout == "yolov5":
-        classes = classes * rows[:, 4:5]
-    labels = classes.argmax(axis=1)
-    confidence = classes[np.arange(len(rows)), labels]
-
-    def seed(i: int) -> np.ndarray:
-        grad = np.zeros(rows.shape, dtype=np.float32)
-        if layout == "yolov5":  # d(obj * cls) = cls d obj + obj d cls
-            grad[i, 4], grad[i, first + labels[i]] = rows[i, first + labels[i]], rows[i, 4]
-        else:
-            grad[i, first + labels[i]] = 1.0
-        return grad.T.copy() if layout == "yolov8" else grad
-
-    return boxes, confidence, labels, seed
 
 
 @dataclass

@@ -48,8 +48,10 @@ class HeadRunner:
                   image_index: np.ndarray, seeds: np.ndarray) -> list[np.ndarray]:
         """Per target layer, the gradient of each map's score (M rows): one head run for all the maps."""
         runner = self.runner(output)
+        taken = {i.name for i in runner.session.get_inputs()}  # a target computed from another is not fed
         feeds = {name: np.ascontiguousarray(value[image_index])
-                 for name, value in zip([*self.inputs, *self.cuts], [*activations, *cuts], strict=True)}
+                 for name, value in zip([*self.inputs, *self.cuts], [*activations, *cuts], strict=True)
+                 if name in taken}
         seed_input = next(i for i in runner.session.get_inputs() if i.name == SEED_INPUT)
         if all(isinstance(d, int) for d in seed_input.shape[1:]):  # logits under a squashing: same elements, in order
             seeds = seeds.reshape(len(seeds), *seed_input.shape[1:])
