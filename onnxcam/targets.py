@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from .core.detections import DETECTION_LAYOUTS, decode, guess_detection_layout, kept
