@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support.zoo import ZOO
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from onnxcam.exporters import export_torch
@@ -153,15 +154,18 @@ class Case:
         names = [o.name for o in session.get_outputs()]
         self.onnx = dict(zip(names, session.run(None, {"input": self.x, "onnxcam_class": self.classes})))
 
-        captured = {}
+        captured, squashed = {}, {}
         handles = [model.get_submodule(name).register_forward_hook(
             lambda module, args, output, i=i: captured.__setitem__(i, output)) for i, name in enumerate(entry.targets)]
+        handles += [module.register_forward_hook(lambda module, args, output: squashed.__setitem__(id(output), args[0]))
+                    for module in model.modules() if isinstance(module, (nn.Softmax, nn.LogSoftmax, nn.Sigmoid))]
         try:
             logits = model(torch.from_numpy(self.x))
         finally:
             for handle in handles:
                 handle.remove()
-        flat = logits.reshape(BATCH, -1)
+        # a model ending in a softmax or sigmoid is explained before it: the score is the logit (issue 19)
+        flat = squashed.get(id(logits), logits).reshape(BATCH, -1)
         self.top1 = flat.argmax(1).numpy()
         classes = torch.from_numpy(self.classes)
         selected = torch.where(classes < 0, flat.argmax(1), classes)
