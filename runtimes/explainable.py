@@ -35,7 +35,7 @@ class ExplainableModel:
             raise ExplainError(f"{path} has no gradient outputs: make it explainable first with "
                                f"`onnxcam export {path} -o OUT.onnx`")
         self.spec: ExplainSpec = spec
-        self._built: dict[str, object] = {}
+        self._built: dict[object, object] = {}
         self._building = threading.RLock()  # a server's threads may ask for the same session at once
 
     @cached_property
@@ -51,7 +51,7 @@ class ExplainableModel:
         tensors = self.runner.run([spec.scores, spec.selected, *names], {spec.input: batch, spec.class_input: classes})
         return [t.astype(np.float32, copy=False) if t.dtype.kind == "f" else t for t in tensors]
 
-    def _once(self, key: str, build: Callable[[], object]):
+    def _once(self, key, build: Callable[[], object]):
         """What `build` returns (or the ExplainError it raises), built on first use and kept."""
         with self._building:
             if key not in self._built:
@@ -80,6 +80,12 @@ class ExplainableModel:
         the explainable file would pay its backward pass on every masked batch (linear_head.forward_model)."""
         return self._once("scores", lambda: BoundRunner(sibling_session(forward_model(self.model, self.spec),
                                                                         self.session)))
+
+    def forward_runner(self, outputs: tuple[str, ...]) -> BoundRunner:
+        """A session computing the file's `outputs` from the image alone, without the backward pass that a run of the
+        file pays whatever it fetches: for targets set after the outputs, whose maps the head computes."""
+        return self._once(("forward",) + tuple(outputs), lambda: BoundRunner(
+            sibling_session(forward_model(self.model, self.spec, list(outputs)), self.session)))
 
     @property
     def forward_head(self) -> HeadScores:

@@ -128,16 +128,17 @@ class HeadScores:
         return self.session.run([output], {name: exposed[source] for name, source in self.inputs.items()})[0]
 
 
-def forward_model(model: onnx.ModelProto, spec: ExplainSpec) -> onnx.ModelProto:
-    """The explainable file cut down to the nodes that compute the scores from the image: no class selection, no
-    gradients (the perturbation methods' many runs need the scores only): the scores explained, the logits where the
-    output squashes them (ExplainSpec.score_tensor)."""
-    kept, needed = needed_nodes(model.graph.node, [spec.score_tensor])
+def forward_model(model: onnx.ModelProto, spec: ExplainSpec, outputs: list[str] | None = None) -> onnx.ModelProto:
+    """The explainable file cut down to the nodes that compute `outputs` (outputs of the file) from the image: no
+    class selection, no gradients. By default the scores explained, the logits where the output squashes them
+    (ExplainSpec.score_tensor): the perturbation methods' many runs need the scores only."""
+    outputs = outputs or [spec.score_tensor]
+    kept, needed = needed_nodes(model.graph.node, outputs)
     graph = model.graph
-    scores = next(info for info in [*graph.output, *graph.value_info] if info.name == spec.score_tensor)
+    infos = {info.name: info for info in [*graph.value_info, *graph.output]}
     inputs = [info for info in graph.input if info.name in needed and info.name not in
               {t.name for t in graph.initializer}]
-    forward = helper.make_graph(kept, "onnxcam_scores", inputs, [scores],
+    forward = helper.make_graph(kept, "onnxcam_forward", inputs, [infos[name] for name in outputs],
                                 [t for t in graph.initializer if t.name in needed])
     result = helper.make_model(forward, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     result.functions.extend(model.functions)

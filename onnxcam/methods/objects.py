@@ -31,7 +31,9 @@ def explain_objects(call: Call, targets: list[Target]) -> Explanation:
                                   *(name for names in reads for name in names)]))
     count = len(targets)
     layers = [*spec.activations, *spec.cuts] if method.formula is not None else []  # rollout reads neither
-    fetched = model.runner.run([*outputs, *layers], {spec.input: call.batch, spec.class_input: call.classes})
+    names = tuple(dict.fromkeys([*outputs, *layers]))  # one forward-only run: the maps' gradients come from the head
+    found = dict(zip(names, model.forward_runner(names).run(list(names), {spec.input: call.batch}), strict=True))
+    fetched = [found[name] for name in [*outputs, *layers]]
     values = dict(zip(outputs, fetched[:len(outputs)], strict=True))
     activations = fetched[len(outputs):len(outputs) + len(spec.activations)]
     cuts = fetched[len(outputs) + len(spec.activations):]
