@@ -23,6 +23,7 @@ from .exporters.onnx_frontend import inspect_onnx
 from .jobs import Listing, Outputs, collect_images, explain_files
 from .methods import METHODS
 from .speed import time_methods
+from .targets import LAYOUTS as DETECTION_LAYOUTS
 from .targets import from_options
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
@@ -270,6 +271,11 @@ def _target_options(command):
                      "raw head (YOLOv5/v8) or its detections after NMS, an embedding."),
         click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.25, show_default=True,
                      help="--task detect: explain each detection scoring at least this."),
+        click.option("--detection-layout", type=click.Choice(DETECTION_LAYOUTS),
+                     help="--task detect: the head's layout (default: guessed for YOLO and NMS heads; detr and "
+                          "rtdetr, for DETR-style class logits, read the boxes from another output)."),
+        click.option("--boxes", help="--task detect with a detr or rtdetr layout: the output holding the boxes "
+                                     "(default: the one other output of Q x 4)."),
         click.option("--concept", type=click.Path(dir_okay=False, exists=True),
                      help="--task embed: a .npy vector; the map explains the cosine similarity to it."),
         click.option("--explain-output", help="The model output the maps explain, by its name (default: the scores "
@@ -280,7 +286,8 @@ def _target_options(command):
 
 
 def _target_of(classes: tuple[int, ...], top: int | None, task: str, score_threshold: float, concept: str | None,
-               explain_output: str | None, score_output: str | None):
+               explain_output: str | None, score_output: str | None, detection_layout: str | None = None,
+               boxes: str | None = None):
     """The `targets` for Explainer.explain that explain's options ask for: None (top-1), a class, or a Target."""
     if task == "embed" and concept is None:
         raise ExplainError("--task embed needs --concept FILE.npy, the vector to compare embeddings with")
@@ -290,7 +297,7 @@ def _target_of(classes: tuple[int, ...], top: int | None, task: str, score_thres
 
         vector = np.load(concept)
     return from_options(classes, top=top, task=task, score_threshold=score_threshold, concept=vector,
-                        output=explain_output or score_output)
+                        output=explain_output or score_output, layout=detection_layout, boxes=boxes)
 
 
 @main.command()

@@ -388,14 +388,18 @@ TASKS = ("classify", "segment", "detect", "embed")
 
 def from_options(classes: Sequence[int] = (), *, top: int | None = None, task: str = "classify",
                  score_threshold: float = 0.25, concept=None, output: str | None = None,
-                 ranks: Sequence[int] | None = None):
+                 ranks: Sequence[int] | None = None, layout: str | None = None, boxes: str | None = None):
     """The `targets` that plain options ask for (the CLI's flags, a server's query): None (the top-1), a class
-    index, or a Target. `classes` are class indices; `concept` an embedding-sized vector (task embed)."""
+    index, or a Target. `classes` are class indices; `concept` an embedding-sized vector (task embed); `layout` and
+    `boxes` a detector head's (Detection's)."""
+    if (layout is not None or boxes is not None) and task != "detect":
+        raise ExplainError("a detection layout and a boxes output are options of task detect")
     classes = [int(c) for c in classes]
     if task not in TASKS:
         raise ExplainError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
     if task == "detect":
-        return Detection(score_threshold=score_threshold, classes=classes or None, output=output, ranks=ranks)
+        return Detection(score_threshold=score_threshold, classes=classes or None, output=output, ranks=ranks,
+                         layout=layout, boxes=boxes)
     if task == "segment":
         if len(classes) != 1:
             raise ExplainError("segmentation explains one class: give its index as the target")

@@ -237,3 +237,26 @@ def test_a_mask_at_the_image_resolution_is_resized_to_the_logits():
     with pytest.raises(ExplainError, match="the mask is 32 x 32; give it at the output's 16 x 16 or the image's "
                                            "64 x 64"):
         Segmentation(2, mask=np.ones((32, 32), bool)).picks(logits, None, SIZE)
+
+
+def test_command_line_explains_a_detr_file(tmp_path):
+    """`onnxcam explain --task detect --detection-layout detr`: the boxes are read from the other Q x 4 output; with
+    no layout, the DETR head is refused in one line that says which to give."""
+    import cv2
+    from conftest import random_images, run_cli
+
+    exported = run_cli("export", DENSE / "hf_detr_dynamo.onnx", "-o", tmp_path / "detr.onnx")
+    assert exported.returncode == 0, exported.stderr
+    for index, image in enumerate(random_images(2, seed=4, size=(64, 64))):
+        cv2.imwrite(str(tmp_path / f"{index}.png"), image[..., ::-1])
+    images = [tmp_path / "0.png", tmp_path / "1.png"]
+    done = run_cli("explain", tmp_path / "detr.onnx", *images, "-o", tmp_path / "out", "--task", "detect",
+                   "--detection-layout", "detr", "--score-threshold", "0", "--provider", "cpu")
+    assert done.returncode == 0, done.stderr
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert set(predictions) == {str(p) for p in images}
+    assert all(len(entry["maps"]) > 0 and all(len(m["box"]) == 4 for m in entry["maps"])
+               for entry in predictions.values())
+    refused = run_cli("explain", tmp_path / "detr.onnx", images[0], "-o", tmp_path / "refused", "--task", "detect",
+                      "--provider", "cpu")
+    assert "layout='detr'" in refused.stderr and "Traceback" not in refused.stderr
