@@ -67,16 +67,19 @@ def _inferred(model: onnx.ModelProto, limit: int) -> onnx.ModelProto:
 
 
 def _shape_computations(model: onnx.ModelProto, builder: GraphBuilder) -> list[str]:
-    """Integer tensors computed from tensor shapes and constants alone, not yet constants, that a node other
-    than a shape computation reads (as Reshape's shape, Pad's pads, Slice's starts)."""
+    """Tensors computed from tensor shapes and constants alone, not yet constants, that a node other than a shape
+    computation reads (as Reshape's shape, Pad's pads, Slice's starts): integers, and floats computed from a shape
+    (an opset-9 Upsample's scales, output size / input size)."""
     constants = {t.name for t in model.graph.initializer}
     derived = set()
     for node in model.graph.node:
         if node.op_type == "Constant":
             constants.update(node.output)
         elif node.op_type in SHAPE_SOURCES or all(not i or i in derived or i in constants for i in node.input):
+            from_shape = node.op_type in SHAPE_SOURCES or any(i in derived for i in node.input)
             derived.update(o for o in node.output if builder.elem_type(o) in (onnx.TensorProto.INT64,
-                                                                              onnx.TensorProto.INT32))
+                                                                              onnx.TensorProto.INT32)
+                           or from_shape and builder.is_float(o))
     read = {i for node in model.graph.node if node.output[0] not in derived for i in node.input}
     return [name for name in derived if name in read and name not in constants]
 

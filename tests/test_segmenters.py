@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from support.torchvision_shim import import_torchvision
 from torch import nn
 
@@ -126,3 +127,37 @@ def test_export_torch_with_no_names_matches_pytorch_grad_cam(name, tmp_path):
     spec = export_torch(model, tmp_path / "explainable.onnx", input_shape=(3, SIZE, SIZE))  # a dict output
     assert spec.layers[0].startswith("classifier.")  # the head's features (DeepLabHead, LRASPPHead)
     _check_against_pytorch_grad_cam(model, tmp_path / "explainable.onnx")
+
+
+class Upsampled(nn.Module):
+    """A strided encoder, a 1x1 classifier and F.interpolate(size=x.shape[-2:]): at opsets 9 and 10 the legacy
+    exporter writes an Upsample or Resize whose float scales are computed from Shape (output size / input size)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.classifier = nn.Conv2d(8, CLASSES, 1)
+
+    def forward(self, x):
+        return F.interpolate(self.classifier(torch.relu(self.encoder(x))), size=x.shape[-2:], mode="bilinear",
+                             align_corners=False)
+
+
+@pytest.mark.parametrize("opset", [9, 10, 11])
+def test_scales_computed_from_shape_are_folded(opset, tmp_path):
+    """The scales are constant once the image size is fixed (exporters.shapes folds them): the gradient at the
+    encoder equals PyTorch autograd's."""
+    model = Upsampled().eval()
+    torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), str(tmp_path / "plain.onnx"), dynamo=False,
+                      opset_version=opset, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    spec = export_onnx(tmp_path / "plain.onnx", tmp_path / "explainable.onnx", layers=["/encoder/Conv_output_0"])
+    x = np.random.default_rng(1).standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
+    explainable = onnxcam.Explainer(tmp_path / "explainable.onnx", provider="cpu").model
+    _, selected, gradient = explainable.run(x, np.full(BATCH, -1, np.int64), spec.gradients)
+    captured = {}
+    model.encoder.register_forward_hook(lambda m, i, o: captured.__setitem__("A", o))
+    flat = model(torch.from_numpy(x)).reshape(BATCH, -1)
+    (expected,) = torch.autograd.grad(flat[torch.arange(BATCH), torch.from_numpy(selected)].sum(), captured["A"])
+    np.testing.assert_allclose(gradient, expected.numpy(), rtol=1e-4, atol=1e-6 * np.abs(expected.numpy()).max())
