@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support.anchors import min_max, module_computing
 from support.torchvision_shim import import_torchvision
 from torch import nn
 
@@ -51,39 +52,6 @@ def _images() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((BATCH, 3, SIZE, SIZE)).astype(np.float32)
 
 
-def _module_with_output(model: nn.Module, x: torch.Tensor, activation: np.ndarray) -> nn.Module:
-    """The last module whose output is the explained activation (several may be: a ReLU and the Dropout after it).
-    Where the activation is only a module's input (LRASPP's upsampled features, F.interpolate's output), that module
-    gets an nn.Identity before it in its place, for pytorch-grad-cam to hook: the model computes the same."""
-    seen = []
-    handles = [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, m, i[0] if i else None, o)))
-               for n, m in model.named_modules()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    def same(t) -> bool:
-        return isinstance(t, torch.Tensor) and tuple(t.shape) == activation.shape and \
-            np.abs(t.numpy() - activation).max() <= 1e-4 * np.abs(activation).max()
-
-    found = [m for _, m, _, o in seen if same(o)]
-    if found:
-        return found[-1]
-    name, module = next((n, m) for n, m, i, _ in seen if same(i))
-    parent, _, child = name.rpartition(".")
-    hooked = nn.Identity()
-    setattr(model.get_submodule(parent), child, nn.Sequential(hooked, module))
-    return hooked
-
-
-def _min_max(maps: np.ndarray) -> np.ndarray:
-    low = maps.min(axis=(1, 2), keepdims=True)
-    return (maps - low) / (maps.max(axis=(1, 2), keepdims=True) - low)
-
-
 def _check_against_pytorch_grad_cam(model: nn.Module, path) -> None:
     import_torchvision()
     from pytorch_grad_cam import GradCAM
@@ -102,12 +70,12 @@ def _check_against_pytorch_grad_cam(model: nn.Module, path) -> None:
     np.testing.assert_array_equal(explanation.masks, np.stack(masks).astype(bool))
 
     wrapped = Out(model).eval()
-    layer = _module_with_output(wrapped, torch.from_numpy(x), activation)
+    layer = wrapped.get_submodule(module_computing(wrapped, torch.from_numpy(x), activation))
     with GradCAM(model=wrapped, target_layers=[layer]) as cam:
         reference = cam(input_tensor=torch.from_numpy(x),
                         targets=[SemanticSegmentationTarget(c, m) for c, m in zip(classes, masks)])
     assert np.ptp(reference, axis=(1, 2)).min() > 0
-    difference = np.abs(_min_max(explanation.heatmaps) - _min_max(reference)).max()
+    difference = np.abs(min_max(explanation.heatmaps) - min_max(reference)).max()
     assert difference <= TOLERANCE, difference
 
 

@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from support.anchors import min_max, module_computing
 from support.dense import unet
 from support.torchvision_shim import import_torchvision
 
@@ -53,36 +54,12 @@ def _explainable(model: torch.nn.Module, exporter: str, directory, layer: str | 
     return onnxcam.Explainer(path, provider="cpu")
 
 
-def _module_of(model: torch.nn.Module, x: torch.Tensor, activation: np.ndarray) -> str:
-    """The first module, in the order their forward passes finish, whose output equals `activation` (outputs are
-    copied as they come: an in-place ReLU overwrites its input's tensor)."""
-    outputs: list[tuple[str, torch.Tensor]] = []
-    handles = [module.register_forward_hook(lambda m, i, o, name=name: outputs.append((name, o.detach().clone())))
-               for name, module in model.named_modules() if name]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    scale = float(np.abs(activation).max())
-    found = [name for name, output in outputs if tuple(output.shape) == activation.shape
-             and np.allclose(output.numpy(), activation, rtol=1e-4, atol=1e-4 * scale)]
-    assert found, "no module outputs the file's activation"
-    return found[0]
-
-
 def _segment_class(labels: torch.Tensor) -> int:
     """The class with the smallest total area among those predicted at MIN_SEGMENT pixels or more in every image."""
     counts = torch.stack([torch.bincount(image.flatten(), minlength=4) for image in labels])
     present = [c for c in range(counts.shape[1]) if counts[:, c].min() >= MIN_SEGMENT]
     assert present, f"no class covers {MIN_SEGMENT} pixels of every image: {counts.tolist()}"
     return min(present, key=lambda c: int(counts[:, c].sum()))
-
-
-def _min_max(maps: np.ndarray) -> np.ndarray:
-    low = maps.min(axis=(1, 2), keepdims=True)
-    return (maps - low) / np.maximum(maps.max(axis=(1, 2), keepdims=True) - low, 1e-12)
 
 
 def _compare_with_pytorch_grad_cam(model: torch.nn.Module, explainer: onnxcam.Explainer, layer: str | None = None):
@@ -97,7 +74,7 @@ def _compare_with_pytorch_grad_cam(model: torch.nn.Module, explainer: onnxcam.Ex
     if layer is None:
         (activation,) = explainer.session.run([spec.activations[0]], {spec.input: x.numpy(),
                                                                         spec.class_input: np.full(BATCH, -1)})
-        layer = _module_of(model, x, activation)
+        layer = module_computing(model, x, activation)
     with torch.no_grad():
         logits = model(x)
     labels = logits.argmax(1)
@@ -113,7 +90,7 @@ def _compare_with_pytorch_grad_cam(model: torch.nn.Module, explainer: onnxcam.Ex
         expected = cam(input_tensor=x, targets=targets)
     assert result.heatmaps.shape == expected.shape == (BATCH, SIZE, SIZE)
     assert all(np.ptp(m) > 0 for m in expected), "a flat reference map would make the comparison vacuous"
-    return layer, float(np.abs(_min_max(result.heatmaps) - _min_max(expected)).max())
+    return layer, float(np.abs(min_max(result.heatmaps) - min_max(expected)).max())
 
 
 @pytest.mark.parametrize("kernel", KERNELS.values(), ids=KERNELS)
