@@ -5,10 +5,12 @@ scale) on scikit-image's astronaut, and the Segmentation map of one class of tor
 
     python benchmarks/dense_heads.py             # writes benchmarks/results/dense-heads.md and .json
 
-Both sides are ONNX Runtime sessions in this process on the same preprocessed batch of one image: the plain file
-as given (the floor), and onnxcam.Explainer(...).explain(batch, targets=...) on its explainable export (one
-backbone run, then the head alone for the maps, plus numpy for the maps). Timed in interleaved rounds
-(core.timing.interleaved); the median is reported.
+Both sides are ONNX Runtime sessions in this process on the same preprocessed batch of one image, opened with the
+same options (onnxcam.runtimes.create_session: threads that do not spin between runs, so that neither side's pool
+takes the cores from the other's): the plain file as given (the floor), and
+onnxcam.Explainer(...).explain(batch, targets=...) on its explainable export (a forward-only run for the outputs
+and the target activations, the head alone for the maps' gradients, numpy for the maps). Timed in interleaved
+rounds (core.timing.interleaved); the median is reported.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the model builders shared with the tests
@@ -29,6 +30,7 @@ from provenance import begin, describe, end, write  # noqa: E402
 import onnxcam  # noqa: E402
 from onnxcam.core.timing import interleaved  # noqa: E402
 from onnxcam.exporters import export_onnx  # noqa: E402
+from onnxcam.runtimes import create_session  # noqa: E402
 from onnxcam.targets import Detection, Segmentation  # noqa: E402
 
 YOLO_SIZE = (640, 640)
@@ -45,7 +47,7 @@ def yolo(folder: Path):
     spec = export_onnx(nudenet_file(), explainable, input_size=YOLO_SIZE)
     explainer = onnxcam.Explainer(explainable, provider="cpu")
     batch = explainer.prepare([data.astronaut()])
-    plain = ort.InferenceSession(str(nudenet_file()), providers=["CPUExecutionProvider"])
+    plain = create_session(nudenet_file(), "cpu")
     return plain, {plain.get_inputs()[0].name: batch}, explainer, batch, Detection(), spec.layers
 
 
@@ -74,7 +76,7 @@ def deeplab(folder: Path):
     spec = export_onnx(plain_path, folder / "deeplabv3.explain.onnx")
     explainer = onnxcam.Explainer(folder / "deeplabv3.explain.onnx", provider="cpu")
     batch = np.random.default_rng(0).standard_normal((1, 3, SEGMENT_SIZE, SEGMENT_SIZE)).astype(np.float32)
-    plain = ort.InferenceSession(str(plain_path), providers=["CPUExecutionProvider"])
+    plain = create_session(plain_path, "cpu")
     (scores,) = plain.run(None, {"input": batch})
     target = Segmentation(int(np.bincount(scores[0].argmax(0).ravel()).argmax()))
     return plain, {"input": batch}, explainer, batch, target, spec.layers

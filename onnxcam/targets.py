@@ -69,6 +69,16 @@ def _check_class(index: int, count: int, what: str = "class index") -> int:
     return index
 
 
+def _wins(scores: np.ndarray, index: int) -> np.ndarray:
+    """The pixels of K x h x w class maps whose argmax is class `index` (the first of equal maxima, as argmax takes
+    it), without argmax along the class axis, numpy's slowest reduction there (8 ms at 21 x 520 x 520)."""
+    best = scores.max(axis=0)
+    mask = scores[index] == best
+    for earlier in scores[:index]:
+        mask &= earlier != best
+    return mask
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
 
@@ -127,7 +137,7 @@ class Segmentation(Target):
                                f"{' x '.join(map(str, scores.shape)) or 'a scalar'}")
         _check_class(self.class_index, scores.shape[0])
         if self.mask is None:
-            mask = scores.argmax(axis=0) == self.class_index
+            mask = _wins(scores, self.class_index)
         else:
             mask = _mask_at(np.asarray(self.mask, dtype=bool), scores.shape[1:], input_size)
         seed = np.zeros(scores.shape, dtype=np.float32)

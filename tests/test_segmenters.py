@@ -129,3 +129,39 @@ def test_scales_computed_from_shape_are_folded(opset, tmp_path):
     flat = model(torch.from_numpy(x)).reshape(BATCH, -1)
     (expected,) = torch.autograd.grad(flat[torch.arange(BATCH), torch.from_numpy(selected)].sum(), captured["A"])
     np.testing.assert_allclose(gradient, expected.numpy(), rtol=1e-4, atol=1e-6 * np.abs(expected.numpy()).max())
+
+
+class Interpolated(nn.Module):
+    """An encoder of stride 4, then F.interpolate back to the image in `mode` (the Resize rule's interpolation
+    matrices, read from ONNX Runtime, applied by MatMul along the rows and the columns)."""
+
+    def __init__(self, mode: str, align_corners: bool | None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Conv2d(3, 6, 3, stride=4, padding=1)
+        self.mode, self.align_corners = mode, align_corners
+
+    def forward(self, x):
+        return F.interpolate(torch.tanh(self.encoder(x)), size=x.shape[-2:], mode=self.mode,
+                             align_corners=self.align_corners)
+
+
+@pytest.mark.parametrize(("mode", "align_corners"), [("bilinear", False), ("bilinear", True), ("nearest", None),
+                                                     ("bicubic", False)])
+def test_integer_upsampling_gradients_match_autograd(mode, align_corners, tmp_path):
+    """Grids of 10 x 12 cells upsampled 4x, against PyTorch autograd of a random mix of the output (every cell of the
+    upsampled map weighted, the edges' included)."""
+    model = Interpolated(mode, align_corners).eval()
+    torch.onnx.export(model, (torch.randn(2, 3, 40, 48),), str(tmp_path / "plain.onnx"), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    spec = export_onnx(tmp_path / "plain.onnx", tmp_path / "explainable.onnx", layers=["/Tanh_output_0"])
+    x = np.random.default_rng(2).standard_normal((BATCH, 3, 40, 48)).astype(np.float32)
+    seed = np.random.default_rng(3).standard_normal((BATCH, 6, 40, 48)).astype(np.float32)
+    explainable = onnxcam.Explainer(tmp_path / "explainable.onnx", provider="cpu").model
+    activation, *cuts = explainable.run(x, np.full(BATCH, -1, np.int64), [*spec.activations, *spec.cuts])[2:]
+    gradients = explainable.head.gradients(spec.scores, [activation], cuts, np.arange(BATCH), seed)
+    features = torch.tanh(model.encoder(torch.from_numpy(x)))
+    output = F.interpolate(features, size=x.shape[-2:], mode=mode, align_corners=align_corners)
+    (expected,) = torch.autograd.grad((output * torch.from_numpy(seed)).sum(), features)
+    np.testing.assert_allclose(gradients[0], expected.numpy(), rtol=1e-4, atol=1e-5 * float(expected.abs().max()))

@@ -218,7 +218,12 @@ def spatial_axes(n: Node) -> range:
 
 
 def along_axis(t: Value, rank: int, axis: int, matrix: np.ndarray, like: Value) -> Value:
-    """t with its axis `axis` multiplied by `matrix`: out[..., j, ...] = sum_i t[..., i, ...] matrix[i, j]."""
+    """t with its axis `axis` multiplied by `matrix`: out[..., j, ...] = sum_i t[..., i, ...] matrix[i, j]. On the
+    last two axes a MatMul (t M, or M^T t): ONNX Runtime's Einsum contracting the rows of a map is 7x slower."""
+    if rank >= 2 and axis == rank - 1:
+        return t.g.op("MatMul", t, like.const(matrix))
+    if rank >= 2 and axis == rank - 2:
+        return t.g.op("MatMul", like.const(np.ascontiguousarray(matrix.T)), t)
     letters = string.ascii_lowercase[:rank]
     equation = f"{letters},{letters[axis]}z->{letters.replace(letters[axis], 'z')}"
     return t.g.op("Einsum", t, like.const(matrix), equation=equation)

@@ -70,7 +70,7 @@ def _pick_maps(model, method: Method, targets: list, picks: list, activations: l
         outputs = [targets[image].output or spec.scores for image, _ in picks]
         for output in dict.fromkeys(outputs):
             rows = np.array([i for i, name in enumerate(outputs) if name == output], dtype=np.int64)
-            seeds = np.stack([picks[i][1].seed for i in rows])
+            seeds = np.stack([picks[i][1].seed for i in rows]) if len(rows) > 1 else picks[rows[0]][1].seed[None]
             parts = model.head.gradients(output, activations, cuts, image_index[rows], seeds)
             for gradient, part in zip(gradients, parts, strict=True):
                 gradient[rows] = part
