@@ -21,6 +21,7 @@ LOGITS_OUTPUT = "onnxcam_logits"  # the logits, exposed where the scores output 
 # names in a bundle (exporters.bundle, runtimes.Bundle)
 BYTES_INPUT = "image_bytes"
 HEATMAP_OUTPUT = "heatmap"
+HEATMAPS_OUTPUT = "onnxcam_heatmaps"  # B x H x W heatmaps computed in the graph (export option heatmaps)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class ExplainSpec:
     bias_gradients: list[str] = field(default_factory=list)
     biases: list[str] = field(default_factory=list)
     bundled: bool = False  # input is encoded image bytes, output a Grad-CAM heatmap (exporters.bundle)
+    heatmaps: str | None = None  # the method whose heatmaps the graph computes (exporters.graph_cams), if any
     # where the scores output is a Softmax, LogSoftmax or Sigmoid of a tensor (through reshapes only): the output
     # exposing that tensor, the logits, whose elements the gradients start from (the class score before the
     # squashing, as Grad-CAM defines it), and the squashing's name; None where the output itself is explained

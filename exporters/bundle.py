@@ -13,8 +13,8 @@ import onnx
 from onnx import helper, version_converter
 
 from ..core.contract import BYTES_INPUT, CLASS_INPUT, HEATMAP_OUTPUT, METADATA_KEY, ExplainSpec
-from ..core.layouts import parse_tokens
 from .autodiff import GraphBuilder
+from .graph_cams import heatmap_nodes
 
 EXTENSIONS_DOMAIN = "com.microsoft.extensions"
 
@@ -39,12 +39,9 @@ def bundle(model: onnx.ModelProto, spec: ExplainSpec) -> onnx.ModelProto:
     preprocess = g.nodes
     preprocess.append(helper.make_node("Identity", [pixels.name], [spec.input]))
 
-    # Grad-CAM (Selvaraju et al., eq. 1-2) per layer, upsampled and min-max scaled, then averaged
+    # Grad-CAM (Selvaraju et al., eq. 1-2) per layer, upsampled and min-max scaled, then averaged (graph_cams)
     g.nodes = []
-    maps = [_normalise(g, _upsample(g, _gradcam(g, _to_grid(g, g.value(a), layout), _to_grid(g, g.value(grad), layout)),
-                                    height, width))
-            for a, grad, layout in zip(spec.activations, spec.gradients, spec.layouts, strict=True)]
-    heat = maps[0] if len(maps) == 1 else _normalise(g, g.op("Sum", *maps) / g.const(float(len(maps))))
+    heat = heatmap_nodes(g, spec, "gradcam")
     g.nodes.append(helper.make_node("Squeeze", [heat.name, g.ints([1]).name], [HEATMAP_OUTPUT]))
     postprocess = g.nodes
 
@@ -84,36 +81,3 @@ def _normalised(g: GraphBuilder, resized, spec: ExplainSpec):
 
 def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _to_grid(g, tensor, layout):
-    """B x C x H x W from a target's layout, as core.layouts.to_grid: channels-last maps are transposed,
-    token sequences lose their prefix tokens and are folded onto their grid."""
-    if layout == "nchw":
-        return tensor
-    if layout != "nhwc":
-        prefix, grid_height, grid_width = parse_tokens(layout)
-        patches = g.op("Slice", tensor, g.ints([prefix]), g.ints([np.iinfo(np.int64).max]), g.ints([1]))
-        tensor = g.op("Reshape", patches, g.ints([0, grid_height, grid_width, -1]))
-    return g.op("Transpose", tensor, perm=[0, 3, 1, 2])
-
-
-def _gradcam(g, activation, gradient):
-    weights = g.op("ReduceMean", gradient, g.ints([2, 3]), keepdims=1)
-    return g.op("Relu", g.op("ReduceSum", weights * activation, g.ints([1]), keepdims=1))
-
-
-def _upsample(g, cam, height, width):
-    sizes = g.op("Concat", g.op("Slice", g.op("Shape", cam), g.ints([0]), g.ints([2])), g.ints([height, width]), axis=0)
-    return g.op("Resize", cam, "", "", sizes, mode="linear", coordinate_transformation_mode="half_pixel")
-
-
-def _normalise(g, heat):
-    """(x - min) / (max - min) per image; a flat map becomes 1 if positive, else 0 (never NaN)."""
-    low = g.op("ReduceMin", heat, g.ints([2, 3]), keepdims=1)
-    high = g.op("ReduceMax", heat, g.ints([2, 3]), keepdims=1)
-    spread = high - low
-    varies = spread > 0.0
-    scaled = (heat - low) / g.op("Where", varies, spread, g.const(1.0))
-    flat = g.op("Cast", high > 0.0, to=onnx.TensorProto.FLOAT)
-    return g.op("Where", varies, scaled, g.op("Expand", flat, g.op("Shape", heat)))

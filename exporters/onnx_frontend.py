@@ -38,6 +38,7 @@ from .discovery import (
     one_hot_seed,
 )
 from .functions import expand_functions
+from .graph_cams import add_heatmaps
 from .head import head_cuts
 from .input_gradients import add_input_gradients
 from .legrad import layer_scores
@@ -54,7 +55,7 @@ TASKS = ("classify", "segment", "detect")  # what a score output holds (export_o
 def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, layers=None, output=None,
                 mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
                 attention_gradients=False, bundled=False, input_gradients=False, legrad=False,
-                explain_probabilities=False, target_layers=None, task=None) -> ExplainSpec:
+                explain_probabilities=False, heatmaps=None, target_layers=None, task=None) -> ExplainSpec:
     """Rewrite the classifier `src` (a path or ModelProto) into an explainable graph saved at `path`.
 
     `input` names the image input (default: the one 4-D float or uint8 input), `input_layout` says whether it is
@@ -83,6 +84,8 @@ def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, la
     gradients start from the logits, the class score before the squashing as Grad-CAM defines it (Selvaraju et al.,
     arXiv 1610.02391, section 3: "y^c, the score for class c, before the softmax"): a confident probability rounds
     to 1.0 and has no gradient. `explain_probabilities` keeps the output's own values instead.
+    `heatmaps` names a CAM whose heatmaps the graph then computes too, output `onnxcam_heatmaps` (B x H x W in
+    [0, 1], standard operators only: exporters.graph_cams), so that any ONNX runtime gets the maps with no numpy.
     `target_layers` is the old name of `layers`.
     """
     if target_layers is not None:
@@ -94,6 +97,8 @@ def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, la
                              explain_probabilities=explain_probabilities, task=task)
     if input_gradients:
         model = add_input_gradients(model)
+    if heatmaps:
+        model = add_heatmaps(model, heatmaps)
     if bundled:
         model = bundle(model, read_spec(model))
     save_model(model, path)

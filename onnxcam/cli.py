@@ -19,6 +19,7 @@ from .core.errors import ExplainError, ExportError, OnnxcamError
 from .evaluation import evaluate_files
 from .explainer import Explainer
 from .exporters import export_onnx
+from .exporters.graph_cams import GRAPH_CAMS
 from .exporters.onnx_frontend import inspect_onnx
 from .jobs import Listing, Outputs, collect_images, explain_files
 from .methods import METHODS
@@ -127,13 +128,16 @@ def main():
 @click.option("--bundle", "bundled", is_flag=True,
               help="One file taking encoded image bytes, returning logits and the Grad-CAM heatmap "
                    "(onnxruntime-extensions).")
+@click.option("--heatmaps", type=click.Choice(list(GRAPH_CAMS)),
+              help="Also compute this CAM's heatmaps in the graph (output onnxcam_heatmaps, standard ONNX operators), "
+                   "for runtimes with no Python beside them.")
 @click.option("--explain-probabilities", is_flag=True,
               help="Where the scores are a softmax or sigmoid of logits, explain the probabilities themselves "
                    "(default: the logits, the class score before the squashing, as Grad-CAM defines it).")
 @click.option("--triton-repo", type=click.Path(file_okay=False),
               help="Also write a Triton model repository for the file here (model.onnx and config.pbtxt).")
 def export(model, out, layers, target_layer, input_size, image_input, input_layout, weights, mean, std, labels, scores,
-           score_output, layouts, task, attention_gradients, legrad, input_gradients, bundled,
+           score_output, layouts, task, attention_gradients, legrad, input_gradients, bundled, heatmaps,
            explain_probabilities, triton_repo):
     """Make MODEL explainable: MODEL is package.module:callable returning a torch.nn.Module, or an .onnx file."""
     names = _read_labels(labels)
@@ -141,7 +145,7 @@ def export(model, out, layers, target_layer, input_size, image_input, input_layo
     options = dict(layers=layers or None, mean=_triple(mean), std=_triple(std), labels=names,
                    layouts=list(layouts) or None, attention_gradients=attention_gradients, bundled=bundled,
                    input_gradients=input_gradients, legrad=legrad, explain_probabilities=explain_probabilities,
-                   task=task)
+                   heatmaps=heatmaps, task=task)
     try:
         if model.endswith(".onnx"):
             spec = export_onnx(model, out, input=image_input, input_layout=input_layout, input_size=input_size,
