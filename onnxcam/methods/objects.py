@@ -27,16 +27,13 @@ def explain_objects(call: Call, targets: list[Target]) -> Explanation:
     reads = [target.reads(target.output or spec.scores, shapes) for target in targets]
     for name in (name for names in reads for name in names):
         _check_output(name, shapes)
-    outputs = list(dict.fromkeys([spec.scores, *(t.output or spec.scores for t in targets),
-                                  *(name for names in reads for name in names)]))
+    outputs = [spec.scores, *(t.output or spec.scores for t in targets), *(name for names in reads for name in names)]
     count = len(targets)
     layers = [*spec.activations, *spec.cuts] if method.formula is not None else []  # rollout reads neither
     names = tuple(dict.fromkeys([*outputs, *layers]))  # one forward-only run: the maps' gradients come from the head
-    found = dict(zip(names, model.forward_runner(names).run(list(names), {spec.input: call.batch}), strict=True))
-    fetched = [found[name] for name in [*outputs, *layers]]
-    values = dict(zip(outputs, fetched[:len(outputs)], strict=True))
-    activations = fetched[len(outputs):len(outputs) + len(spec.activations)]
-    cuts = fetched[len(outputs) + len(spec.activations):]
+    values = dict(zip(names, model.forward_runner(names).run(list(names), {spec.input: call.batch}), strict=True))
+    activations, cuts = ([values[name] for name in group] for group in (spec.activations, spec.cuts)) \
+        if layers else ([], [])
     picks = [(image, pick) for image, (target, names) in enumerate(zip(targets, reads, strict=True))
              for pick in target.picks(values[target.output or spec.scores][image],
                                       {name: values[name][image] for name in names}, spec.input_size)]
