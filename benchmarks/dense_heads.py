@@ -54,25 +54,11 @@ def yolo(folder: Path):
 def deeplab(folder: Path):
     """The same for torchvision's DeepLabV3-MobileNetV3 (21 classes, random weights), its first image's most
     frequent class explained."""
-    import torch
-    from support.torchvision_shim import import_torchvision
+    from support.dense import SegmentationOutput, torchvision_segmenter
+    from support.torch_export import legacy_export
 
-    torchvision = import_torchvision()
-    torch.manual_seed(0)
-    model = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
-
-    class Out(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return self.model(x)["out"]
-
-    plain_path = folder / "deeplabv3.onnx"
-    torch.onnx.export(Out().eval(), (torch.randn(2, 3, SEGMENT_SIZE, SEGMENT_SIZE),), str(plain_path), dynamo=False,
-                      opset_version=17, input_names=["input"], output_names=["out"],
-                      dynamic_axes={"input": {0: "batch"}, "out": {0: "batch"}})
+    model = torchvision_segmenter("deeplabv3_mobilenet_v3_large")
+    plain_path = legacy_export(SegmentationOutput(model), folder / "deeplabv3.onnx", (3, SEGMENT_SIZE, SEGMENT_SIZE))
     spec = export_onnx(plain_path, folder / "deeplabv3.explain.onnx")
     explainer = onnxcam.Explainer(folder / "deeplabv3.explain.onnx", provider="cpu")
     batch = np.random.default_rng(0).standard_normal((1, 3, SEGMENT_SIZE, SEGMENT_SIZE)).astype(np.float32)

@@ -14,6 +14,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from support.finite_differences import directional_check
 from support.tiny_detectors import TinyYoloV5, TinyYoloV8
+from support.torch_export import legacy_export
 
 import onnxcam
 from onnxcam.core.detections import yolo_layout
@@ -38,15 +39,13 @@ def test_the_task_is_guessed_from_a_yolo_heads_shape_only():
 
 def _exported(model: torch.nn.Module, path, dynamo: bool):
     """`model` through one of torch's ONNX exporters with a dynamic batch, as a user writes a detector's file."""
-    x = torch.zeros(2, 3, SIZE, SIZE)
+    if not dynamo:
+        return legacy_export(model, path, (3, SIZE, SIZE), input="images", output="output0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if dynamo:
-            torch.onnx.export(model, (x,), path, dynamo=True, input_names=["images"], output_names=["output0"],
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False)
-        else:
-            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["images"],
-                              output_names=["output0"], dynamic_axes={"images": {0: "N"}, "output0": {0: "N"}})
+        torch.onnx.export(model, (torch.zeros(2, 3, SIZE, SIZE),), path, dynamo=True, input_names=["images"],
+                          output_names=["output0"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                          verbose=False)
     return path
 
 

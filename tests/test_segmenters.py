@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support.anchors import min_max, module_computing
+from support.dense import SegmentationOutput, torchvision_segmenter
+from support.torch_export import legacy_export
 from support.torchvision_shim import import_torchvision
 from torch import nn
 
@@ -24,28 +26,6 @@ CLASSES = 4
 TOLERANCE = 1e-3  # after min-max scaling, as the issue asks
 LEGACY = ["fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
 DYNAMO = ["deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]  # export_torch: minutes for all four
-
-
-class Out(nn.Module):
-    """The segmentation of torchvision's dict output, as pytorch-grad-cam's tutorial wraps it."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x)["out"]
-
-
-def segmenter(name: str) -> nn.Module:
-    torchvision = import_torchvision()
-    torch.manual_seed(0)
-    model = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=CLASSES)
-    for module in model.modules():  # running statistics that are not the identity
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 def _images() -> np.ndarray:
@@ -69,7 +49,7 @@ def _check_against_pytorch_grad_cam(model: nn.Module, path) -> None:
     masks = [(w == c).astype(np.float32) for w, c in zip(winners, classes)]
     np.testing.assert_array_equal(explanation.masks, np.stack(masks).astype(bool))
 
-    wrapped = Out(model).eval()
+    wrapped = SegmentationOutput(model).eval()
     layer = wrapped.get_submodule(module_computing(wrapped, torch.from_numpy(x), activation))
     with GradCAM(model=wrapped, target_layers=[layer]) as cam:
         reference = cam(input_tensor=torch.from_numpy(x),
@@ -81,17 +61,15 @@ def _check_against_pytorch_grad_cam(model: nn.Module, path) -> None:
 
 @pytest.mark.parametrize("name", LEGACY)
 def test_legacy_export_with_no_names_matches_pytorch_grad_cam(name, tmp_path):
-    model = segmenter(name)
-    torch.onnx.export(Out(model).eval(), (torch.randn(2, 3, SIZE, SIZE),), str(tmp_path / "plain.onnx"), dynamo=False,
-                      opset_version=17, input_names=["input"], output_names=["out"],
-                      dynamic_axes={"input": {0: "batch"}, "out": {0: "batch"}})
+    model = torchvision_segmenter(name, CLASSES)
+    legacy_export(SegmentationOutput(model), tmp_path / "plain.onnx", (3, SIZE, SIZE))
     export_onnx(tmp_path / "plain.onnx", tmp_path / "explainable.onnx")
     _check_against_pytorch_grad_cam(model, tmp_path / "explainable.onnx")
 
 
 @pytest.mark.parametrize("name", DYNAMO)
 def test_export_torch_with_no_names_matches_pytorch_grad_cam(name, tmp_path):
-    model = segmenter(name)
+    model = torchvision_segmenter(name, CLASSES)
     spec = export_torch(model, tmp_path / "explainable.onnx", input_shape=(3, SIZE, SIZE))  # a dict output
     assert spec.layers[0].startswith("classifier.")  # the head's features (DeepLabHead, LRASPPHead)
     _check_against_pytorch_grad_cam(model, tmp_path / "explainable.onnx")
@@ -117,9 +95,7 @@ def test_scales_computed_from_shape_are_folded(opset, tmp_path):
     """The scales are constant once the image size is fixed (exporters.shapes folds them): the gradient at the
     encoder equals PyTorch autograd's."""
     model = Upsampled().eval()
-    torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), str(tmp_path / "plain.onnx"), dynamo=False,
-                      opset_version=opset, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    legacy_export(model, tmp_path / "plain.onnx", (3, 32, 32), opset=opset, input="x", output="y")
     spec = export_onnx(tmp_path / "plain.onnx", tmp_path / "explainable.onnx", layers=["/encoder/Conv_output_0"])
     x = np.random.default_rng(1).standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
     explainable = onnxcam.Explainer(tmp_path / "explainable.onnx", provider="cpu").model
@@ -152,9 +128,7 @@ def test_integer_upsampling_gradients_match_autograd(mode, align_corners, tmp_pa
     """Grids of 10 x 12 cells upsampled 4x, against PyTorch autograd of a random mix of the output (every cell of the
     upsampled map weighted, the edges' included)."""
     model = Interpolated(mode, align_corners).eval()
-    torch.onnx.export(model, (torch.randn(2, 3, 40, 48),), str(tmp_path / "plain.onnx"), dynamo=False,
-                      opset_version=17, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    legacy_export(model, tmp_path / "plain.onnx", (3, 40, 48), input="x", output="y")
     spec = export_onnx(tmp_path / "plain.onnx", tmp_path / "explainable.onnx", layers=["/Tanh_output_0"])
     x = np.random.default_rng(2).standard_normal((BATCH, 3, 40, 48)).astype(np.float32)
     seed = np.random.default_rng(3).standard_normal((BATCH, 6, 40, 48)).astype(np.float32)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import run_cli, small_net
 from onnx import helper, numpy_helper
+from support.torch_export import legacy_export
 from test_targets import TinySegmenter
 from torch import nn
 
@@ -44,10 +45,7 @@ def _images(seed: int = 0, size: int = 32) -> np.ndarray:
 
 
 def _legacy(model: nn.Module, path, size: int = 32):
-    torch.onnx.export(model, (torch.randn(2, 3, size, size),), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["predictions"],
-                      dynamic_axes={"input": {0: "batch"}, "predictions": {0: "batch"}})
-    return path
+    return legacy_export(model, path, (3, size, size), output="predictions")
 
 
 @pytest.mark.parametrize("squashing", [nn.Softmax(dim=1), nn.LogSoftmax(dim=1), nn.Sigmoid()],

@@ -14,13 +14,12 @@ could tip the two runtimes apart (see tests/test_zoo_gradients.py), are the same
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
 from support.anchors import min_max, module_computing
 from support.dense import unet
+from support.torch_export import legacy_export
 from support.torchvision_shim import import_torchvision
 
 import onnxcam
@@ -44,12 +43,7 @@ def _explainable(model: torch.nn.Module, exporter: str, directory, layer: str | 
     if exporter == "export_torch":
         export_torch(model, path, input_shape=(3, SIZE, SIZE), layers=[layer] if layer else None)
     else:
-        plain = directory / "plain.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (torch.zeros(2, 3, SIZE, SIZE),), plain, dynamo=False, opset_version=17,
-                              input_names=["input"], output_names=["out"],
-                              dynamic_axes={"input": {0: "N"}, "out": {0: "N"}})
+        plain = legacy_export(model, directory / "plain.onnx", (3, SIZE, SIZE))
         export_onnx(plain, path, layers=[layer] if layer else None)
     return onnxcam.Explainer(path, provider="cpu")
 

@@ -1,5 +1,6 @@
-"""Dense-prediction networks for tests: a small U-Net (Ronneberger et al., arXiv 1505.04597), whose decoder
-upsamples with transposed convolutions and joins the encoder's maps through skip connections.
+"""Dense-prediction networks for tests and benchmarks: torchvision's segmenters, and a small U-Net (Ronneberger et
+al., arXiv 1505.04597), whose decoder upsamples with transposed convolutions and joins the encoder's maps through
+skip connections.
 
 The layout is the common PyTorch one: two Conv3x3-BatchNorm-ReLU per stage, 2x2 max-pooling down, a
 ConvTranspose2d up that halves the channels, the skip map concatenated before the stage's convolutions, and a
@@ -68,3 +69,29 @@ def unet(kernel: int = 2, size: int = 64) -> nn.Module:
     """The U-Net with seeded weights, calibrated and in eval mode; `kernel` 3 upsamples with output_padding."""
     torch.manual_seed(0)
     return _calibrate(UNet(kernel=kernel), (3, size, size))
+
+
+class SegmentationOutput(nn.Module):
+    """The segmentation of torchvision's dict output (its `out`), as pytorch-grad-cam's tutorial wraps it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)["out"]
+
+
+def torchvision_segmenter(name: str, classes: int = 21) -> nn.Module:
+    """torchvision.models.segmentation's `name` (fcn_resnet50, deeplabv3_mobilenet_v3_large, lraspp_...) with
+    seeded random weights (no download) and BatchNorm running statistics that are not the identity, in eval mode."""
+    from .torchvision_shim import import_torchvision
+
+    torchvision = import_torchvision()
+    torch.manual_seed(0)
+    model = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=classes)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
