@@ -45,6 +45,25 @@ def shape_of(value: np.ndarray | ort.OrtValue) -> tuple[int, ...]:
     return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())
 
 
+def runner_for(session) -> Runner:
+    """The runner of a session: through I/O binding on ONNX Runtime's, with host arrays on OpenVINO's."""
+    return BoundRunner(session) if isinstance(session, ort.InferenceSession) else HostRunner(session)
+
+
+class HostRunner:
+    """Runs a session that reads host arrays only (runtimes.openvino): OrtValues and DLPack tensors are copied
+    to the host first."""
+
+    device = "cpu"
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, names: list[str], feeds: dict) -> list[np.ndarray]:
+        return self.session.run(names, {name: value if isinstance(value, np.ndarray) else as_ortvalue(value).numpy()
+                                        for name, value in feeds.items()})
+
+
 class BoundRunner:
     """Runs one session through I/O binding; safe to call from several threads (one binding per run)."""
 
@@ -101,3 +120,6 @@ class BoundRunner:
         if dtype is None or any(d is None for d in shape):
             return None
         return np.empty(shape, dtype)
+
+
+Runner = BoundRunner | HostRunner

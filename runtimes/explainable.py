@@ -17,7 +17,7 @@ import onnx
 from ..core.contract import ExplainSpec
 from ..core.errors import ExplainError
 from ..exporters.autodiff.guided import guided
-from .binding import BoundRunner
+from .binding import Runner, runner_for
 from .head import HeadRunner
 from .linear_head import HeadScores, forward_head_session, forward_model, read_linear_head
 from .session import create_session, sibling_session
@@ -29,7 +29,7 @@ class ExplainableModel:
     def __init__(self, path, provider: str = "auto", threads: int | None = None):
         self.path = path
         self.session = create_session(path, provider, threads)
-        self.runner = BoundRunner(self.session)
+        self.runner = runner_for(self.session)
         spec = ExplainSpec.from_metadata(self.session.get_modelmeta().custom_metadata_map)
         if spec is None:
             raise ExplainError(f"{path} has no gradient outputs: make it explainable first with "
@@ -75,16 +75,16 @@ class ExplainableModel:
         return self._once("head", lambda: HeadRunner(self.model, self.session, self.spec))
 
     @property
-    def scores_runner(self) -> BoundRunner:
+    def scores_runner(self) -> Runner:
         """A session computing the scores alone: ONNX Runtime runs every node of a graph whatever is fetched, so
         the explainable file would pay its backward pass on every masked batch (linear_head.forward_model)."""
-        return self._once("scores", lambda: BoundRunner(sibling_session(forward_model(self.model, self.spec),
+        return self._once("scores", lambda: runner_for(sibling_session(forward_model(self.model, self.spec),
                                                                         self.session)))
 
-    def forward_runner(self, outputs: tuple[str, ...]) -> BoundRunner:
+    def forward_runner(self, outputs: tuple[str, ...]) -> Runner:
         """A session computing the file's `outputs` from the image alone, without the backward pass that a run of the
         file pays whatever it fetches: for targets set after the outputs, whose maps the head computes."""
-        return self._once(("forward",) + tuple(outputs), lambda: BoundRunner(
+        return self._once(("forward",) + tuple(outputs), lambda: runner_for(
             sibling_session(forward_model(self.model, self.spec, list(outputs)), self.session)))
 
     @property
@@ -93,12 +93,12 @@ class ExplainableModel:
         return self._once("forward_head", lambda: forward_head_session(self.model, self.spec, self.session))
 
     @property
-    def guided_runner(self) -> BoundRunner:
+    def guided_runner(self) -> Runner:
         """A second session on the file with its ReLU masks rewritten to guided backpropagation's."""
-        def build() -> BoundRunner:
+        def build() -> Runner:
             copy = onnx.ModelProto()
             copy.CopyFrom(self.model)
-            return BoundRunner(sibling_session(guided(copy), self.session))
+            return runner_for(sibling_session(guided(copy), self.session))
 
         return self._once("guided", build)
 

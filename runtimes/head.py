@@ -12,7 +12,7 @@ import onnxruntime as ort
 from ..core.contract import ExplainSpec
 from ..core.errors import ExplainError, ExportError
 from ..exporters.head import SEED_INPUT, build_head, exposed_sources
-from .binding import BoundRunner
+from .binding import Runner, runner_for
 from .session import sibling_session
 
 
@@ -21,12 +21,12 @@ class HeadRunner:
 
     def __init__(self, model: onnx.ModelProto, session: ort.InferenceSession, spec: ExplainSpec):
         self.model, self.session, self.spec = model, session, spec
-        self._runners: dict[str, BoundRunner] = {}
+        self._runners: dict[str, Runner] = {}
         self._building = threading.Lock()  # a server's threads may ask for the same head at once
         self.inputs = exposed_sources(model, spec.activations)
         self.cuts = exposed_sources(model, spec.cuts)
 
-    def runner(self, output: str) -> BoundRunner:
+    def runner(self, output: str) -> Runner:
         """The head session for `output`, built on first use; for the scores output, the head ends at the tensor
         explained (its logits, where the output squashes them: ExplainSpec.score_tensor)."""
         if output == self.spec.scores:
@@ -36,13 +36,13 @@ class HeadRunner:
                 self._runners[output] = self._build(output)
         return self._runners[output]
 
-    def _build(self, output: str) -> BoundRunner:
+    def _build(self, output: str) -> Runner:
         try:
             head = build_head(self.model, self.inputs, self.cuts, output)
         except ExportError as error:
             raise ExplainError(f"cannot explain output '{output}': {error.message}") from None
         del head.graph.value_info[:]  # the forward graph's sizes name its batch; the head's batch is the maps
-        return BoundRunner(sibling_session(head, self.session))
+        return runner_for(sibling_session(head, self.session))
 
     def gradients(self, output: str, activations: list[np.ndarray], cuts: list[np.ndarray],
                   image_index: np.ndarray, seeds: np.ndarray) -> list[np.ndarray]:

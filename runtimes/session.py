@@ -15,6 +15,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NoKern
 
 from ..core.errors import ProviderError
 from ..exporters.precision import float32_edges, float32_twin, has_bfloat16
+from .openvino import OpenVinoSession
 
 log = logging.getLogger("onnxcam")
 
@@ -27,15 +28,21 @@ _QUIET, _DEFAULT = 4, 2  # ORT logger severities: fatal only, and ORT's own defa
 
 
 def create_session(path, provider: str = "auto", threads: int | None = None,
-                   extensions: bool = False) -> ort.InferenceSession:
-    """A session on `provider`: 'cpu', 'cuda', or 'auto' (CUDA only where it really loads, else CPU).
+                   extensions: bool = False) -> ort.InferenceSession | OpenVinoSession:
+    """A session on `provider`: 'cpu', 'cuda', 'auto' (CUDA only where it really loads, else CPU), or 'openvino'
+    (the OpenVINO runtime on the CPU, behind the same interface: runtimes.openvino).
 
     ORT falls back to CPU by itself when the CUDA libraries are missing, printing errors as it goes;
     the attempt here is made with its logger silenced, and the outcome is told in one log line.
     `extensions` registers onnxruntime-extensions' operators (needed by bundles).
     """
-    if provider not in ("auto", *PROVIDERS):
-        raise ProviderError(f"unknown provider '{provider}'; choose auto, cpu or cuda")
+    if provider not in ("auto", *PROVIDERS, "openvino"):
+        raise ProviderError(f"unknown provider '{provider}'; choose auto, cpu, cuda or openvino")
+    if provider == "openvino":
+        if extensions:
+            raise ProviderError("OpenVINO cannot run a bundle (its DecodeImage is onnxruntime-extensions' operator): "
+                                "give it the explainable file")
+        return OpenVinoSession(path, threads)
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -67,9 +74,11 @@ def create_session(path, provider: str = "auto", threads: int | None = None,
     return session or _open(path, options, [PROVIDERS["cpu"]])
 
 
-def sibling_session(model: onnx.ModelProto, like: ort.InferenceSession) -> ort.InferenceSession:
+def sibling_session(model: onnx.ModelProto, like: ort.InferenceSession | OpenVinoSession):
     """A session on an in-memory model derived from `like`'s file (a head, a forward part, a guided copy), on
-    the same providers with the same threads."""
+    the same runtime and providers with the same threads."""
+    if isinstance(like, OpenVinoSession):
+        return like.sibling(model)
     options = ort.SessionOptions()
     options.intra_op_num_threads = like.get_session_options().intra_op_num_threads
     options.add_session_config_entry(*NO_SPINNING)
