@@ -27,7 +27,7 @@ from .speed import time_methods
 from .targets import LAYOUTS as DETECTION_LAYOUTS
 from .targets import from_options
 
-PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+PROVIDER_CHOICES = ("auto", "cpu", "cuda", "openvino")
 EXPORT_TASKS = ("classify", "segment", "detect")
 # the flag of each keyword argument that errors name (OnnxcamError.option)
 FLAGS = {"save": "--save", "layers": "--layer", "layouts": "--layout", "mean": "--mean", "std": "--std",
@@ -78,7 +78,8 @@ def _options(*options):
 
 
 provider_option = click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES),
-                                help="Where the sessions run: cpu, cuda, or auto (CUDA where it really loads).")
+                                help="Where the sessions run: cpu, cuda, auto (CUDA where it really loads), or "
+                                "openvino (the OpenVINO runtime, on the CPU).")
 method_option = click.option("--method", default="gradcam", show_default=True, type=click.Choice(list(METHODS)),
                              help="The method (see the method table in the documentation).")
 image_input_options = _options(

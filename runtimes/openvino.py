@@ -70,7 +70,9 @@ class OpenVinoSession:
             model = core.read_model(source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source))
             self._compiled = core.compile_model(_unshared_constants(model, ov), "CPU", config)
         except RuntimeError as error:
-            raise ProviderError(f"OpenVINO cannot run this model: {_first_line(error)}") from None
+            what = "a part of the file derived for this method (a head, the forward part, the guided copy)" \
+                if isinstance(source, onnx.ModelProto) else str(source)
+            raise ProviderError(f"OpenVINO cannot run {what}: {_reason(error)}") from None
         self._ports = {o.name: self._compiled.output(o.name) for o in self._outputs}
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -95,9 +97,11 @@ class OpenVinoSession:
             request = self._compiled.create_infer_request()
         try:
             results = request.infer(feeds, share_inputs=True)  # outputs are copied out of the request
-            return [results[self._ports[name]] for name in names or self._ports]
+        except RuntimeError as error:
+            raise ProviderError(f"OpenVINO failed to run: {_reason(error)}") from None
         finally:
             self._requests.put(request)
+        return [results[self._ports[name]] for name in names or self._ports]
 
 
 def _unshared_constants(model, ov):
@@ -113,5 +117,8 @@ def _unshared_constants(model, ov):
     return model
 
 
-def _first_line(error: Exception) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+def _reason(error: RuntimeError) -> str:
+    """The line of OpenVINO's many that says what failed: the operators it cannot convert, where it names them."""
+    lines = [line.strip(" -") for line in str(error).splitlines()
+             if line.strip() and not line.startswith(("Exception from", "Check ", "To facilitate"))]
+    return next((line for line in lines if "operation" in line.lower()), lines[-1] if lines else "no reason given")
