@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -43,19 +44,21 @@ def _info(value: onnx.ValueInfoProto) -> TensorInfo:
     return TensorInfo(value.name, shape, f"tensor({kind})")
 
 
-def _ov():
+@cache
+def _core():
+    """OpenVINO's module and its Core, one per process (it loads the CPU plugin once; it compiles from any thread)."""
     try:
         import openvino
     except ImportError:
         raise ProviderError(f"the openvino provider needs the OpenVINO runtime: {INSTALL}") from None
-    return openvino
+    return openvino, openvino.Core()
 
 
 class OpenVinoSession:
     """An ONNX file or in-memory model compiled by OpenVINO for its CPU, `threads` threads (None: its default)."""
 
     def __init__(self, source: str | Path | onnx.ModelProto, threads: int | None = None):
-        ov = _ov()
+        ov, core = _core()
         graph = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source), load_external_data=False)
         self.threads = threads
         initialisers = {t.name for t in graph.graph.initializer}
@@ -65,7 +68,6 @@ class OpenVinoSession:
         config = {"INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        core = ov.Core()
         try:
             model = core.read_model(source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source))
             self._compiled = core.compile_model(_unshared_constants(model, ov), "CPU", config)
