@@ -71,11 +71,11 @@ class OpenVinoSession:
         try:
             model = core.read_model(source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source))
             self._compiled = core.compile_model(_unshared_constants(model, ov), "CPU", config)
+            self._ports = {o.name: self._compiled.output(o.name) for o in self._outputs}  # by ONNX name
         except RuntimeError as error:
             what = "a part of the file derived for this method (a head, the forward part, the guided copy)" \
                 if isinstance(source, onnx.ModelProto) else str(source)
             raise ProviderError(f"OpenVINO cannot run {what}: {_reason(error)}") from None
-        self._ports = {o.name: self._compiled.output(o.name) for o in self._outputs}
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
 
     def get_inputs(self) -> list[TensorInfo]:

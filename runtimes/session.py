@@ -74,7 +74,8 @@ def create_session(path, provider: str = "auto", threads: int | None = None,
     return session or _open(path, options, [PROVIDERS["cpu"]])
 
 
-def sibling_session(model: onnx.ModelProto, like: ort.InferenceSession | OpenVinoSession):
+def sibling_session(model: onnx.ModelProto,
+                    like: ort.InferenceSession | OpenVinoSession) -> ort.InferenceSession | OpenVinoSession:
     """A session on an in-memory model derived from `like`'s file (a head, a forward part, a guided copy), on
     the same runtime and providers with the same threads."""
     if isinstance(like, OpenVinoSession):

@@ -15,9 +15,10 @@ from conftest import random_images, run_cli
 from support.zoo_transformers import vit
 
 import onnxcam
-from onnxcam.core.errors import ExplainError
+from onnxcam.core.errors import ExplainError, ProviderError
 from onnxcam.exporters import export_torch
 from onnxcam.methods import METHODS
+from onnxcam.runtimes import create_session
 from onnxcam.targets import Classes, Contrast, Similarity
 
 pytest.importorskip("openvino")
@@ -114,6 +115,15 @@ def test_pretrained_efficientnet_gradcam():
     _same(pair.openvino.explain(images, "gradcam"), pair.ort.explain(images, "gradcam"))
 
 
+def test_ortvalues_and_dlpack_tensors_are_read_from_the_host(cnn):
+    import onnxruntime as ort
+    import torch
+
+    expected = cnn.ort.explain(_batch(), "gradcam")
+    for batch in (ort.OrtValue.ortvalue_from_numpy(_batch()), torch.from_numpy(_batch())):
+        _same(cnn.openvino.explain(batch, "gradcam"), expected)
+
+
 def test_threads_share_one_session(cnn):
     """A server's threads call one explainer at once: each run has its own infer request."""
     batches = [_batch(seed) for seed in range(8)]
@@ -150,6 +160,22 @@ def test_cli_explains_on_openvino(cnn, tmp_path):
     for i in range(BATCH):
         got, expected = (np.load(next((tmp_path / p).rglob(f"{i}*.npy"))) for p in ("openvino", "cpu"))
         np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), atol=1e-3)  # float16 files
+
+
+def test_what_openvino_cannot_run_is_refused_in_one_line(cnn, tmp_path):
+    from onnx import TensorProto, helper, save
+
+    with pytest.raises(ProviderError, match="OpenVINO cannot run a bundle"):
+        create_session(cnn.path, "openvino", extensions=True)
+    graph = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="ai.example")], "unknown",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.example", 1)],
+                           ir_version=9), tmp_path / "unknown.onnx")
+    with pytest.raises(ProviderError) as refusal:
+        create_session(tmp_path / "unknown.onnx", "openvino")
+    assert str(refusal.value).endswith("No conversion rule found for operations: ai.example.Frobnicate")
+    assert "\n" not in str(refusal.value)
 
 
 def test_a_bad_provider_is_refused_in_one_line(cnn, tmp_path):
