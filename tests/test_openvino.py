@@ -176,6 +176,14 @@ def test_what_openvino_cannot_run_is_refused_in_one_line(cnn, tmp_path):
         create_session(tmp_path / "unknown.onnx", "openvino")
     assert str(refusal.value).endswith("No conversion rule found for operations: ai.example.Frobnicate")
     assert "\n" not in str(refusal.value)
+    graph = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "scale"], ["q"]),
+                               helper.make_node("DequantizeLinear", ["q", "scale"], ["y"])], "quantized",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor("scale", TensorProto.FLOAT, [], [0.1])])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), tmp_path / "int8.onnx")
+    with pytest.raises(ProviderError, match="quantized models .* has QuantizeLinear; explain it with provider cpu"):
+        create_session(tmp_path / "int8.onnx", "openvino")
 
 
 def test_a_bad_provider_is_refused_in_one_line(cnn, tmp_path):
