@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from conftest import random_images, run_cli
 from support.zoo_transformers import vit
+from test_foreign import ENTRIES, FOREIGN
 
 import onnxcam
 from onnxcam.core.errors import ExplainError, ProviderError
-from onnxcam.exporters import export_torch
+from onnxcam.exporters import export_onnx, export_torch
 from onnxcam.methods import METHODS
 from onnxcam.runtimes import create_session
 from onnxcam.targets import Classes, Contrast, Similarity
@@ -113,6 +114,27 @@ def test_pretrained_efficientnet_gradcam():
     pair = Pair(demo_model(cache_dir()))
     images = random_images(BATCH, seed=3, size=(120, 160))
     _same(pair.openvino.explain(images, "gradcam"), pair.ort.explain(images, "gradcam"))
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[entry["name"] for entry in ENTRIES])
+def test_foreign_files_run_as_on_onnx_runtime_or_are_refused(entry, tmp_path):
+    """The foreign corpus (other exporters' graphs: Hugging Face, Keras, Paddle, float16, int8, bfloat16): the file's
+    scores, activations and gradients, of which every method is a function, are ONNX Runtime's; a float16 file's
+    within float16's precision (ONNX Runtime computes some of it in float16, OpenVINO in float32). Quantized and
+    bfloat16 files are refused in one line."""
+    size = tuple(entry["size"]) if entry["spatial"] != "static" else None
+    path = tmp_path / "explainable.onnx"
+    spec = export_onnx(FOREIGN / entry["name"], path, input_size=size)
+    if any(kind in entry["name"] for kind in ("_int8", "_bf16")):
+        with pytest.raises(ProviderError, match="^OpenVINO [^\n]*$"):
+            onnxcam.Explainer(path, provider="openvino")
+        return
+    pair = Pair(path)
+    names = [spec.scores, *spec.activations, *spec.gradients]
+    feeds = {spec.input: pair.ort.prepare(random_images(BATCH, seed=5)), spec.class_input: np.full(BATCH, -1, np.int64)}
+    for expected, got in zip(pair.ort.model.runner.run(names, feeds), pair.openvino.model.runner.run(names, feeds)):
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(got, expected, atol=(2e-3 if "_fp16" in entry["name"] else TOLERANCE) * scale)
 
 
 def test_ortvalues_and_dlpack_tensors_are_read_from_the_host(cnn):
