@@ -1,4 +1,4 @@
-"""Sessions, providers, I/O binding and bundles: running explainable files on ONNX Runtime."""
+"""Sessions, providers, I/O binding and bundles: running explainable files on ONNX Runtime (or OpenVINO)."""
 
 from ..core.errors import ProviderError
 from .bundle import Bundle

@@ -1,4 +1,4 @@
-"""An explainable file on ONNX Runtime: its contract, its session, and the sessions methods derive from it.
+"""An explainable file on ONNX Runtime (or OpenVINO): its contract, its session, the sessions methods derive from it.
 
 The file is read from disk once. The derived sessions (the head of each output explained, the forward part that
 the perturbation methods run, the forward head of Ablation-CAM, the guided copy) are built on first use and

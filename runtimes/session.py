@@ -1,4 +1,5 @@
-"""ONNX Runtime sessions and the choice of execution provider."""
+"""ONNX Runtime sessions and the choice of execution provider; provider 'openvino' gives an OpenVINO session behind
+the same interface (runtimes.openvino)."""
 
 from __future__ import annotations
 
