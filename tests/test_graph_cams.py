@@ -5,6 +5,7 @@ gives the same maps from the same file."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -27,13 +28,14 @@ NODE = Path(__file__).parent / "node"
 TOLERANCE = 1e-5
 
 
-def _in_graph_and_numpy(path, images, method: str, classes=None):
+def _in_graph_and_numpy(path, images, method: str, classes=None, provider: str = "cpu"):
+    """The file's in-graph heatmaps on `provider`, and the numpy core's of the same classes (on ONNX Runtime)."""
     explainer = onnxcam.Explainer(path, provider="cpu")
     batch = explainer.prepare(images)
     requested = np.full(len(batch), -1, np.int64) if classes is None else np.asarray(classes, np.int64)
-    heatmaps, selected = explainer.model.runner.run([HEATMAPS_OUTPUT, explainer.spec.selected],
-                                                    {explainer.spec.input: batch,
-                                                     explainer.spec.class_input: requested})
+    runner = (explainer if provider == "cpu" else onnxcam.Explainer(path, provider=provider)).model.runner
+    heatmaps, selected = runner.run([HEATMAPS_OUTPUT, explainer.spec.selected],
+                                    {explainer.spec.input: batch, explainer.spec.class_input: requested})
     reference = explainer.explain(batch, method, targets=[int(c) for c in selected])
     return heatmaps, reference.heatmaps, batch
 
@@ -42,15 +44,18 @@ def test_every_in_graph_cam_is_a_registered_method():
     assert set(GRAPH_CAMS) <= set(METHODS)
 
 
+@pytest.mark.parametrize("provider", ["cpu", pytest.param("openvino", marks=pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="openvino is not installed"))])
 @pytest.mark.parametrize("method", list(GRAPH_CAMS))
-def test_in_graph_heatmaps_equal_the_numpy_core(method, tmp_path):
-    """Two target layers (a map at 32 x 32 and one at 8 x 8): each layer's map, upsampled, scaled, then averaged."""
+def test_in_graph_heatmaps_equal_the_numpy_core(method, provider, tmp_path):
+    """Two target layers (a map at 32 x 32 and one at 8 x 8): each layer's map, upsampled, scaled, then averaged;
+    the file run on ONNX Runtime and on OpenVINO (another runtime, no onnxcam code in the graph's run)."""
     path = tmp_path / "model.onnx"
     spec = export_torch(small_net(), path, input_shape=(3, 32, 32), layers=["features.2", "features.8"],
                         heatmaps=method)
     assert spec.heatmaps == method
     images = np.random.default_rng(0).standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
-    in_graph, numpy_maps, _ = _in_graph_and_numpy(path, images, method, classes=[-1, 0, 4])
+    in_graph, numpy_maps, _ = _in_graph_and_numpy(path, images, method, classes=[-1, 0, 4], provider=provider)
     assert in_graph.shape == (BATCH, 32, 32) and np.ptp(numpy_maps, axis=(1, 2)).min() > 0
     np.testing.assert_allclose(in_graph, numpy_maps, atol=TOLERANCE)
 
