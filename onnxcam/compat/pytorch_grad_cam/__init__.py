@@ -1,0 +1,34 @@
+"""pytorch-grad-cam 1.5's public surface on onnxcam: change `from pytorch_grad_cam import ...` to
+`from onnxcam.compat.pytorch_grad_cam import ...`; the model and its target layers are exported once per input
+shape (cached in memory and on disk) and explained on ONNX Runtime; `cam.onnx_path` is the explainable file."""
+
+from . import utils
+from .base_cam import BaseCAM
+from .cams import (
+    FEM,
+    KPCA_CAM,
+    SESS,
+    AblationCAM,
+    DeepFeatureFactorization,
+    EigenCAM,
+    EigenGradCAM,
+    FinerCAM,
+    FullGrad,
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    GuidedBackpropReLUModel,
+    HiResCAM,
+    LayerCAM,
+    RandomCAM,
+    RefineCAM,
+    ScoreCAM,
+    SegEigenCAM,
+    ShapleyCAM,
+    XGradCAM,
+)
+
+__all__ = ["FEM", "KPCA_CAM", "SESS", "AblationCAM", "BaseCAM", "DeepFeatureFactorization", "EigenCAM", "EigenGradCAM",
+           "FinerCAM", "FullGrad", "GradCAM", "GradCAMElementWise", "GradCAMPlusPlus", "GuidedBackpropReLUModel",
+           "HiResCAM", "LayerCAM", "RandomCAM", "RefineCAM", "ScoreCAM", "SegEigenCAM", "ShapleyCAM", "XGradCAM",
+           "utils"]

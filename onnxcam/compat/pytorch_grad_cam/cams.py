@@ -1,0 +1,212 @@
+"""pytorch-grad-cam's CAM classes on BaseCAM: each says how a layer's activations (and gradients) weigh into its map,
+as its pytorch-grad-cam namesake does (the epsilons and the SVD's sign included)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...core import methods as formulas
+from ...core.errors import ExplainError
+from .base_cam import BaseCAM, _as_batch
+from .utils.model_targets import FinerWeightedTarget
+from .utils.svd_on_activations import get_2d_projection, get_2d_projection_kernel
+
+
+class GradCAM(BaseCAM):
+    def __init__(self, model, target_layers, reshape_transform=None):
+        super().__init__(model, target_layers, reshape_transform)
+
+    def get_cam_weights(self, input_tensor, target_layer, target_category, activations, grads):
+        return formulas.gradcam_weights(activations, grads)
+
+
+class GradCAMPlusPlus(GradCAM):
+    def get_cam_weights(self, input_tensor, target_layers, target_category, activations, grads):
+        """Grad-CAM++'s weights with pytorch-grad-cam's epsilon of 1e-6 in alpha's denominator."""
+        squared = grads ** 2
+        totals = activations.sum(axis=(2, 3), keepdims=True)
+        alpha = np.where(grads != 0, squared / (2 * squared + totals * squared * grads + 1e-6), 0)
+        return (np.maximum(grads, 0) * alpha).sum(axis=(2, 3))
+
+
+class XGradCAM(GradCAM):
+    def get_cam_weights(self, input_tensor, target_layer, target_category, activations, grads):
+        """XGrad-CAM's weights with pytorch-grad-cam's epsilon of 1e-7 beside each channel's sum."""
+        return (grads * activations / (activations.sum(axis=(2, 3), keepdims=True) + 1e-7)).sum(axis=(2, 3))
+
+
+class RandomCAM(GradCAM):
+    def get_cam_weights(self, input_tensor, target_layer, target_category, activations, grads):
+        return np.random.uniform(-1, 1, size=(grads.shape[0], grads.shape[1]))
+
+
+class _ElementWise(GradCAM):
+    """A CAM whose map sums per-element terms of the activations and gradients (`terms`)."""
+
+    @staticmethod
+    def terms(activations, grads):
+        raise NotImplementedError
+
+    def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth=False):
+        terms = self.terms(activations, grads)
+        return get_2d_projection(terms) if eigen_smooth else terms.sum(axis=1)
+
+
+class HiResCAM(_ElementWise):
+    @staticmethod
+    def terms(activations, grads):
+        return grads * activations
+
+
+class GradCAMElementWise(_ElementWise):
+    @staticmethod
+    def terms(activations, grads):
+        return np.maximum(grads * activations, 0)
+
+
+class LayerCAM(_ElementWise):
+    @staticmethod
+    def terms(activations, grads):
+        return np.maximum(grads, 0) * activations
+
+
+class EigenGradCAM(GradCAM):
+    def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth=False):
+        return get_2d_projection(grads * activations)
+
+
+class _Agnostic(BaseCAM):
+    """A CAM of the activations alone: the file's forward part runs, without its backward pass."""
+
+    def __init__(self, model, target_layers, reshape_transform=None):
+        super().__init__(model, target_layers, reshape_transform, uses_gradients=False)
+
+
+class EigenCAM(_Agnostic):
+    def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth=False):
+        return get_2d_projection(activations)
+
+
+class KPCA_CAM(_Agnostic):  # noqa: N801 - pytorch-grad-cam's name
+    def __init__(self, model, target_layers, reshape_transform=None, kernel="sigmoid", gamma=None):
+        super().__init__(model, target_layers, reshape_transform)
+        self.kernel, self.gamma = kernel, gamma
+
+    def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth=False):
+        return get_2d_projection_kernel(activations, self.kernel, self.gamma)
+
+
+class FEM(_Agnostic):
+    def __init__(self, model, target_layers, reshape_transform=None, k=2):
+        super().__init__(model, target_layers, reshape_transform)
+        self.k = k
+
+    def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth=False):
+        return formulas.fem(activations, k=self.k)
+
+
+class ScoreCAM(_Agnostic):
+    """Score-CAM as pytorch-grad-cam computes it: each channel, upsampled (align_corners) and min-max scaled, masks
+    the image; the softmax over channels of the targets' scores on the masked images weighs the channels. The
+    masked images run through the file's forward part, `batch_size` at a time."""
+
+    batch_size = 16
+
+    def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
+        upsampled = F.interpolate(torch.from_numpy(activations), size=input_tensor.shape[-2:], mode="bilinear",
+                                  align_corners=True).numpy()
+        flat = upsampled.reshape(*upsampled.shape[:2], -1)
+        low, high = flat.min(axis=-1)[..., None, None], flat.max(axis=-1)[..., None, None]
+        masks = (upsampled - low) / (high - low + 1e-8)
+        spec = self.explainable.spec
+        runner = self.explainable.scores_runner
+        scores = []
+        for target, image, image_masks in zip(targets, input_tensor, masks, strict=True):
+            masked = image[None] * image_masks[:, None]
+            for start in range(0, len(masked), self.batch_size):
+                (outputs,) = runner.run([spec.score_tensor], {spec.input: masked[start:start + self.batch_size]})
+                with torch.no_grad():
+                    scores.extend(float(target(torch.from_numpy(o))) for o in outputs)
+        return torch.softmax(torch.tensor(scores).view(activations.shape[:2]), dim=-1).numpy()
+
+
+class FinerCAM:
+    """Finer-CAM (arXiv 2501.11309) around a base CAM: each image's target class against the classes ranked
+    `comparison_categories` by closeness of score (FinerWeightedTarget)."""
+
+    def __init__(self, model, target_layers, reshape_transform=None, base_method=GradCAM):
+        self.base_cam = base_method(model, target_layers, reshape_transform)
+        self.compute_input_gradient = self.base_cam.compute_input_gradient
+        self.uses_gradients = self.base_cam.uses_gradients
+
+    @property
+    def onnx_path(self):
+        return self.base_cam.onnx_path
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, input_tensor, targets=None, eigen_smooth=False, alpha=1, comparison_categories=None,
+                target_idx=None):
+        if targets is None:
+            batch = _as_batch(input_tensor)
+            model = self.base_cam._model_file(batch.shape[1:])
+            spec = model.spec
+            (scores,) = model.scores_runner.run([spec.score_tensor], {spec.input: batch})
+            count = scores.shape[-1]
+            ranks = list((1, 2, 3)[:max(count - 1, 0)]) if comparison_categories is None \
+                else [r for r in comparison_categories if r < count]
+            chosen = scores.max(axis=-1) if target_idx is None else scores[:, target_idx]
+            order = np.argsort(np.abs(scores - chosen[:, None]), axis=-1)
+            targets = [FinerWeightedTarget(int(row[0]), [int(row[r]) for r in ranks], alpha) for row in order]
+        return self.base_cam.forward(input_tensor, targets, eigen_smooth)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_value, exc_tb):
+        return None
+
+
+class _Refused:
+    """A pytorch-grad-cam class that onnxcam.compat does not offer: refused in one line at construction."""
+
+    reason = ""
+
+    def __init__(self, *args, **kwargs):
+        raise ExplainError(f"{type(self).__name__} is not offered by onnxcam.compat: {self.reason}; use "
+                           f"pytorch-grad-cam itself for it")
+
+
+class AblationCAM(_Refused):
+    reason = "its ablation layers rewrite the model between forward passes"
+
+
+class FullGrad(_Refused):
+    reason = "it needs the gradients of every bias in the network"
+
+
+class ShapleyCAM(_Refused):
+    reason = "it needs Hessian-vector products"
+
+
+class SESS(_Refused):
+    reason = "its scale search calls the model on crops of many sizes"
+
+
+class RefineCAM(_Refused):
+    reason = "not yet mapped"
+
+
+class SegEigenCAM(_Refused):
+    reason = "not yet mapped"
+
+
+class GuidedBackpropReLUModel(_Refused):
+    reason = "it swaps the model's ReLUs (onnxcam's guided-backprop method needs an export with input gradients)"
+
+
+class DeepFeatureFactorization(_Refused):
+    reason = "not yet mapped"

@@ -1,0 +1,129 @@
+"""The explainable files behind the compat CAMs: one per model weights, target layers, their layouts and input shape,
+exported on first use and kept in memory and on disk (`ONNXCAM_CACHE`, else ~/.cache/onnxcam/compat), so that a new
+CAM object or a restarted process finds it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...core.errors import ExportError
+from ...core.layouts import MAX_PREFIX, to_grid
+from ...exporters import export_torch
+from ...runtimes.explainable import ExplainableModel
+
+FORMAT = "1"  # bumped when what a cached file holds changes
+_LOADED: dict[tuple[str, str], ExplainableModel] = {}  # (key, provider) -> the file's sessions
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ONNXCAM_CACHE") or Path.home() / ".cache" / "onnxcam" / "compat")
+
+
+def layer_names(model: torch.nn.Module, target_layers) -> list[str]:
+    """The module names of `target_layers` (modules of `model`, as pytorch-grad-cam takes them)."""
+    names = {id(module): name for name, module in model.named_modules() if name}
+    missing = [type(layer).__name__ for layer in target_layers if id(layer) not in names]
+    if missing or not target_layers:
+        raise ExportError(f"target_layers must be submodules of the model; {missing[0] if missing else 'none'} "
+                          f"{'is not one' if missing else 'given'}")
+    return [names[id(layer)] for layer in target_layers]
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 of the model's class, parameter and buffer names, shapes, types and values."""
+    digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def version_stamp(model: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place (an optimiser step, load_state_dict):
+    torch counts in-place writes per tensor. Cheap, unlike hashing the weights."""
+    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+def recognised_layout(reshape_transform, shape: tuple[int, ...]) -> str | None:
+    """The onnxcam layout that `reshape_transform` computes on a target of this shape (a ViT's CLS token dropped and
+    tokens laid on their grid, a Swin stage's channels moved first), or None: the transform applied to a tensor of
+    distinct values is compared with each candidate layout's grid."""
+    if reshape_transform is None:
+        return "nchw" if len(shape) == 4 else None
+    values = torch.arange(int(np.prod(shape)), dtype=torch.float64).reshape(shape)
+    try:
+        moved = reshape_transform(values)
+    except Exception:  # noqa: BLE001 - any failure: the transform is not one of the layouts
+        return None
+    if not isinstance(moved, torch.Tensor) or moved.ndim != 4:
+        return None
+    candidates = ["nchw", "nhwc"] if len(shape) == 4 else \
+        [f"tokens:{p}:{moved.shape[2]}x{moved.shape[3]}" for p in range(MAX_PREFIX + 1)] if len(shape) == 3 else []
+    for layout in candidates:
+        try:
+            grid = to_grid(values.numpy(), layout)
+        except ValueError:
+            continue
+        if grid.shape == tuple(moved.shape) and np.array_equal(grid, moved.numpy()):
+            return layout
+    return None
+
+
+def target_shapes(model: torch.nn.Module, modules: list, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The output shapes of `modules` on a batch of two images of `input_shape` (C x H x W)."""
+    shapes: dict[int, tuple] = {}
+
+    def keeper(k):
+        def keep(module, args, output):
+            shapes.setdefault(k, tuple(output.shape))
+        return keep
+
+    handles = [m.register_forward_hook(keeper(k)) for k, m in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape, dtype=next(model.parameters()).dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [shapes[k] for k in range(len(modules))]
+
+
+def explainable(model: torch.nn.Module, target_layers, reshape_transform, input_shape: tuple[int, ...],
+                provider: str, weights: str) -> ExplainableModel:
+    """The sessions of the explainable file of `model` (its weights hashed as `weights`) at these target layers and
+    this input shape: from memory, else from the disk cache, else exported there now. The layouts the file records
+    are those `reshape_transform` computes (found by a forward pass), else guessed; nchw without one."""
+    names = layer_names(model, target_layers)
+    layouts = ("nchw",) * len(names) if reshape_transform is None else tuple(
+        recognised_layout(reshape_transform, shape) for shape in target_shapes(model, target_layers, input_shape))
+    key = hashlib.sha256(repr((FORMAT, weights, names, tuple(input_shape), layouts)).encode()).hexdigest()[:32]
+    if (key, provider) in _LOADED:
+        return _LOADED[(key, provider)]
+    path = cache_dir() / f"{key}.explain.onnx"
+    if not path.exists():
+        _export(model, target_layers, names, reshape_transform is None, input_shape, path, layouts)
+    _LOADED[(key, provider)] = loaded = ExplainableModel(path, provider)
+    return loaded
+
+
+def _export(model, target_layers, names, plain: bool, input_shape, path: Path, layouts) -> None:
+    """Export to a temporary file beside `path`, then rename it there (a second process never reads half a file).
+    Without a reshape_transform (`plain`) every target must be B x C x H x W, as pytorch-grad-cam needs."""
+    if plain:
+        for name, shape in zip(names, target_shapes(model, target_layers, input_shape), strict=True):
+            if len(shape) != 4:
+                raise ExportError(f"target layer {name} outputs a tensor of shape {list(shape)}, not B x C x H x W: "
+                                  f"give a reshape_transform, as pytorch-grad-cam needs")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as folder:
+        partial = Path(folder) / path.name
+        export_torch(model, partial, input_shape=input_shape, layers=names,
+                     layouts=list(layouts) if None not in layouts else None, explain_probabilities=True)
+        os.replace(partial, path)
