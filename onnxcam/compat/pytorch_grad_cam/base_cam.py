@@ -44,6 +44,7 @@ class BaseCAM:
         self.explainable = None  # the file's sessions, for the last call's input shape
         self.outputs = None
         self._weights: tuple[tuple, str] | None = None  # (version stamp, weights hash)
+        self._files: dict[tuple, object] = {}  # (input shape, weights hash) -> the file's sessions
 
     @property
     def onnx_path(self):
@@ -52,12 +53,16 @@ class BaseCAM:
         return None if self.explainable is None else self.explainable.path
 
     def _model_file(self, input_shape: tuple[int, ...]):
-        """The file for this input shape, its weights re-hashed only after they were changed in place."""
+        """The file for this input shape, its weights re-hashed only after they were changed in place. Its target
+        layers are in the order they run, the order in which pytorch-grad-cam pairs layers and activations."""
         stamp = exports.version_stamp(self.model)
         if self._weights is None or self._weights[0] != stamp:
             self._weights = (stamp, exports.weights_hash(self.model))
-        self.explainable = exports.explainable(self.model, self.target_layers, self.reshape_transform, input_shape,
-                                               self.provider, self._weights[1])
+        key = (tuple(input_shape), self._weights[1])
+        if key not in self._files:
+            self._files[key] = exports.explainable(self.model, self.target_layers, self.reshape_transform,
+                                                   input_shape, self.provider, self._weights[1])
+        self.explainable = self._files[key]
         return self.explainable
 
     def get_cam_weights(self, input_tensor, target_layers, targets, activations, grads) -> np.ndarray:
@@ -114,7 +119,15 @@ class BaseCAM:
         """A layer's tensor through reshape_transform (applied by torch, as pytorch-grad-cam applies it)."""
         if self.reshape_transform is None:
             return tensor
-        return np.ascontiguousarray(self.reshape_transform(torch.from_numpy(tensor)).numpy())
+        try:
+            grid = self.reshape_transform(torch.from_numpy(tensor))
+        except Exception as error:  # noqa: BLE001 - any failure of the user's callable is told in one line
+            raise ExplainError(f"reshape_transform fails on the target layer's output of shape {list(tensor.shape)}: "
+                               f"{_first_line(error)}") from None
+        if not isinstance(grid, torch.Tensor) or grid.ndim != 4:
+            raise ExplainError(f"reshape_transform must return a B x C x H x W tensor, not "
+                               f"{list(getattr(grid, 'shape', [])) or type(grid).__name__}")
+        return np.ascontiguousarray(grid.numpy())
 
     def forward_augmentation_smoothing(self, input_tensor, targets, eigen_smooth: bool = False) -> np.ndarray:
         """aug_smooth: the maps of the batch unflipped and flipped, times 0.9, 1 and 1.1, all six in one run, each
@@ -166,7 +179,7 @@ def _seed(target, output: np.ndarray) -> np.ndarray:
         score = target(value)
     except Exception as error:  # noqa: BLE001 - any failure of the user's callable is told in one line
         raise ExplainError(f"target {name} cannot be computed on the model's output of shape {list(output.shape)}: "
-                           f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+                           f"{_first_line(error)}") from None
     if not isinstance(score, torch.Tensor) or score.numel() != 1:
         raise ExplainError(f"target {name} must return one score per image (a tensor of one element), not "
                            f"{type(score).__name__} {list(getattr(score, 'shape', []))}")
@@ -174,3 +187,7 @@ def _seed(target, output: np.ndarray) -> np.ndarray:
         raise ExplainError(f"target {name}'s score does not depend on the model's output through torch operations")
     (gradient,) = torch.autograd.grad(score.sum(), value)
     return gradient.numpy()
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__

@@ -76,13 +76,14 @@ def recognised_layout(reshape_transform, shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def target_shapes(model: torch.nn.Module, modules: list, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """The output shapes of `modules` on a batch of two images of `input_shape` (C x H x W)."""
-    shapes: dict[int, tuple] = {}
+def forward_order(model: torch.nn.Module, modules: list, input_shape: tuple[int, ...]) -> list[tuple[int, tuple]]:
+    """(index in `modules`, output shape) of each module, in the order their forward passes finish on a batch of two
+    images of `input_shape` (C x H x W): the order in which pytorch-grad-cam collects, and pairs, the activations."""
+    finished: dict[int, tuple] = {}
 
     def keeper(k):
         def keep(module, args, output):
-            shapes.setdefault(k, tuple(output.shape))
+            finished.setdefault(k, tuple(output.shape))
         return keep
 
     handles = [m.register_forward_hook(keeper(k)) for k, m in enumerate(modules)]
@@ -92,35 +93,37 @@ def target_shapes(model: torch.nn.Module, modules: list, input_shape: tuple[int,
     finally:
         for handle in handles:
             handle.remove()
-    return [shapes[k] for k in range(len(modules))]
+    return list(finished.items())
 
 
 def explainable(model: torch.nn.Module, target_layers, reshape_transform, input_shape: tuple[int, ...],
                 provider: str, weights: str) -> ExplainableModel:
-    """The sessions of the explainable file of `model` (its weights hashed as `weights`) at these target layers and
-    this input shape: from memory, else from the disk cache, else exported there now. The layouts the file records
-    are those `reshape_transform` computes (found by a forward pass), else guessed; nchw without one."""
+    """The sessions of the explainable file of `model` (its weights hashed as `weights`) at these target layers (in
+    the order they run) and this input shape: from memory, else from the disk cache, else exported there now. The
+    layouts the file records are those `reshape_transform` computes, else guessed; nchw without one."""
     names = layer_names(model, target_layers)
-    layouts = ("nchw",) * len(names) if reshape_transform is None else tuple(
-        recognised_layout(reshape_transform, shape) for shape in target_shapes(model, target_layers, input_shape))
-    key = hashlib.sha256(repr((FORMAT, weights, names, tuple(input_shape), layouts)).encode()).hexdigest()[:32]
-    if (key, provider) in _LOADED:
-        return _LOADED[(key, provider)]
-    path = cache_dir() / f"{key}.explain.onnx"
-    if not path.exists():
-        _export(model, target_layers, names, reshape_transform is None, input_shape, path, layouts)
-    _LOADED[(key, provider)] = loaded = ExplainableModel(path, provider)
-    return loaded
-
-
-def _export(model, target_layers, names, plain: bool, input_shape, path: Path, layouts) -> None:
-    """Export to a temporary file beside `path`, then rename it there (a second process never reads half a file).
-    Without a reshape_transform (`plain`) every target must be B x C x H x W, as pytorch-grad-cam needs."""
-    if plain:
-        for name, shape in zip(names, target_shapes(model, target_layers, input_shape), strict=True):
+    ran = forward_order(model, list(target_layers), input_shape)
+    if len(ran) != len(names):
+        idle = next(name for k, name in enumerate(names) if k not in dict(ran))
+        raise ExportError(f"target layer {idle} does not run in the model's forward pass")
+    names, shapes = [names[k] for k, _ in ran], [shape for _, shape in ran]
+    if reshape_transform is None:
+        for name, shape in zip(names, shapes, strict=True):
             if len(shape) != 4:
                 raise ExportError(f"target layer {name} outputs a tensor of shape {list(shape)}, not B x C x H x W: "
                                   f"give a reshape_transform, as pytorch-grad-cam needs")
+    layouts = tuple(recognised_layout(reshape_transform, shape) for shape in shapes)
+    key = hashlib.sha256(repr((FORMAT, weights, names, tuple(input_shape), layouts)).encode()).hexdigest()[:32]
+    if (key, provider) not in _LOADED:
+        path = cache_dir() / f"{key}.explain.onnx"
+        if not path.exists():
+            _export(model, names, input_shape, path, layouts)
+        _LOADED[(key, provider)] = ExplainableModel(path, provider)
+    return _LOADED[(key, provider)]
+
+
+def _export(model, names, input_shape, path: Path, layouts) -> None:
+    """Export to a temporary file beside `path`, then rename it there (a second process never reads half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as folder:
         partial = Path(folder) / path.name
