@@ -1,6 +1,6 @@
 """The explainable files behind the compat CAMs: one per model weights, target layers, their layouts and input shape,
-exported on first use and kept in memory and on disk (`ONNXCAM_CACHE`, else ~/.cache/onnxcam/compat), so that a new
-CAM object or a restarted process finds it."""
+exported on first use and kept in memory and on disk (`ONNXCAM_CACHE`, else $XDG_CACHE_HOME/onnxcam/compat, else
+~/.cache/onnxcam/compat), so that a new CAM object or a restarted process finds it."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ _LOADED: dict[tuple[str, str], ExplainableModel] = {}  # (key, provider) -> the 
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ONNXCAM_CACHE") or Path.home() / ".cache" / "onnxcam" / "compat")
+    if os.environ.get("ONNXCAM_CACHE"):
+        return Path(os.environ["ONNXCAM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onnxcam" / "compat"
 
 
 def layer_names(model: torch.nn.Module, target_layers) -> list[str]:
