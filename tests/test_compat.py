@@ -74,7 +74,8 @@ def resnet():
     return torchvision.models.resnet18(num_classes=10).eval()
 
 
-@pytest.mark.parametrize("name", [*GRADIENT_CAMS, "EigenCAM", "FEM", "KPCA_CAM", "RandomCAM"])
+@pytest.mark.parametrize("name", [*GRADIENT_CAMS, "EigenCAM", "FEM", "KPCA_CAM", "RandomCAM", "RefineCAM",
+                                  "SegEigenCAM"])
 def test_resnet_two_layers_top_class(resnet, name):
     """Two target layers, averaged as pytorch-grad-cam averages them; no targets: each image's top class."""
     np.random.seed(0)  # RandomCAM's weights: the same draws on both sides

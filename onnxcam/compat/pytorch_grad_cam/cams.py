@@ -10,8 +10,13 @@ import torch.nn.functional as F
 from ...core import methods as formulas
 from ...core.errors import ExplainError
 from .base_cam import BaseCAM, _as_batch
+from .utils.image import scale_cam_image
 from .utils.model_targets import FinerWeightedTarget
-from .utils.svd_on_activations import get_2d_projection, get_2d_projection_kernel
+from .utils.svd_on_activations import (
+    get_2d_projection,
+    get_2d_projection_kernel,
+    get_2d_projection_with_sign_correction,
+)
 
 
 class GradCAM(BaseCAM):
@@ -170,6 +175,34 @@ class FinerCAM:
         return None
 
 
+class RefineCAM:
+    """RefineCAM (pytorch-grad-cam): the product of `base_method`'s maps of each target layer alone, scaled again;
+    the layers' maps come from one run (one file for all the layers)."""
+
+    def __init__(self, model, target_layers, reshape_transform=None, base_method=GradCAMPlusPlus, **kwargs):
+        self.base_cam = base_method(model, target_layers, reshape_transform, **kwargs)
+
+    @property
+    def onnx_path(self):
+        return self.base_cam.onnx_path
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, input_tensor, targets=None, eigen_smooth=False):
+        base = self.base_cam
+        batch = _as_batch(input_tensor)
+        targets, activations, gradients = base._tensors(batch, targets)
+        maps = base._layer_maps(batch, targets, activations, gradients, eigen_smooth)
+        return scale_cam_image(np.prod([scale_cam_image(np.maximum(m[:, 0], 0)) for m in maps], axis=0))
+
+
+class SegEigenCAM(GradCAM):
+    def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth=False):
+        """The first principal component of |dy/dA| (.) A, its sign set so that its largest magnitude is positive."""
+        return get_2d_projection_with_sign_correction(np.abs(grads) * activations)
+
+
 class _Refused:
     """A pytorch-grad-cam class that onnxcam.compat does not offer: refused in one line at construction."""
 
@@ -180,33 +213,14 @@ class _Refused:
                            f"pytorch-grad-cam itself for it")
 
 
-class AblationCAM(_Refused):
-    reason = "its ablation layers rewrite the model between forward passes"
+def _refused(name: str, reason: str) -> type:
+    return type(name, (_Refused,), {"reason": reason, "__doc__": f"Not offered: {reason}."})
 
 
-class FullGrad(_Refused):
-    reason = "it needs the gradients of every bias in the network"
-
-
-class ShapleyCAM(_Refused):
-    reason = "it needs Hessian-vector products"
-
-
-class SESS(_Refused):
-    reason = "its scale search calls the model on crops of many sizes"
-
-
-class RefineCAM(_Refused):
-    reason = "not yet mapped"
-
-
-class SegEigenCAM(_Refused):
-    reason = "not yet mapped"
-
-
-class GuidedBackpropReLUModel(_Refused):
-    reason = "it swaps the model's ReLUs (onnxcam's guided-backprop method needs an export with input gradients)"
-
-
-class DeepFeatureFactorization(_Refused):
-    reason = "not yet mapped"
+AblationCAM = _refused("AblationCAM", "its ablation layers rewrite the model between forward passes")
+FullGrad = _refused("FullGrad", "it needs the gradients of every bias in the network")
+ShapleyCAM = _refused("ShapleyCAM", "it needs Hessian-vector products")
+SESS = _refused("SESS", "its scale search calls the model on crops of many sizes")
+GuidedBackpropReLUModel = _refused("GuidedBackpropReLUModel", "it swaps the model's ReLUs (onnxcam's guided-backprop "
+                                   "method needs a file exported with input gradients)")
+DeepFeatureFactorization = _refused("DeepFeatureFactorization", "its non-negative matrix factorisation is not mapped")

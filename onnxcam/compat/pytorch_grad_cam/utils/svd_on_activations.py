@@ -13,11 +13,18 @@ def _centred_rows(activations: np.ndarray) -> np.ndarray:
 
 def get_2d_projection(activation_batch: np.ndarray) -> np.ndarray:
     """B x H x W: each position's channels projected on the first right singular vector."""
-    projections = []
-    for activations in activation_batch:
-        rows = _centred_rows(activations)
-        projections.append((rows @ np.linalg.svd(rows, full_matrices=False)[2][0]).reshape(activations.shape[1:]))
-    return np.float32(projections)
+    return np.float32([_projection(a) for a in activation_batch])
+
+
+def get_2d_projection_with_sign_correction(activation_batch: np.ndarray) -> np.ndarray:
+    """get_2d_projection, each map negated where its minimum is larger in magnitude than its maximum (Seg-Eigen-CAM)."""
+    projections = [_projection(a) for a in activation_batch]
+    return np.float32([-p if abs(p.min()) > abs(p.max()) else p for p in projections])
+
+
+def _projection(activations: np.ndarray) -> np.ndarray:
+    rows = _centred_rows(activations)
+    return (rows @ np.linalg.svd(rows, full_matrices=False)[2][0]).reshape(activations.shape[1:])
 
 
 def get_2d_projection_kernel(activation_batch: np.ndarray, kernel: str = "sigmoid", gamma=None) -> np.ndarray:
