@@ -22,12 +22,16 @@ from torch import nn
 import onnxcam
 import onnxcam.compat.pytorch_grad_cam as compat
 from onnxcam.compat.pytorch_grad_cam import exports
+from onnxcam.compat.pytorch_grad_cam.metrics import cam_mult_image as compat_mult
+from onnxcam.compat.pytorch_grad_cam.metrics import road as compat_road
 from onnxcam.compat.pytorch_grad_cam.utils import image as compat_image
 from onnxcam.compat.pytorch_grad_cam.utils import model_targets as compat_targets
 from onnxcam.compat.pytorch_grad_cam.utils.reshape_transforms import vit_reshape_transform
 
 torchvision = import_torchvision()
 import pytorch_grad_cam as reference  # noqa: E402 - after torchvision's shim
+from pytorch_grad_cam.metrics import cam_mult_image as reference_mult  # noqa: E402
+from pytorch_grad_cam.metrics import road as reference_road  # noqa: E402
 from pytorch_grad_cam.utils import image as reference_image  # noqa: E402
 from pytorch_grad_cam.utils import model_targets as reference_targets  # noqa: E402
 
@@ -311,3 +315,22 @@ def test_image_helpers_match():
     for size in (None, (24, 20)):
         np.testing.assert_allclose(compat_image.scale_cam_image(cams, size),
                                    reference_image.scale_cam_image(cams, size), atol=1e-6)
+
+
+@pytest.mark.parametrize(("module", "name", "args"), [
+    ("mult", "CamMultImageConfidenceChange", ()), ("mult", "DropInConfidence", ()),
+    ("mult", "IncreaseInConfidence", ()), ("road", "ROADMostRelevantFirst", (80,)),
+    ("road", "ROADLeastRelevantFirst", ("auto",)), ("road", "ROADMostRelevantFirstAverage", ((30, 70),)),
+    ("road", "ROADLeastRelevantFirstAverage", ((30, 70),)), ("road", "ROADCombined", ((20, 50),))])
+def test_metrics_match(module, name, args):
+    """The same scores from the same maps, the imputation's noise drawn from the same seeded generator."""
+    model = SmallEncoder(out=6).eval()
+    x = _images(32)
+    cams = compat.GradCAM(model, [model.features[2]])(x)
+    targets = [compat_targets.ClassifierOutputTarget(c) for c in (1, 2, 3)]
+    ours, theirs = {"mult": (compat_mult, reference_mult), "road": (compat_road, reference_road)}[module]
+    torch.manual_seed(5)
+    expected = getattr(theirs, name)(*args)(x, cams, targets, model)
+    torch.manual_seed(5)
+    got = getattr(ours, name)(*args)(x, cams, targets, model)
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-6

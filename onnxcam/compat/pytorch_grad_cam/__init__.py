@@ -2,7 +2,7 @@
 `from onnxcam.compat.pytorch_grad_cam import ...`; the model and its target layers are exported once per input
 shape (cached in memory and on disk) and explained on ONNX Runtime; `cam.onnx_path` is the explainable file."""
 
-from . import utils
+from . import metrics, utils
 from .base_cam import BaseCAM
 from .cams import (
     FEM,
@@ -31,4 +31,4 @@ from .cams import (
 __all__ = ["FEM", "KPCA_CAM", "SESS", "AblationCAM", "BaseCAM", "DeepFeatureFactorization", "EigenCAM", "EigenGradCAM",
            "FinerCAM", "FullGrad", "GradCAM", "GradCAMElementWise", "GradCAMPlusPlus", "GuidedBackpropReLUModel",
            "HiResCAM", "LayerCAM", "RandomCAM", "RefineCAM", "ScoreCAM", "SegEigenCAM", "ShapleyCAM", "XGradCAM",
-           "utils"]
+           "metrics", "utils"]
