@@ -127,6 +127,15 @@ def test_finer_cam(resnet):
     assert np.ptp(expected, axis=(1, 2)).min() > 0 and np.abs(expected - got).max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("category", [None, 4])
+def test_guided_backprop(resnet, category):
+    """torchvision's ResNet has nn.ReLU modules only: the ReLUs pytorch-grad-cam guides are all the file's."""
+    x = _images(64, 1)
+    expected = reference.GuidedBackpropReLUModel(resnet)(x.clone(), category)
+    got = compat.GuidedBackpropReLUModel(resnet)(x, category)
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max() + 1e-9
+
+
 def test_score_cam():
     model = SmallEncoder(out=6).eval()
     _check("ScoreCAM", model, [model.features[2]], _images(32))
@@ -282,6 +291,7 @@ def _refused(call, match: str):
 def test_refusals_in_one_line(resnet):
     x = _images(64)
     _refused(lambda: compat.AblationCAM(resnet, [resnet.layer4[-1]]), "AblationCAM is not offered")
+    assert str(compat.AblationCAM.__doc__).startswith("Not offered")
     _refused(lambda: compat.FullGrad(resnet, [resnet.layer4[-1]]), "FullGrad is not offered")
     _refused(lambda: compat_targets.FasterRCNNBoxScoreTarget([1], [np.zeros(4)]), "Faster R-CNN")
     _refused(lambda: compat.GradCAM(resnet, [nn.Conv2d(1, 1, 1)]), "submodules of the model")

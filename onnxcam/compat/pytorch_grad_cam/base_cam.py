@@ -40,7 +40,8 @@ class BaseCAM:
         self.compute_input_gradient = False
         self.device = next(model.parameters()).device
         self.provider = "cuda" if self.device.type == "cuda" else "cpu"
-        exports.layer_names(model, self.target_layers)  # refused now, not at the first call
+        if self.target_layers:
+            exports.layer_names(model, self.target_layers)  # refused now, not at the first call
         self.explainable = None  # the file's sessions, for the last call's input shape
         self.outputs = None
         self._weights: tuple[tuple, str] | None = None  # (version stamp, weights hash)
@@ -52,16 +53,16 @@ class BaseCAM:
         `onnxcam serve` and the other front ends load."""
         return None if self.explainable is None else self.explainable.path
 
-    def _model_file(self, input_shape: tuple[int, ...]):
+    def _model_file(self, input_shape: tuple[int, ...], input_gradients: bool = False):
         """The file for this input shape, its weights re-hashed only after they were changed in place. Its target
         layers are in the order they run, the order in which pytorch-grad-cam pairs layers and activations."""
         stamp = exports.version_stamp(self.model)
         if self._weights is None or self._weights[0] != stamp:
             self._weights = (stamp, exports.weights_hash(self.model))
-        key = (tuple(input_shape), self._weights[1])
+        key = (tuple(input_shape), self._weights[1], input_gradients)
         if key not in self._files:
             self._files[key] = exports.explainable(self.model, self.target_layers, self.reshape_transform,
-                                                   input_shape, self.provider, self._weights[1])
+                                                   input_shape, self.provider, self._weights[1], input_gradients)
         self.explainable = self._files[key]
         return self.explainable
 

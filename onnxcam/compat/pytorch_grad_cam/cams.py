@@ -203,6 +203,28 @@ class SegEigenCAM(GradCAM):
         return get_2d_projection_with_sign_correction(np.abs(grads) * activations)
 
 
+class GuidedBackpropReLUModel:
+    """Guided backpropagation: the gradient of the first image's `target_category` score (its top class where None)
+    with respect to that image, every ReLU's backward pass guided, H x W x C; from a file exported with the input's
+    gradient, run on its guided copy (onnxcam's guided-backprop method)."""
+
+    def __init__(self, model, device=None):
+        self.cam = _Agnostic(model, [])
+        self.model = self.cam.model
+
+    @property
+    def onnx_path(self):
+        return self.cam.onnx_path
+
+    def __call__(self, input_img, target_category=None):
+        image = _as_batch(input_img)[:1]
+        model = self.cam._model_file(image.shape[1:], input_gradients=True)
+        spec = model.spec
+        classes = np.array([-1 if target_category is None else int(target_category)], dtype=np.int64)
+        (gradient,) = model.guided_runner.run([spec.input_gradient], {spec.input: image, spec.class_input: classes})
+        return gradient[0].astype(np.float32).transpose(1, 2, 0)
+
+
 class _Refused:
     """A pytorch-grad-cam class that onnxcam.compat does not offer: refused in one line at construction."""
 
@@ -221,6 +243,4 @@ AblationCAM = _refused("AblationCAM", "its ablation layers rewrite the model bet
 FullGrad = _refused("FullGrad", "it needs the gradients of every bias in the network")
 ShapleyCAM = _refused("ShapleyCAM", "it needs Hessian-vector products")
 SESS = _refused("SESS", "its scale search calls the model on crops of many sizes")
-GuidedBackpropReLUModel = _refused("GuidedBackpropReLUModel", "it swaps the model's ReLUs (onnxcam's guided-backprop "
-                                   "method needs a file exported with input gradients)")
 DeepFeatureFactorization = _refused("DeepFeatureFactorization", "its non-negative matrix factorisation is not mapped")

@@ -99,11 +99,12 @@ def forward_order(model: torch.nn.Module, modules: list, input_shape: tuple[int,
 
 
 def explainable(model: torch.nn.Module, target_layers, reshape_transform, input_shape: tuple[int, ...],
-                provider: str, weights: str) -> ExplainableModel:
+                provider: str, weights: str, input_gradients: bool = False) -> ExplainableModel:
     """The sessions of the explainable file of `model` (its weights hashed as `weights`) at these target layers (in
-    the order they run) and this input shape: from memory, else from the disk cache, else exported there now. The
-    layouts the file records are those `reshape_transform` computes, else guessed; nchw without one."""
-    names = layer_names(model, target_layers)
+    the order they run; none: the default layer) and this input shape, with the input's gradient where
+    `input_gradients`: from memory, else from the disk cache, else exported there now. The layouts the file records
+    are those `reshape_transform` computes, else guessed; nchw without one."""
+    names = layer_names(model, target_layers) if target_layers else []
     ran = forward_order(model, list(target_layers), input_shape)
     if len(ran) != len(names):
         idle = next(name for k, name in enumerate(names) if k not in dict(ran))
@@ -115,24 +116,26 @@ def explainable(model: torch.nn.Module, target_layers, reshape_transform, input_
                 raise ExportError(f"target layer {name} outputs a tensor of shape {list(shape)}, not B x C x H x W: "
                                   f"give a reshape_transform, as pytorch-grad-cam needs")
     layouts = tuple(recognised_layout(reshape_transform, shape) for shape in shapes)
-    key = hashlib.sha256(repr((FORMAT, weights, names, tuple(input_shape), layouts)).encode()).hexdigest()[:32]
+    key = hashlib.sha256(repr((FORMAT, weights, names, tuple(input_shape), layouts, input_gradients)).encode()
+                         ).hexdigest()[:32]
     if (key, provider) not in _LOADED:
         path = cache_dir() / f"{key}.explain.onnx"
         if not path.exists():
-            _export(model, names, input_shape, path, layouts)
+            _export(model, names, input_shape, path, layouts, input_gradients)
         _LOADED[(key, provider)] = ExplainableModel(path, provider)
     return _LOADED[(key, provider)]
 
 
-def _export(model, names, input_shape, path: Path, layouts) -> None:
+def _export(model, names, input_shape, path: Path, layouts, input_gradients: bool) -> None:
     """Export to a temporary file beside `path`, then rename it there (a second process never reads half a file):
     with the TorchScript tracer (ResNet-50: 3 s against 13 s), else torch.export (what the tracer cannot trace
     faithfully, such as a branch on the values, it refuses, and torch.export refuses in its own line or exports)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as folder:
         partial = Path(folder) / path.name
-        options = {"input_shape": input_shape, "layers": names, "explain_probabilities": True,
-                   "layouts": list(layouts) if None not in layouts else None}
+        options = {"input_shape": input_shape, "layers": names or None, "explain_probabilities": True,
+                   "layouts": list(layouts) if layouts and None not in layouts else None,
+                   "input_gradients": input_gradients}
         try:
             export_torch(model, partial, tracer="torchscript", **options)
         except ExportError:
