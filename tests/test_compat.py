@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from support.anchors import min_max
 from support.dense import SegmentationOutput, torchvision_segmenter
 from support.torchvision_shim import import_torchvision
@@ -155,8 +156,14 @@ def test_vit_with_its_reshape_transform():
     for name in ("GradCAM", "GradCAMPlusPlus", "EigenCAM"):
         cam = _check(name, model, [model.encoder.layers[-1].ln_1], _images(32), reshape_transform=reshape_transform)
         assert cam.explainable.spec.layouts == ["tokens:1:4x4"]
-    cam = _check("ScoreCAM", model, [model.encoder.layers[-1].ln_1], _images(32, 1),
-                 reshape_transform=lambda t: vit_reshape_transform(t, 4, 4))
+    _check("ScoreCAM", model, [model.encoder.layers[-1].ln_1], _images(32, 1),
+           reshape_transform=lambda t: vit_reshape_transform(t, 4, 4))
+
+    def upsampled(tensor):  # no layout: applied by torch to the file's tensors, as pytorch-grad-cam applies it
+        return F.interpolate(reshape_transform(tensor), size=(6, 6), mode="bilinear")
+
+    cam = _check("GradCAM", model, [model.encoder.layers[-1].ln_1], _images(32), reshape_transform=upsampled)
+    assert cam.explainable.spec.layouts == ["tokens:1:4x4"]  # guessed from the shape
 
 
 def test_swin_channels_last():
