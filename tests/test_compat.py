@@ -111,6 +111,7 @@ def test_resnet_targets(resnet, name, target):
 def test_pytorch_grad_cams_own_targets_are_taken(resnet):
     """Code that still imports its targets from pytorch_grad_cam works unchanged."""
     _check("GradCAM", resnet, [resnet.layer4[-1]], _images(64), [reference_targets.ClassifierOutputTarget(3)] * BATCH)
+    _check("GradCAM", resnet, [resnet.layer4[-1]], _images(64), [reference_targets.ClassifierOutputTarget(-7)] * BATCH)
     _check("GradCAM", resnet, [resnet.layer4[-1]], _images(64), [reference_targets.ClassifierOutputSoftmaxTarget(3)] *
            BATCH)
 
@@ -307,6 +308,7 @@ def test_refusals_in_one_line(resnet):
     _refused(lambda: cam(x, [lambda output: output.detach().numpy().sum()] * BATCH), "one score per image")
     _refused(lambda: cam(x, [lambda output: output.unsqueeze(5)] * BATCH), "cannot be computed on the model's output")
     _refused(lambda: cam(x, [compat_targets.ClassifierOutputTarget(1)] * 2), "2 targets given for 3 images")
+    _refused(lambda: cam(x, [compat_targets.ClassifierOutputTarget(10)] * BATCH), "index 10 is out of bounds")
     model = DataDependent().eval()
     _refused(lambda: compat.GradCAM(model, [model.conv])(_images(16)), "torch.onnx.export failed")
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32,

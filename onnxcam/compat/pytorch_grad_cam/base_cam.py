@@ -97,7 +97,7 @@ class BaseCAM:
         spec = model.spec
         if targets is not None and len(targets) != len(batch):
             raise ExplainError(f"{len(targets)} targets given for {len(batch)} images")
-        classes = _classes(targets, len(batch))
+        classes = _classes(targets, len(batch), spec.num_classes)
         if self.uses_gradients and classes is not None and len(spec.score_shape or (0,)) == 1:
             scores, _, *tensors = model.run(batch, classes, [*spec.activations, *spec.gradients])
             activations, gradients = tensors[:len(spec.activations)], tensors[len(spec.activations):]
@@ -160,13 +160,13 @@ def _as_batch(input_tensor) -> np.ndarray:
     return np.ascontiguousarray(input_tensor, dtype=np.float32)
 
 
-def _classes(targets, count: int) -> np.ndarray | None:
-    """The class of every image where each target is a class (ClassifierOutputTarget, this module's or
-    pytorch-grad-cam's own; None: the top class), else None."""
+def _classes(targets, count: int, classes: int) -> np.ndarray | None:
+    """The class of every image where each target is a class in range (ClassifierOutputTarget, this module's or
+    pytorch-grad-cam's own; None: the top class), else None (a negative index counts from the end, as Python's)."""
     if targets is None:
         return np.full(count, -1, dtype=np.int64)
     if all(type(t).__name__ == "ClassifierOutputTarget" and isinstance(getattr(t, "category", None), (int, np.integer))
-           for t in targets):
+           and 0 <= t.category < classes for t in targets):
         return np.array([t.category for t in targets], dtype=np.int64)
     return None
 
