@@ -101,8 +101,9 @@ class BaseCAM:
         if self.uses_gradients and classes is not None and len(spec.score_shape or (0,)) == 1:
             scores, _, *tensors = model.run(batch, classes, [*spec.activations, *spec.gradients])
             activations, gradients = tensors[:len(spec.activations)], tensors[len(spec.activations):]
-        else:
-            names = tuple(dict.fromkeys([spec.scores, *spec.activations, *(spec.cuts if self.uses_gradients else [])]))
+        else:  # the forward part, then the targets' gradients through the file's head
+            cuts = spec.cuts if self.uses_gradients else []
+            names = tuple(dict.fromkeys([spec.scores, *spec.activations, *cuts]))
             values = dict(zip(names, model.forward_runner(names).run(list(names), {spec.input: batch}), strict=True))
             scores, activations = values[spec.scores], [values[name] for name in spec.activations]
             gradients = [None] * len(activations)
@@ -111,7 +112,7 @@ class BaseCAM:
             targets = [ClassifierOutputTarget(int(c)) for c in scores.reshape(len(batch), -1).argmax(axis=1)]
         if self.uses_gradients and gradients[0] is None:
             seeds = np.stack([_seed(target, output) for target, output in zip(targets, scores, strict=True)])
-            gradients = model.head.gradients(spec.scores, activations, [values[name] for name in spec.cuts],
+            gradients = model.head.gradients(spec.scores, activations, [values[name] for name in cuts],
                                              np.arange(len(batch)), seeds)
         return targets, [self._grid(a) for a in activations], [None if g is None else self._grid(g)
                                                                 for g in gradients]
