@@ -138,9 +138,12 @@ def test_guided_backprop(resnet, category):
     assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max() + 1e-9
 
 
-def test_score_cam():
+@pytest.mark.parametrize("layer", [2, 3])
+def test_score_and_ablation_cams(layer):
+    """A convolution's output (negative values: ablated far below the minimum) and a ReLU's (ablated to 0)."""
     model = SmallEncoder(out=6).eval()
-    _check("ScoreCAM", model, [model.features[2]], _images(32))
+    for name in ("ScoreCAM", "AblationCAM"):
+        _check(name, model, [model.features[layer]], _images(32))
 
 
 def test_vit_with_its_reshape_transform():
@@ -298,9 +301,10 @@ def _refused(call, match: str):
 
 def test_refusals_in_one_line(resnet):
     x = _images(64)
-    _refused(lambda: compat.AblationCAM(resnet, [resnet.layer4[-1]]), "AblationCAM is not offered")
-    assert str(compat.AblationCAM.__doc__).startswith("Not offered")
     _refused(lambda: compat.FullGrad(resnet, [resnet.layer4[-1]]), "FullGrad is not offered")
+    assert str(compat.FullGrad.__doc__).startswith("Not offered")
+    _refused(lambda: compat.AblationCAM(resnet, [resnet.layer4[-1]], ratio_channels_to_ablate=0.5),
+             "ablates every channel")
     _refused(lambda: compat_targets.FasterRCNNBoxScoreTarget([1], [np.zeros(4)]), "Faster R-CNN")
     _refused(lambda: compat.GradCAM(resnet, [nn.Conv2d(1, 1, 1)]), "submodules of the model")
     _refused(lambda: compat.BaseCAM(resnet, [resnet.layer4[-1]], tta_transforms=[]), "tta_transforms")

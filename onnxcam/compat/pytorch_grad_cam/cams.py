@@ -132,9 +132,55 @@ class ScoreCAM(_Agnostic):
             masked = image[None] * image_masks[:, None]
             for start in range(0, len(masked), self.batch_size):
                 (outputs,) = runner.run([spec.score_tensor], {spec.input: masked[start:start + self.batch_size]})
-                with torch.no_grad():
-                    scores.extend(float(target(torch.from_numpy(o))) for o in outputs)
+                scores.extend(_score(target, torch.from_numpy(o)) for o in outputs)
         return torch.softmax(torch.tensor(scores).view(activations.shape[:2]), dim=-1).numpy()
+
+
+class AblationCAM(_Agnostic):
+    """Ablation-CAM as pytorch-grad-cam computes it with its defaults (every channel of one target layer, its
+    AblationLayer): each channel in turn set to 0, or below the layer's minimum where that is not 0; the weights are
+    the targets' relative drops. Only the file's head, from the target layer on, runs on the ablated copies."""
+
+    def __init__(self, model, target_layers, reshape_transform=None, ablation_layer=None, batch_size: int = 32,
+                 ratio_channels_to_ablate: float = 1.0):
+        custom = ablation_layer is not None and type(ablation_layer).__name__ != "AblationLayer"
+        if len(target_layers) != 1 or reshape_transform is not None or ratio_channels_to_ablate != 1.0 or custom:
+            raise ExplainError("onnxcam.compat's AblationCAM ablates every channel of one target layer with "
+                               "pytorch-grad-cam's AblationLayer, and no reshape_transform")
+        super().__init__(model, target_layers)
+        self.batch_size = batch_size
+
+    def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
+        model = self.explainable
+        spec = model.spec
+        names = [spec.activations[0], *spec.cuts]
+        values = dict(zip(names, model.forward_runner(tuple(names)).run(names, {spec.input: input_tensor}),
+                          strict=True))
+        original = np.float32([_score(target, output) for target, output in zip(targets, self.outputs, strict=True)])
+        ablated = np.empty(activations.shape[:2], dtype=np.float32)
+        for image, target in enumerate(targets):
+            for start in range(0, activations.shape[1], self.batch_size):
+                channels = np.arange(start, min(start + self.batch_size, activations.shape[1]))
+                exposed = {name: np.repeat(values[name][image:image + 1], len(channels), axis=0) for name in names}
+                copies = exposed[spec.activations[0]]
+                copies[np.arange(len(channels)), channels] = _ablation_values(activations[image], len(channels))
+                outputs = model.forward_head.scores(spec.score_tensor, exposed)
+                ablated[image, channels] = [_score(target, torch.from_numpy(o)) for o in outputs]
+        return (original[:, None] - ablated) / original[:, None]
+
+
+def _ablation_values(activations: np.ndarray, count: int) -> np.ndarray:
+    """What pytorch-grad-cam's AblationLayer writes into each of `count` copies: 0 where the layer's minimum is 0,
+    else each copy 1e7 below the batch's minimum so far (the previous copy's value), in float32."""
+    low = np.float32(activations.min())
+    if low == 0:
+        return np.zeros((count, 1, 1), dtype=np.float32)
+    return (low - np.float32(1e7) * np.arange(1, count + 1, dtype=np.float32))[:, None, None]
+
+
+def _score(target, output) -> float:
+    with torch.no_grad():
+        return float(target(output))
 
 
 class FinerCAM:
@@ -239,7 +285,6 @@ def _refused(name: str, reason: str) -> type:
     return type(name, (_Refused,), {"reason": reason, "__doc__": f"Not offered: {reason}."})
 
 
-AblationCAM = _refused("AblationCAM", "its ablation layers rewrite the model between forward passes")
 FullGrad = _refused("FullGrad", "it needs the gradients of every bias in the network")
 ShapleyCAM = _refused("ShapleyCAM", "it needs Hessian-vector products")
 SESS = _refused("SESS", "its scale search calls the model on crops of many sizes")
