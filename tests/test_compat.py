@@ -129,6 +129,18 @@ def test_finer_cam(resnet):
     assert np.ptp(expected, axis=(1, 2)).min() > 0 and np.abs(expected - got).max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("options", [{}, {"eigen_smooth": True}])
+def test_full_grad(options):
+    """Every bias (BatchNorm's folded into the convolution before it in the file), target layers ignored."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # biases that are not all 0
+        norm.running_mean.uniform_(-0.2, 0.2)
+        norm.running_var.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-0.2, 0.2)
+    _check("FullGrad", model, [], _images(64), **options)
+
+
 @pytest.mark.parametrize("category", [None, 4])
 def test_guided_backprop(resnet, category):
     """torchvision's ResNet has nn.ReLU modules only: the ReLUs pytorch-grad-cam guides are all the file's."""
@@ -301,8 +313,10 @@ def _refused(call, match: str):
 
 def test_refusals_in_one_line(resnet):
     x = _images(64)
-    _refused(lambda: compat.FullGrad(resnet, [resnet.layer4[-1]]), "FullGrad is not offered")
-    assert str(compat.FullGrad.__doc__).startswith("Not offered")
+    _refused(lambda: compat.ShapleyCAM(resnet, [resnet.layer4[-1]]), "ShapleyCAM is not offered")
+    assert str(compat.ShapleyCAM.__doc__).startswith("Not offered")
+    _refused(lambda: compat.FullGrad(resnet, [])(x, [compat_targets.ClassifierOutputSoftmaxTarget(1)] * BATCH),
+             "FullGrad in onnxcam.compat explains classes")
     _refused(lambda: compat.AblationCAM(resnet, [resnet.layer4[-1]], ratio_channels_to_ablate=0.5),
              "ablates every channel")
     _refused(lambda: compat_targets.FasterRCNNBoxScoreTarget([1], [np.zeros(4)]), "Faster R-CNN")

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from ...core import methods as formulas
 from ...core.errors import ExplainError
-from .base_cam import BaseCAM, _as_batch
-from .utils.image import scale_cam_image
+from .base_cam import BaseCAM, _as_batch, _classes
+from .utils.image import scale_accross_batch_and_channels, scale_cam_image
 from .utils.model_targets import FinerWeightedTarget
 from .utils.svd_on_activations import (
     get_2d_projection,
@@ -183,6 +183,38 @@ def _score(target, output) -> float:
         return float(target(output))
 
 
+class FullGrad(BaseCAM):
+    """FullGrad as pytorch-grad-cam computes it: |x (.) dy/dx| per input channel and, per layer with a bias, |b (.)
+    dy/dz| summed over its channels, each map scaled and resized, all summed. `target_layers` are ignored (every
+    bias is used); the biases are the exported graph's, where a BatchNorm after a convolution is folded into it
+    (the same terms when the convolution has no bias of its own, as in ResNets). Explains classes only."""
+
+    def __init__(self, model, target_layers, reshape_transform=None):
+        super().__init__(model, [], reshape_transform)
+
+    def forward(self, input_tensor, targets, eigen_smooth: bool = False) -> np.ndarray:
+        batch = _as_batch(input_tensor)
+        model = self._model_file(batch.shape[1:], input_gradients=True)
+        spec = model.spec
+        classes = _classes(targets, len(batch), spec.num_classes)
+        if classes is None:
+            raise ExplainError("FullGrad in onnxcam.compat explains classes: ClassifierOutputTarget, or None")
+        scores, _, *tensors, gradient = model.runner.run(
+            [spec.scores, spec.selected, *spec.biases, *spec.bias_gradients, spec.input_gradient],
+            {spec.input: batch, spec.class_input: classes})
+        self.outputs = torch.from_numpy(scores)
+        size = (batch.shape[-1], batch.shape[-2])
+        count = len(spec.biases)
+        parts = [scale_accross_batch_and_channels(np.abs(gradient * batch), size)]
+        parts += [scale_accross_batch_and_channels(np.abs(bias[None, :, None, None] * grads), size).sum(axis=1)[:, None]
+                  for bias, grads in zip(tensors[:count], tensors[count:], strict=True)]
+        maps = np.concatenate(parts, axis=1)
+        if eigen_smooth:
+            small = scale_accross_batch_and_channels(maps, (size[0] // 8, size[1] // 8))
+            maps = scale_accross_batch_and_channels(get_2d_projection(small)[:, None], size)
+        return scale_cam_image(maps.sum(axis=1))
+
+
 class FinerCAM:
     """Finer-CAM (arXiv 2501.11309) around a base CAM: each image's target class against the classes ranked
     `comparison_categories` by closeness of score (FinerWeightedTarget)."""
@@ -285,7 +317,6 @@ def _refused(name: str, reason: str) -> type:
     return type(name, (_Refused,), {"reason": reason, "__doc__": f"Not offered: {reason}."})
 
 
-FullGrad = _refused("FullGrad", "it needs the gradients of every bias in the network")
 ShapleyCAM = _refused("ShapleyCAM", "it needs Hessian-vector products")
 SESS = _refused("SESS", "its scale search calls the model on crops of many sizes")
 DeepFeatureFactorization = _refused("DeepFeatureFactorization", "its non-negative matrix factorisation is not mapped")

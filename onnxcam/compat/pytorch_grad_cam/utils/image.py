@@ -48,3 +48,10 @@ def scale_cam_image(cam, target_size=None) -> np.ndarray:
             image = cv2.resize(np.float32(image), tuple(target_size))
         scaled.append(image)
     return np.float32(scaled)
+
+
+def scale_accross_batch_and_channels(tensor, target_size) -> np.ndarray:
+    """scale_cam_image on every map of a B x C x h x w array, each resized to `target_size` (width, height)."""
+    batch, channels = tensor.shape[:2]
+    scaled = scale_cam_image(tensor.reshape(batch * channels, *tensor.shape[2:]), target_size)
+    return scaled.reshape(batch, channels, target_size[1], target_size[0])
