@@ -359,6 +359,7 @@ def test_image_helpers_match():
     ("mult", "IncreaseInConfidence", ()), ("road", "ROADMostRelevantFirst", (80,)),
     ("road", "ROADLeastRelevantFirst", ("auto",)), ("road", "ROADMostRelevantFirstAverage", ((30, 70),)),
     ("road", "ROADLeastRelevantFirstAverage", ((30, 70),)), ("road", "ROADCombined", ((20, 50),))])
+@pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")  # pytorch-grad-cam's numpy calls on tensors
 def test_metrics_match(module, name, args):
     """The same scores from the same maps, the imputation's noise drawn from the same seeded generator."""
     model = SmallEncoder(out=6).eval()
