@@ -327,6 +327,9 @@ def test_refusals_in_one_line(resnet):
     _refused(lambda: cam(x, [lambda output: output.unsqueeze(5)] * BATCH), "cannot be computed on the model's output")
     _refused(lambda: cam(x, [compat_targets.ClassifierOutputTarget(1)] * 2), "2 targets given for 3 images")
     _refused(lambda: cam(x, [compat_targets.ClassifierOutputTarget(10)] * BATCH), "index 10 is out of bounds")
+    _refused(lambda: compat.GradCAM(resnet, [resnet.layer4[-1], resnet.fc, nn.Linear(1, 1)]), "submodules")
+    lstm = nn.Sequential(nn.Flatten(2), nn.LSTM(64, 4, batch_first=True))  # returns (output, (h, c))
+    _refused(lambda: compat.GradCAM(lstm, [lstm[1]])(_images(8)), "does not return one tensor")
     model = DataDependent().eval()
     _refused(lambda: compat.GradCAM(model, [model.conv])(_images(16)), "torch.onnx.export failed")
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32,

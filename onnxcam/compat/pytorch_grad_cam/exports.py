@@ -41,8 +41,9 @@ def weights_hash(model: torch.nn.Module) -> str:
     """sha256 of the model's class, parameter and buffer names, shapes, types and values."""
     digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     for name, tensor in model.state_dict().items():
-        value = tensor.detach().cpu().contiguous().reshape(-1)
+        value = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        value = value.reshape(-1)  # a 0-d tensor cannot be viewed as bytes
         digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
@@ -79,19 +80,21 @@ def recognised_layout(reshape_transform, shape: tuple[int, ...]) -> str | None:
 
 
 def forward_order(model: torch.nn.Module, modules: list, input_shape: tuple[int, ...]) -> list[tuple[int, tuple]]:
-    """(index in `modules`, output shape) of each module, in the order their forward passes finish on a batch of two
-    images of `input_shape` (C x H x W): the order in which pytorch-grad-cam collects, and pairs, the activations."""
-    finished: dict[int, tuple] = {}
+    """(index in `modules`, output shape, None where the output is not one tensor) of each module, in the order their
+    forward passes finish on a batch of two images of `input_shape` (C x H x W): the order in which pytorch-grad-cam
+    collects, and pairs, the activations."""
+    finished: dict[int, tuple | None] = {}
 
     def keeper(k):
         def keep(module, args, output):
-            finished.setdefault(k, tuple(output.shape))
+            finished.setdefault(k, tuple(output.shape) if isinstance(output, torch.Tensor) else None)
         return keep
 
     handles = [m.register_forward_hook(keeper(k)) for k, m in enumerate(modules)]
+    parameter = next(model.parameters())
     try:
         with torch.no_grad():
-            model(torch.zeros(2, *input_shape, dtype=next(model.parameters()).dtype))
+            model(torch.zeros(2, *input_shape, dtype=parameter.dtype, device=parameter.device))
     finally:
         for handle in handles:
             handle.remove()
@@ -110,6 +113,8 @@ def explainable(model: torch.nn.Module, target_layers, reshape_transform, input_
         idle = next(name for k, name in enumerate(names) if k not in dict(ran))
         raise ExportError(f"target layer {idle} does not run in the model's forward pass")
     names, shapes = [names[k] for k, _ in ran], [shape for _, shape in ran]
+    if None in shapes:
+        raise ExportError(f"target layer {names[shapes.index(None)]} does not return one tensor")
     if reshape_transform is None:
         for name, shape in zip(names, shapes, strict=True):
             if len(shape) != 4:
