@@ -28,11 +28,10 @@ class BaseCAM:
     def __init__(self, model: torch.nn.Module, target_layers, reshape_transform=None,
                  compute_input_gradient: bool = False, uses_gradients: bool = True, tta_transforms=None,
                  detach: bool = True) -> None:
-        for given, name in ((compute_input_gradient, "compute_input_gradient"), (tta_transforms is not None,
-                                                                                 "tta_transforms"), (not detach,
-                                                                                                     "detach=False")):
-            if given:
-                raise ExplainError(f"onnxcam.compat does not take {name}: the maps come from an exported file")
+        refused = {"compute_input_gradient": compute_input_gradient, "tta_transforms": tta_transforms is not None,
+                   "detach=False": not detach}
+        for name in (name for name, given in refused.items() if given):
+            raise ExplainError(f"onnxcam.compat does not take {name}: the maps come from an exported file")
         self.model = model.eval()
         self.target_layers = list(target_layers)
         self.reshape_transform = reshape_transform
