@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,9 @@ def test_vit_with_its_reshape_transform():
     for name in ("GradCAM", "GradCAMPlusPlus", "EigenCAM"):
         cam = _check(name, model, [model.encoder.layers[-1].ln_1], _images(32), reshape_transform=reshape_transform)
         assert cam.explainable.spec.layouts == ["tokens:1:4x4"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a layout: the file reads the layer as this object does
+            assert cam.onnx_path is not None
     _check("ScoreCAM", model, [model.encoder.layers[-1].ln_1], _images(32, 1),
            reshape_transform=lambda t: vit_reshape_transform(t, 4, 4))
 
@@ -180,6 +184,8 @@ def test_vit_with_its_reshape_transform():
 
     cam = _check("GradCAM", model, [model.encoder.layers[-1].ln_1], _images(32), reshape_transform=upsampled)
     assert cam.explainable.spec.layouts == ["tokens:1:4x4"]  # guessed from the shape
+    with pytest.warns(UserWarning, match="maps differ from this object's"):
+        assert cam.onnx_path is not None
 
 
 def test_swin_channels_last():

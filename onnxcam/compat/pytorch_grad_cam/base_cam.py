@@ -9,6 +9,8 @@ pytorch-grad-cam forms it (ReLU, scale_cam_image to the input's size, layers ave
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -49,8 +51,18 @@ class BaseCAM:
     @property
     def onnx_path(self):
         """The explainable file of the last call's input shape (None before the first call): what onnxcam.Explainer,
-        `onnxcam serve` and the other front ends load."""
-        return None if self.explainable is None else self.explainable.path
+        `onnxcam serve` and the other front ends load. Warns where a reshape_transform is no layout of the file's:
+        onnxcam then reads the target layer in the layout guessed, not as the transform lays it."""
+        if self.explainable is None:
+            return None
+        spec = self.explainable.spec
+        shapes = {o.name: (2, *o.shape[1:]) for o in self.explainable.session.get_outputs()}
+        if self.reshape_transform is not None and any(
+                exports.recognised_layout(self.reshape_transform, shapes[name]) != layout
+                for name, layout in zip(spec.activations, spec.layouts, strict=True)):
+            warnings.warn(f"onnxcam.compat: the reshape_transform is no layout onnxcam knows; the file's layer is read "
+                          f"as {', '.join(spec.layouts)}, and its maps differ from this object's", stacklevel=2)
+        return self.explainable.path
 
     def _model_file(self, input_shape: tuple[int, ...], input_gradients: bool = False):
         """The file for this input shape, its weights re-hashed only after they were changed in place. Its target
