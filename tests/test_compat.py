@@ -325,6 +325,8 @@ def test_refusals_in_one_line(resnet):
              "FullGrad in onnxcam.compat explains classes")
     _refused(lambda: compat.AblationCAM(resnet, [resnet.layer4[-1]], ratio_channels_to_ablate=0.5),
              "ablates every channel")
+    _refused(compat.AblationLayerVit, "AblationLayerVit is not offered")
+    assert compat.AblationCAM(resnet, [resnet.layer4[-1]], ablation_layer=compat.AblationLayer()).batch_size == 32
     _refused(lambda: compat_targets.FasterRCNNBoxScoreTarget([1], [np.zeros(4)]), "Faster R-CNN")
     _refused(lambda: compat.GradCAM(resnet, [nn.Conv2d(1, 1, 1)]), "submodules of the model")
     _refused(lambda: compat.BaseCAM(resnet, [resnet.layer4[-1]], tta_transforms=[]), "tta_transforms")

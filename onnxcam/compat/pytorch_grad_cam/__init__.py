@@ -9,6 +9,10 @@ from .cams import (
     KPCA_CAM,
     SESS,
     AblationCAM,
+    AblationLayer,
+    AblationLayerFasterRCNN,
+    AblationLayerVit,
+    ActivationsAndGradients,
     DeepFeatureFactorization,
     EigenCAM,
     EigenGradCAM,
@@ -26,9 +30,11 @@ from .cams import (
     SegEigenCAM,
     ShapleyCAM,
     XGradCAM,
+    run_dff_on_image,
 )
 
-__all__ = ["FEM", "KPCA_CAM", "SESS", "AblationCAM", "BaseCAM", "DeepFeatureFactorization", "EigenCAM", "EigenGradCAM",
+__all__ = ["FEM", "KPCA_CAM", "SESS", "AblationCAM", "AblationLayer", "AblationLayerFasterRCNN", "AblationLayerVit",
+           "ActivationsAndGradients", "BaseCAM", "DeepFeatureFactorization", "EigenCAM", "EigenGradCAM",
            "FinerCAM", "FullGrad", "GradCAM", "GradCAMElementWise", "GradCAMPlusPlus", "GuidedBackpropReLUModel",
            "HiResCAM", "LayerCAM", "RandomCAM", "RefineCAM", "ScoreCAM", "SegEigenCAM", "ShapleyCAM", "XGradCAM",
-           "metrics", "utils"]
+           "metrics", "run_dff_on_image", "utils"]

@@ -320,3 +320,15 @@ def _refused(name: str, reason: str) -> type:
 ShapleyCAM = _refused("ShapleyCAM", "it needs Hessian-vector products")
 SESS = _refused("SESS", "its scale search calls the model on crops of many sizes")
 DeepFeatureFactorization = _refused("DeepFeatureFactorization", "its non-negative matrix factorisation is not mapped")
+ActivationsAndGradients = _refused("ActivationsAndGradients", "the activations and gradients come from the file")
+AblationLayerVit = _refused("AblationLayerVit", "AblationCAM ablates channels of B x C x H x W layers only")
+AblationLayerFasterRCNN = _refused("AblationLayerFasterRCNN", "torchvision's Faster R-CNN does not export here")
+
+
+class AblationLayer:
+    """pytorch-grad-cam's default ablation layer, accepted by AblationCAM (which ablates as it does)."""
+
+
+def run_dff_on_image(*args, **kwargs):
+    """Refused: Deep Feature Factorization is not mapped."""
+    DeepFeatureFactorization()
