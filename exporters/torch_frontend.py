@@ -7,6 +7,7 @@ import io
 import logging
 import warnings
 
+import onnx
 import torch
 
 from ..core.contract import ExplainSpec
@@ -15,6 +16,7 @@ from ..core.errors import ExportError, renamed
 from ..core.layouts import attention_layout, channels_of, guess_layout, to_grid
 from .onnx_frontend import export_onnx, unknown_name_error
 
+TORCHSCRIPT_OPSET = 17
 EXPORT_BATCH = 2  # tracing specialises sizes 0 and 1: a batch of 2 keeps the batch dimension symbolic
 
 
@@ -136,7 +138,7 @@ def _default_layer(probed, image_size: tuple[int, int]) -> str:
 def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, labels=None, layouts=None,
                  attention_layers=None, attention_gradients=False, bundled=False,
                  input_gradients=False, legrad=False, explain_probabilities=False, heatmaps=None,
-                 target_layers=None, task=None) -> ExplainSpec:
+                 target_layers=None, task=None, tracer: str = "dynamo") -> ExplainSpec:
     """Export `model` (a torch.nn.Module) to an explainable ONNX file at `path`.
 
     `input_shape` is C x H x W (a leading batch size is ignored: the batch is dynamic).
@@ -149,6 +151,8 @@ def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, 
     nn.Softmax, nn.LogSoftmax or nn.Sigmoid is explained before it). `target_layers` is the old name of `layers`.
     A detector (`task` detect, or guessed so from its output's shape as export_onnx guesses it) with no `layers`
     gets the ONNX front end's default targets, named by their tensors in the exported graph rather than by module.
+    `tracer` "torchscript" exports with the legacy TorchScript tracer, several times faster than torch.export
+    ("dynamo") on convolutional networks; a trace that reads the values (a TracerWarning) is refused.
     """
     if target_layers is not None:
         layers = renamed("target_layers", "layers", target_layers)
@@ -169,18 +173,12 @@ def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, 
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed": noise, not news
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                wrapper, (example,), input_names=["input"], output_names=["logits", *names],
-                dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
-            )
+        onnx_model = _onnx_model(wrapper, example, names, tracer)
     except Exception as error:
         raise ExportError(f"torch.onnx.export failed: {str(error).splitlines()[0]}") from error
     finally:
         exporter_log.setLevel(level)
         wrapper.remove_hooks()
-    onnx_model = program.model_proto
     kept = [o for o in onnx_model.graph.output if o.name not in names]
     del onnx_model.graph.output[:]
     onnx_model.graph.output.extend(kept)
@@ -191,6 +189,27 @@ def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, 
                        std=std, labels=labels, layouts=layouts, attentions=attentions,
                        attention_gradients=attention_gradients, bundled=bundled, input_gradients=input_gradients,
                        legrad=legrad, explain_probabilities=explain_probabilities, heatmaps=heatmaps, task=task)
+
+
+def _onnx_model(wrapper, example, names: list[str], tracer: str) -> onnx.ModelProto:
+    """The wrapper as ONNX, the batch dynamic: torch.export (dynamo), or the TorchScript tracer with its
+    TracerWarnings raised (a trace that read the values would compute other images wrong)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if tracer == "dynamo":
+            return torch.onnx.export(wrapper, (example,), input_names=["input"], output_names=["logits", *names],
+                                     dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                                     verbose=False).model_proto
+        if tracer != "torchscript":
+            raise ValueError(f"tracer is dynamo or torchscript, not '{tracer}'")
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        wrapper.eval()  # the tracer restores the wrapper's mode afterwards, recursively: the model's too
+        written = io.BytesIO()
+        outputs = ["logits", *names]
+        torch.onnx.export(wrapper, (example,), written, dynamo=False, opset_version=TORCHSCRIPT_OPSET,
+                          input_names=["input"], output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in ["input", *outputs]})
+        return onnx.load_from_string(written.getvalue())
 
 
 class _WithActivations(torch.nn.Module):

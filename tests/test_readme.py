@@ -23,7 +23,8 @@ SKIPPED = ("pip install", "python -m pytest")
 FENCE = re.compile(r"^```(\S*)\n(.*?)^```$", flags=re.S | re.M)
 STARTING_FILES = ("lite0.onnx", "cat.png")  # what a docs page's folder holds before its first block
 PRODUCES = {"exporting.md": ("lite0-two.onnx", "from-onnx.onnx", "lite0-bundle.onnx"),
-            "transformers.md": ("vit-shapes.png",)}
+            "transformers.md": ("vit-shapes.png",),
+            "coming-from-pytorch-grad-cam.md": ("cat-cam.jpg", "lite0-compat.onnx")}
 
 
 def fenced_blocks(page: Path) -> list[tuple[str, str]]:
