@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 from conftest import run_cli
-from test_page import CHROMIUM
+from test_page import browser  # noqa: F401 (the fixture: Debian's Chromium through playwright)
 
 import onnxcam
 from onnxcam.core.contract import HEATMAPS_OUTPUT
@@ -53,21 +53,6 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def browser():
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed")
-    if not ORT_WEB.is_dir():
-        pytest.skip("onnxruntime-web is not installed: npm ci --ignore-scripts in tests/node")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        yield browser
-        browser.close()
-
-
-@pytest.fixture(scope="module")
 def photo(tmp_path_factory):
     """scikit-image's cat, 300 x 451: the page shrinks it (OpenCV's area resize, as Python's preprocessing)."""
     import skimage.data
@@ -96,7 +81,9 @@ def _vit_site(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("make_site", [_lite0_site, _vit_site], ids=["efficientnet-lite0", "vit"])
-def test_the_page_explains_in_the_browser_as_python_does(browser, photo, make_site, tmp_path):
+def test_the_page_explains_in_the_browser_as_python_does(browser, photo, make_site, tmp_path):  # noqa: F811
+    if not ORT_WEB.is_dir():
+        pytest.skip("onnxruntime-web is not installed: npm ci --ignore-scripts in tests/node")
     site = make_site(tmp_path)
     page = browser.new_page()
     requested = []
