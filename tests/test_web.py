@@ -100,6 +100,8 @@ def test_the_page_explains_in_the_browser_as_python_does(browser, photo, make_si
         plain = page.locator("#overlay").screenshot()
         page.locator("#opacity").fill("100")
         assert page.locator("#overlay").screenshot() != plain  # the slider blends the heatmap in
+        page.locator("#classes li").nth(1).click()  # another class of the top five, explained in turn
+        page.wait_for_function(f"window.onnxcam.result.selected === {result['top'][1][0]}", timeout=30_000)
     page.close()
     assert {urlparse(address).hostname for address in requested} == {"127.0.0.1"}  # the image stays here
 
