@@ -83,7 +83,7 @@ def write_site(model_path, folder, ort_web=None) -> Path:
     it, then renamed; a site written before is replaced, any other non-empty folder refused)."""
     folder = Path(folder)
     ort = check_ort_web(ort_web) if ort_web is not None else None
-    spec = ExplainSpec.from_json(_metadata(model_path))
+    spec = _spec(model_path)
     check_web(spec)
     if folder.exists() and any(folder.iterdir()) and not (folder / CONFIG_FILE).is_file():
         raise ExportError(f"{folder} is a folder with other files in it: give a new or empty one", option="web")
@@ -113,13 +113,11 @@ def write_site(model_path, folder, ort_web=None) -> Path:
     return folder
 
 
-def _metadata(model_path) -> str:
+def _spec(model_path) -> ExplainSpec:
     import onnx
 
-    from ..core.contract import METADATA_KEY
-
     model = onnx.load(str(model_path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
-    if METADATA_KEY not in props:
+    spec = ExplainSpec.from_metadata({p.key: p.value for p in model.metadata_props})
+    if spec is None:
         raise ExportError(f"{model_path} is not an explainable file", option="web")
-    return props[METADATA_KEY]
+    return spec

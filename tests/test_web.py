@@ -136,6 +136,34 @@ def test_without_a_local_copy_the_page_imports_the_pinned_cdn_file_with_its_hash
         assert {name: sri(ORT_WEB / name) for name in ORT_WEB_INTEGRITY} == ORT_WEB_INTEGRITY
 
 
+def test_the_cdn_page_runs_the_pinned_files_and_refuses_others(browser, tmp_path):  # noqa: F811
+    """The CDN's answers are the npm package's files here (playwright routes them, nothing leaves the machine);
+    a module that is not the pinned one is refused by its hash."""
+    if not ORT_WEB.is_dir():
+        pytest.skip("onnxruntime-web is not installed: npm ci --ignore-scripts in tests/node")
+    export_onnx(VIT, tmp_path / "vit.onnx", heatmaps="gradcam", web=tmp_path / "site")
+    for module, loads in [(ORT_WEB_MODULE, True), ("ort.wasm.bundle.min.mjs", False)]:
+        tab = browser.new_page()
+        refused = []
+        tab.on("console", lambda message, refused=refused: refused.append("integrity" in message.text))
+        tab.route(ORT_WEB_CDN + "*", functools.partial(_cdn, module))
+        with served(tmp_path / "site") as url:
+            tab.goto(url)
+            if loads:
+                tab.wait_for_selector("body[data-ready]", timeout=60_000)
+            else:
+                tab.wait_for_timeout(3_000)
+                assert any(refused) and tab.locator("body[data-ready]").count() == 0
+        tab.close()
+
+
+def _cdn(module: str, route) -> None:
+    """The CDN's answer from the npm package's files, with `module` in place of the pinned module."""
+    name = urlparse(route.request.url).path.rsplit("/", 1)[-1]
+    route.fulfill(path=ORT_WEB / (module if name == ORT_WEB_MODULE else name),
+                  headers={"access-control-allow-origin": "*"})
+
+
 def test_a_folder_without_onnxruntime_web_or_a_file_without_heatmaps_is_refused_in_one_line(tmp_path):
     with pytest.raises(ExportError, match="no ort.webgpu.bundle.min.mjs inside") as refused:
         export_onnx(VIT, tmp_path / "vit.onnx", web=tmp_path / "site", ort_web=tmp_path)
