@@ -45,7 +45,7 @@ from .legrad import layer_scores
 from .precision import float32_edges
 from .recurrent import expand_recurrent
 from .shapes import infer_shapes, tensor_shapes
-from .site import check_ort_web, check_web, write_site
+from .site import check_destination, check_web, write_site
 
 MIN_OPSET = 17
 DIFFERENTIABLE = set(RULES) | set(QUANTIZED_RULES) | NON_DIFFERENTIABLE  # ops that are not expanded into functions
@@ -93,9 +93,8 @@ def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, la
     in) or else from a pinned CDN address with subresource integrity.
     `target_layers` is the old name of `layers`.
     """
-    if ort_web is not None:
-        check_ort_web(ort_web)
     if web is not None:
+        check_destination(web, ort_web)
         heatmaps = heatmaps or "gradcam"
     if target_layers is not None:
         layers = renamed("target_layers", "layers", target_layers)

@@ -36,6 +36,14 @@ def sri(path: Path) -> str:
     return "sha384-" + base64.b64encode(hashlib.sha384(path.read_bytes()).digest()).decode()
 
 
+def check_destination(folder, ort_web=None) -> Path | None:
+    """Refuse, before any work, a site folder holding other files or a bad onnxruntime-web folder (else returned)."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not (folder / CONFIG_FILE).is_file():
+        raise ExportError(f"{folder} is a folder with other files in it: give a new or empty one", option="web")
+    return check_ort_web(ort_web) if ort_web is not None else None
+
+
 def check_ort_web(folder) -> Path:
     """The onnxruntime-web folder given (its dist), holding the pinned version's files; else one line."""
     folder = Path(folder)
@@ -52,7 +60,7 @@ def check_ort_web(folder) -> Path:
 def check_web(spec: ExplainSpec) -> None:
     """Refuse, in one line, a file the page cannot run: it needs the in-graph heatmaps of a classifier."""
     problem = ("it takes encoded bytes (--bundle)" if spec.bundled else
-               "it computes no heatmaps in the graph (give heatmaps)" if not spec.heatmaps else
+               "it computes no heatmaps in the graph" if not spec.heatmaps else
                "its scores are not one row of class scores" if len(spec.score_shape or [0, 0]) != 1 else
                f"its input is {spec.input_type} (the page builds {', '.join(INPUT_TYPES)})"
                if spec.input_type not in INPUT_TYPES else None)
@@ -82,11 +90,9 @@ def write_site(model_path, folder, ort_web=None) -> Path:
     """Write the site for the explainable file at `model_path` into `folder`, whole or not at all (built beside
     it, then renamed; a site written before is replaced, any other non-empty folder refused)."""
     folder = Path(folder)
-    ort = check_ort_web(ort_web) if ort_web is not None else None
+    ort = check_destination(folder, ort_web)
     spec = _spec(model_path)
     check_web(spec)
-    if folder.exists() and any(folder.iterdir()) and not (folder / CONFIG_FILE).is_file():
-        raise ExportError(f"{folder} is a folder with other files in it: give a new or empty one", option="web")
     folder.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:

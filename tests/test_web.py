@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
@@ -172,5 +173,14 @@ def test_a_folder_without_onnxruntime_web_or_a_file_without_heatmaps_is_refused_
     with pytest.raises(ExportError, match="computes no heatmaps in the graph"):
         write_site(tmp_path / "plain.onnx", tmp_path / "site")
     assert not (tmp_path / "site").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="a folder with other files in it"):
+        export_onnx(VIT, tmp_path / "vit.onnx", web=tmp_path / "mine")
+    assert not (tmp_path / "vit.onnx").exists()  # refused before any work
+    export_onnx(VIT, tmp_path / "vit.onnx", web=tmp_path / "site")
+    export_onnx(VIT, tmp_path / "vit.onnx", heatmaps="layercam", web=tmp_path / "site")  # a site is replaced
+    assert json.loads((tmp_path / "site" / "onnxcam.json").read_text())["method"] == "layercam"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no build left behind
     done = run_cli("export", VIT, "-o", tmp_path / "cli.onnx", "--web", tmp_path / "site", "--ort-web", tmp_path)
     assert done.returncode != 0 and done.stderr.strip().count("\n") == 0 and "--ort-web" in done.stderr
