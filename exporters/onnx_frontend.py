@@ -45,6 +45,7 @@ from .legrad import layer_scores
 from .precision import float32_edges
 from .recurrent import expand_recurrent
 from .shapes import infer_shapes, tensor_shapes
+from .site import check_destination, check_web, write_site
 
 MIN_OPSET = 17
 DIFFERENTIABLE = set(RULES) | set(QUANTIZED_RULES) | NON_DIFFERENTIABLE  # ops that are not expanded into functions
@@ -55,7 +56,8 @@ TASKS = ("classify", "segment", "detect")  # what a score output holds (export_o
 def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, layers=None, output=None,
                 mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
                 attention_gradients=False, bundled=False, input_gradients=False, legrad=False,
-                explain_probabilities=False, heatmaps=None, target_layers=None, task=None) -> ExplainSpec:
+                explain_probabilities=False, heatmaps=None, target_layers=None, task=None, web=None,
+                ort_web=None) -> ExplainSpec:
     """Rewrite the classifier `src` (a path or ModelProto) into an explainable graph saved at `path`.
 
     `input` names the image input (default: the one 4-D float or uint8 input), `input_layout` says whether it is
@@ -86,8 +88,14 @@ def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, la
     to 1.0 and has no gradient. `explain_probabilities` keeps the output's own values instead.
     `heatmaps` names a CAM whose heatmaps the graph then computes too, output `onnxcam_heatmaps` (B x H x W in
     [0, 1], standard operators only: exporters.graph_cams), so that any ONNX runtime gets the maps with no numpy.
+    `web` names a folder to write a static site into, which explains in the browser with onnxruntime-web
+    (exporters.site; heatmaps default to gradcam), importing onnxruntime-web from `ort_web` (its dist folder, copied
+    in) or else from a pinned CDN address with subresource integrity.
     `target_layers` is the old name of `layers`.
     """
+    if web is not None:
+        check_destination(web, ort_web)
+        heatmaps = heatmaps or "gradcam"
     if target_layers is not None:
         layers = renamed("target_layers", "layers", target_layers)
     model = make_explainable(load_model(src), input=input, input_layout=input_layout, input_size=input_size,
@@ -101,7 +109,11 @@ def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, la
         model = add_heatmaps(model, heatmaps)
     if bundled:
         model = bundle(model, read_spec(model))
+    if web is not None:
+        check_web(read_spec(model))
     save_model(model, path)
+    if web is not None:
+        write_site(path, web, ort_web)
     return read_spec(model)
 
 

@@ -138,7 +138,7 @@ def _default_layer(probed, image_size: tuple[int, int]) -> str:
 def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, labels=None, layouts=None,
                  attention_layers=None, attention_gradients=False, bundled=False,
                  input_gradients=False, legrad=False, explain_probabilities=False, heatmaps=None,
-                 target_layers=None, task=None, tracer: str = "dynamo") -> ExplainSpec:
+                 target_layers=None, task=None, web=None, ort_web=None, tracer: str = "dynamo") -> ExplainSpec:
     """Export `model` (a torch.nn.Module) to an explainable ONNX file at `path`.
 
     `input_shape` is C x H x W (a leading batch size is ignored: the batch is dynamic).
@@ -147,8 +147,9 @@ def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, 
     whose outputs are a block's attention probabilities, for attention rollout (default: modules
     named `attn_drop` that return B x heads x N x N; where none runs, as with fused scaled dot-product
     attention, the exported graph's Softmax outputs of that shape). `attention_gradients`, `bundled`,
-    `input_gradients`, `legrad`, `explain_probabilities`, `heatmaps`, `task`: see export_onnx (a model ending in
-    nn.Softmax, nn.LogSoftmax or nn.Sigmoid is explained before it). `target_layers` is the old name of `layers`.
+    `input_gradients`, `legrad`, `explain_probabilities`, `heatmaps`, `task`, `web`, `ort_web`: see export_onnx (a
+    model ending in nn.Softmax, nn.LogSoftmax or nn.Sigmoid is explained before it). `target_layers` is the old
+    name of `layers`.
     A detector (`task` detect, or guessed so from its output's shape as export_onnx guesses it) with no `layers`
     gets the ONNX front end's default targets, named by their tensors in the exported graph rather than by module.
     `tracer` "torchscript" exports with the legacy TorchScript tracer, several times faster than torch.export
@@ -188,7 +189,8 @@ def export_torch(model, path, *, input_shape, layers=None, mean=None, std=None, 
     return export_onnx(onnx_model, path, layers=names[:len(layers)] or None, layer_names=layers or None, mean=mean,
                        std=std, labels=labels, layouts=layouts, attentions=attentions,
                        attention_gradients=attention_gradients, bundled=bundled, input_gradients=input_gradients,
-                       legrad=legrad, explain_probabilities=explain_probabilities, heatmaps=heatmaps, task=task)
+                       legrad=legrad, explain_probabilities=explain_probabilities, heatmaps=heatmaps, task=task,
+                       web=web, ort_web=ort_web)
 
 
 def _onnx_model(wrapper, example, names: list[str], tracer: str) -> onnx.ModelProto:

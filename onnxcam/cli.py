@@ -33,7 +33,8 @@ EXPORT_TASKS = ("classify", "segment", "detect")
 FLAGS = {"save": "--save", "layers": "--layer", "layouts": "--layout", "mean": "--mean", "std": "--std",
          "attention_gradients": "--grad-rollout", "input_gradients": "--input-gradients", "output": "--scores",
          "input_size": "--input-size", "input": "--input", "input_layout": "--input-layout", "targets": "--task",
-         "batch_size": "--batch-size", "legrad": "--legrad", "task": "--task"}
+         "batch_size": "--batch-size", "legrad": "--legrad", "task": "--task",
+         "web": "--web", "ort_web": "--ort-web"}
 
 
 class Failed(click.ClickException):
@@ -135,18 +136,24 @@ def main():
 @click.option("--explain-probabilities", is_flag=True,
               help="Where the scores are a softmax or sigmoid of logits, explain the probabilities themselves "
                    "(default: the logits, the class score before the squashing, as Grad-CAM defines it).")
+@click.option("--web", type=click.Path(file_okay=False),
+              help="Also write a static site here that explains in the browser with onnxruntime-web: the image never "
+                   "leaves the device (heatmaps default to gradcam).")
+@click.option("--ort-web", type=click.Path(file_okay=False),
+              help="onnxruntime-web's dist folder (npm install onnxruntime-web), copied into the site; without it the "
+                   "page loads the pinned version from a CDN, checked by subresource integrity.")
 @click.option("--triton-repo", type=click.Path(file_okay=False),
               help="Also write a Triton model repository for the file here (model.onnx and config.pbtxt).")
 def export(model, out, layers, target_layer, input_size, image_input, input_layout, weights, mean, std, labels, scores,
            score_output, layouts, task, attention_gradients, legrad, input_gradients, bundled, heatmaps,
-           explain_probabilities, triton_repo):
+           explain_probabilities, web, ort_web, triton_repo):
     """Make MODEL explainable: MODEL is package.module:callable returning a torch.nn.Module, or an .onnx file."""
     names = _read_labels(labels)
     layers, scores = list(layers + target_layer), scores or score_output
     options = dict(layers=layers or None, mean=_triple(mean), std=_triple(std), labels=names,
                    layouts=list(layouts) or None, attention_gradients=attention_gradients, bundled=bundled,
                    input_gradients=input_gradients, legrad=legrad, explain_probabilities=explain_probabilities,
-                   heatmaps=heatmaps, task=task)
+                   heatmaps=heatmaps, task=task, web=web, ort_web=ort_web)
     try:
         if model.endswith(".onnx"):
             spec = export_onnx(model, out, input=image_input, input_layout=input_layout, input_size=input_size,
@@ -162,6 +169,8 @@ def export(model, out, layers, target_layer, input_size, image_input, input_layo
     squashing = f" = {spec.squashing}('{spec.logits}'); explained before the {spec.squashing}" if spec.squashing else ""
     click.echo(f"wrote {out}: input '{spec.input}' {spec.input_layout} {height}x{width} {spec.input_type}, scores "
                f"'{spec.scores}' ({_holding(spec, task)}){squashing}, layers {', '.join(spec.layers)}")
+    if web:
+        click.echo(f"wrote {Path(web) / 'index.html'}: serve the folder and open it in a browser")
     if triton_repo:
         from .triton import write_repository
 

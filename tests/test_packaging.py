@@ -19,8 +19,9 @@ def test_wheel_holds_only_the_onnxcam_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"onnxcam", wheel.name.split("-py3")[0] + ".dist-info"}
     for module in ["onnxcam/core/methods.py", "onnxcam/exporters/autodiff/rules.py", "onnxcam/runtimes/session.py",
-                   "onnxcam/serving/page.html", "onnxcam/demo/efficientnet_lite.py", "onnxcam/methods/registry.py",
-                   "onnxcam/jobs/job.py", "onnxcam/core/contract.py", "onnxcam/cli.py"]:
+                   "onnxcam/serving/page.html", "onnxcam/exporters/web/index.html", "onnxcam/exporters/web/onnxcam.js",
+                   "onnxcam/demo/efficientnet_lite.py", "onnxcam/methods/registry.py", "onnxcam/jobs/job.py",
+                   "onnxcam/core/contract.py", "onnxcam/cli.py"]:
         assert module in names
     assert not [name for name in names if "testing" in name or "support" in name], "test builders left in the wheel"
     sources = {str(p.relative_to(ROOT)) for folder in ("core", "exporters", "runtimes", "onnxcam")
