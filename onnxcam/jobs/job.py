@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,38 +154,31 @@ class _Job:
 
     def prepare(self, batch: FileBatch, names: dict[str, str], pool: ThreadPoolExecutor) -> tuple:
         """Record lines for a batch, the writes of its explained images submitted to `pool`."""
-        number, self.next_batch = self.next_batch, self.next_batch + 1
-        entries = [({"path": path, "batch": number, "error": message}, None, None) for path, message in batch.errors]
-        explanation, labels = batch.explanation, self.explainer.labels
-        if explanation is None:
-            return number, entries
-        tops = [[] for _ in batch.paths] if has_regions(explanation) else explanation.top_k(5, labels)
-        for i, (path, indices) in enumerate(zip(batch.paths, explanation.maps_per_image(), strict=True)):
-            classes = [int(explanation.classes[m]) for m in indices]
-            maps = map_entries(explanation, i, indices, labels)
-            line = {"path": path, "batch": number, "method": self.method, "top5": tops[i]}
-            files = None
-            if self.outputs.files:
-                line["name"] = self.unique_name(names.pop(path))
-                files = map_names(line["name"], classes)
-            else:
-                names.pop(path)
-            image = batch.images[i] if batch.images is not None else None
-            future = pool.submit(finish_image, self.outdir, self.outputs, files, image, explanation.heatmaps[indices],
-                                 regions(explanation, indices, maps))
-            entries.append((line, maps, future))
+        number = self.take_number()
+        entries = finish_batch(batch, self.outdir, self.outputs, self.method, self.explainer.labels,
+                               lambda path: self.output_name(names.pop(path)), pool.submit)
         return number, entries
 
+    def take_number(self) -> int:
+        number, self.next_batch = self.next_batch, self.next_batch + 1
+        return number
+
+    def output_name(self, name: str) -> str:
+        """The name an image's files get: `name`, numbered when taken (no files: as it is)."""
+        return self.unique_name(name) if self.outputs.files else name
+
     def commit(self, number: int, entries: list) -> None:
-        """In the committer thread: wait for a batch's writes, stage its rows, append its lines, tell."""
+        """In the committer thread: wait for a batch's writes, stage its rows, append its lines, tell.
+        `entries` as finish_batch's, each image's writes done or a future of them."""
         columns = {name: [] for name in ("path", "method", "class", "label", "score", "top5", "heatmap",
                                          "height", "width")}
         lines = []
-        for line, maps, future in entries:
-            if future is not None:
-                files, levels = future.result()
-                for entry, written in zip(maps, files, strict=True):
-                    entry.update(written)
+        for line, maps, written in entries:
+            line["batch"] = number
+            if written is not None:
+                files, levels = written.result() if isinstance(written, Future) else written
+                for entry, wrote in zip(maps, files, strict=True):
+                    entry.update(wrote)
                 if levels is not None:
                     self._add_rows(columns, line, maps, levels)
                 if len(maps) == 1:
@@ -218,6 +211,30 @@ class _Job:
                 self.report(describe(line, self.outdir))
         if self.progress is not None:
             self.progress(self.summary.explained + self.summary.failed, self.total)
+
+
+
+def finish_batch(batch: FileBatch, outdir: Path, outputs: Outputs, method: str, labels,
+                 name_of: Callable[[str], str], submit: Callable) -> list[tuple]:
+    """Per image of a batch: its record line (its batch number set at commit), its maps' entries, and the writes
+    of its files (finish_image) handed to `submit` (a pool's); a file that failed, its line alone. `name_of`:
+    the output name of a path."""
+    entries = [({"path": path, "batch": None, "error": message}, None, None) for path, message in batch.errors]
+    explanation = batch.explanation
+    if explanation is None:
+        return entries
+    tops = [[] for _ in batch.paths] if has_regions(explanation) else explanation.top_k(5, labels)
+    for i, (path, indices) in enumerate(zip(batch.paths, explanation.maps_per_image(), strict=True)):
+        maps = map_entries(explanation, i, indices, labels)
+        line = {"path": path, "batch": None, "method": method, "top5": tops[i]}
+        name, files = name_of(path), None
+        if outputs.files:
+            line["name"] = name
+            files = map_names(name, [int(explanation.classes[m]) for m in indices])
+        image = batch.images[i] if batch.images is not None else None
+        entries.append((line, maps, submit(finish_image, outdir, outputs, files, image, explanation.heatmaps[indices],
+                                           regions(explanation, indices, maps))))
+    return entries
 
 
 
