@@ -58,7 +58,7 @@ class _Committer(threading.Thread):
     """Commits finished batches in order: waits for their writes, stages their table rows, appends their
     record lines, then tells the callbacks. A bounded queue holds the batches in between."""
 
-    def __init__(self, job: _Job, depth: int = 2):
+    def __init__(self, job: Job, depth: int = 2):
         super().__init__(name="onnxcam-commit", daemon=True)
         self.job, self.queue, self.error = job, queue.Queue(depth), None
 
@@ -94,7 +94,7 @@ class _Committer(threading.Thread):
 
 
 
-def _cleanup(outdir: Path) -> None:
+def remove_leftovers(outdir: Path) -> None:
     """Delete the temporary files of writes cut short (by a crash) anywhere under `outdir`."""
     for folder, _, names in os.walk(outdir):
         for name in names:
@@ -123,14 +123,14 @@ def _check_settings(path: Path, settings: dict, resume: bool) -> None:
 
 
 
-class _Job:
+class Job:
     """The state of one `explain_files` run: the record, the table, output names taken, counts."""
 
     def __init__(self, explainer: Explainer, outdir: Path, outputs: Outputs, method: str, target: int | None,
                  resume: bool, callbacks):
         outdir.mkdir(parents=True, exist_ok=True)
         if resume:
-            _cleanup(outdir)
+            remove_leftovers(outdir)
         self.explainer, self.outdir, self.outputs, self.method = explainer, outdir, outputs, method
         self.report, self.complain, self.progress = callbacks
         _check_settings(outdir / SETTINGS, {"method": method, "target": target, **dataclasses.asdict(outputs)}, resume)
@@ -143,6 +143,13 @@ class _Job:
         self.summary = Summary(outdir=outdir, table=outdir / TABLE if outputs.table else None,
                                record=outdir / RECORD)
         self.total: int | None = None
+
+    def pending(self, sources) -> Iterator[Source]:
+        """The sources the record lacks, each once; counted first when they can be listed again."""
+        self.summary.skipped = len(self.record.done)
+        if iter(sources) is not sources:  # listed again rather than held in memory
+            self.total = sum(1 for source in pending_sources(sources, set(self.record.done)))
+        return pending_sources(sources, set(self.record.done))
 
     def unique_name(self, name: str) -> str:
         candidate, n = name, 1
@@ -251,14 +258,11 @@ def explain_files(explainer: Explainer, sources: Iterable[Source | str | os.Path
     be iterated only once). With `resume`, images the record holds are skipped. A source listed twice is
     explained once. Returns the counts.
     """
-    job = _Job(explainer, outdir, outputs, method, target, resume, (report, complain, progress))
-    job.summary.skipped = len(job.record.done)
-    if iter(sources) is not sources:  # listed again rather than held in memory
-        job.total = sum(1 for source in _pending(sources, set(job.record.done)))
+    job = Job(explainer, outdir, outputs, method, target, resume, (report, complain, progress))
     names: dict[str, str] = {}
 
     def paths() -> Iterator[str]:
-        for source in _pending(sources, set(job.record.done)):
+        for source in job.pending(sources):
             names[source.path] = source.name
             yield source.path
 
@@ -279,7 +283,7 @@ def explain_files(explainer: Explainer, sources: Iterable[Source | str | os.Path
 
 
 
-def _pending(sources, done: set[str]) -> Iterator[Source]:
+def pending_sources(sources, done: set[str]) -> Iterator[Source]:
     """The sources not done yet, each path once (later copies are skipped and remembered as done)."""
     for item in sources:
         source = item if isinstance(item, Source) else Source(os.fspath(item), Path(os.fspath(item)).stem)
