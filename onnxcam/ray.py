@@ -1,13 +1,14 @@
 """The `explain` job on a Ray cluster, for datasets one machine cannot get through.
 
 The driver holds the local job (onnxcam.jobs): its settings, its record of finished images, its table, its output
-names, so that `--resume` and every file are the local job's. A pool of actors (one per node unless told
-otherwise, each reserving its share of the cores) runs the local job's pipeline on chunks of the files: threads
-read (local paths every node mounts, or fsspec URIs: s3://, gs://) and decode ahead of the session, threads write
-the overlays and heatmaps whole (write, then rename) into the output folder every node mounts, behind it. Back to
-the driver come each image's record line and, for the table, its 8-bit heatmaps; the driver commits them a batch
-at a time, as the local job's committer does. The chunk of an actor that dies, or whose node is lost, is given to
-another actor, and a new one is started in its place: each image is committed once.
+names, so that `--resume` and every file are the local job's. A pool of actors (spread over the nodes, each
+reserving its share of the cores: one per node is a local job per node) runs the local job's pipeline on chunks
+of the files: threads read (local paths every node mounts, or fsspec URIs: s3://, gs://) and decode ahead of the
+session, threads write the overlays and heatmaps whole (write, then rename) into the output folder every node
+mounts, behind it. Back to the driver come each image's record line and, for the table, its 8-bit heatmaps; the
+driver commits them a batch at a time, as the local job's committer does. The chunk of an actor that dies, or
+whose node is lost, is given to another actor, and a new one is started in its place: each image is committed
+once.
 
     import onnxcam.ray
     onnxcam.ray.explain_on_ray("model.onnx", ["s3://bucket/images/a.jpg", ...], "/shared/out", actors=4)
