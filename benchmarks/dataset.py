@@ -110,6 +110,7 @@ def worker(args) -> dict:
     if args.kind == "ray":
         return ray_worker(args, sources, count)
     explainer = Explainer(args.model, provider="cpu")
+    first = FirstBatch()
     plain = plain_session(explainer) if args.kind == "floor" else None
     start, cpu = time.perf_counter(), time.process_time()
     if args.kind == "floor":
@@ -123,10 +124,25 @@ def worker(args) -> dict:
         if batch:
             plain.run([spec.scores], {spec.input: np.stack(batch)})
     else:
-        explain_files(explainer, sources, Path(args.out), batch_size=args.batch, outputs=Outputs.parse(args.save))
+        explain_files(explainer, sources, Path(args.out), batch_size=args.batch, outputs=Outputs.parse(args.save),
+                      progress=first.progress)
     seconds = time.perf_counter() - start
     return {"images": count, "seconds": seconds, "images_per_s": count / seconds, "peak_mb": peak_memory_mb(),
-            "cpu_s": time.process_time() - cpu}
+            "cpu_s": time.process_time() - cpu, "steady_per_s": first.steady(count)}
+
+
+class FirstBatch:
+    """A job's progress callback: when its first batch was committed, for the rate from there on (steady)."""
+
+    def __init__(self):
+        self.at, self.done = None, 0
+
+    def progress(self, done: int, total) -> None:
+        if self.at is None:
+            self.at, self.done = time.perf_counter(), done
+
+    def steady(self, count: int) -> float:
+        return (count - self.done) / (time.perf_counter() - self.at) if self.at is not None else float("nan")
 
 
 def plain_session(explainer):
@@ -138,16 +154,19 @@ def plain_session(explainer):
 def ray_worker(args, sources, count: int) -> dict:
     import ray
 
+    from onnxcam.jobs import Outputs
     from onnxcam.ray import explain_on_ray
 
     start = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    started = time.perf_counter()
-    explain_on_ray(args.model, sources, Path(args.out), actors=args.actors, batch_size=args.batch, provider="cpu")
+    started, first = time.perf_counter(), FirstBatch()
+    explain_on_ray(args.model, sources, Path(args.out), actors=args.actors, batch_size=args.batch, provider="cpu",
+                   outputs=Outputs.parse(args.save or "table"), progress=first.progress)
     seconds = time.perf_counter() - started
+    steady = first.steady(count)
     ray.shutdown()
     return {"images": count, "seconds": seconds, "images_per_s": count / seconds, "ray_init_s": started - start,
-            "peak_mb": peak_memory_mb()}
+            "peak_mb": peak_memory_mb(), "steady_per_s": steady}
 
 
 def measure(model: Path, folder: Path, out: Path, kind: str, save: str = "", actors: int = 1, batch: int = 8) -> dict:

@@ -343,9 +343,10 @@ def _target_of(classes: tuple[int, ...], top: int | None, task: str, score_thres
 @click.option("--resume", is_flag=True, help="Skip the images the record in the output folder holds.")
 @click.option("-v", "--verbose", is_flag=True, help="A line per image instead of the progress bar.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
-              help="Run on a Ray cluster: its ADDRESS, or alone for RAY_ADDRESS's or a new local one (table only).")
+              help="Run on a Ray cluster: its ADDRESS, or alone for RAY_ADDRESS's or a new local one.")
 @click.option("--actors", default=1, show_default=True, type=click.IntRange(min=1),
-              help="With --ray: actors, each holding one session (one GPU each where the cluster has GPUs).")
+              help="With --ray: actors, each holding one session (one GPU each where the cluster has GPUs) "
+                   "and --workers cores (default: the cluster's shared out).")
 def explain(model, images, outdir, recursive, list_file, method, classes, target, provider, batch_size, save,
             image_format, heatmap_format, alpha, colormap, workers, rows_per_part, resume, verbose, ray_address, actors,
             **targeting):
@@ -364,7 +365,7 @@ def explain(model, images, outdir, recursive, list_file, method, classes, target
     except OnnxcamError as error:
         raise Failed.of(error) from None
     if ray_address is not None:
-        return _explain_on_ray(model, sources, Path(outdir), outputs, ray_address, actors, resume, verbose,
+        return _explain_on_ray(model, sources, Path(outdir), outputs, ray_address, actors, resume, verbose, workers,
                                method=method, target=target, batch_size=batch_size, provider=provider)
     try:
         explainer = Explainer(model, provider=provider)
@@ -422,25 +423,21 @@ def _progress(verbose: bool):
 
 
 def _explain_on_ray(model, sources, outdir: Path, outputs, address: str, actors: int, resume: bool, verbose: bool,
-                    **options):
-    """`explain --ray`: the same job on Ray Data (onnxcam.ray), writing the table only."""
-    if resume or outputs.files or not outputs.table:
-        raise Failed("with --ray the job writes the table only, and starts over: use --save table, without --resume")
+                    workers: int | None, **options):
+    """`explain --ray`: the same job on a Ray cluster (onnxcam.ray), `workers` the cores of each actor."""
     try:
         from .ray import explain_on_ray
     except ImportError as error:
         raise Failed(f"--ray needs its extra: pip install 'onnxcam[ray]' ({error})") from None
-    if not verbose:  # Ray's own progress bars and logs
-        from ray.data import DataContext
-
+    if not verbose:  # Ray's own logs
         logging.getLogger("ray").setLevel(logging.ERROR)
-        DataContext.get_current().enable_progress_bars = False
-    try:
-        summary = explain_on_ray(model, sources, outdir, address=address or None, actors=actors,
-                                 complain=_reporting()["complain"], **options)
-    except OnnxcamError as error:
-        raise Failed.of(error) from None
-    _summarise(summary.explained, summary.failed, 0, outdir)
+    with _progress(verbose) as reporting:
+        try:
+            summary = explain_on_ray(model, sources, outdir, address=address or None, actors=actors, cpus=workers,
+                                     outputs=outputs, resume=resume, **options, **reporting)
+        except OnnxcamError as error:
+            raise Failed.of(error) from None
+    _summarise(summary.explained, summary.failed, summary.skipped, outdir)
 
 
 @main.command()

@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +58,7 @@ class _Committer(threading.Thread):
     """Commits finished batches in order: waits for their writes, stages their table rows, appends their
     record lines, then tells the callbacks. A bounded queue holds the batches in between."""
 
-    def __init__(self, job: _Job, depth: int = 2):
+    def __init__(self, job: Job, depth: int = 2):
         super().__init__(name="onnxcam-commit", daemon=True)
         self.job, self.queue, self.error = job, queue.Queue(depth), None
 
@@ -94,7 +94,7 @@ class _Committer(threading.Thread):
 
 
 
-def _cleanup(outdir: Path) -> None:
+def remove_leftovers(outdir: Path) -> None:
     """Delete the temporary files of writes cut short (by a crash) anywhere under `outdir`."""
     for folder, _, names in os.walk(outdir):
         for name in names:
@@ -123,14 +123,14 @@ def _check_settings(path: Path, settings: dict, resume: bool) -> None:
 
 
 
-class _Job:
+class Job:
     """The state of one `explain_files` run: the record, the table, output names taken, counts."""
 
     def __init__(self, explainer: Explainer, outdir: Path, outputs: Outputs, method: str, target: int | None,
                  resume: bool, callbacks):
         outdir.mkdir(parents=True, exist_ok=True)
         if resume:
-            _cleanup(outdir)
+            remove_leftovers(outdir)
         self.explainer, self.outdir, self.outputs, self.method = explainer, outdir, outputs, method
         self.report, self.complain, self.progress = callbacks
         _check_settings(outdir / SETTINGS, {"method": method, "target": target, **dataclasses.asdict(outputs)}, resume)
@@ -144,6 +144,13 @@ class _Job:
                                record=outdir / RECORD)
         self.total: int | None = None
 
+    def pending(self, sources) -> Iterator[Source]:
+        """The sources the record lacks, each once; counted first when they can be listed again."""
+        self.summary.skipped = len(self.record.done)
+        if iter(sources) is not sources:  # listed again rather than held in memory
+            self.total = sum(1 for source in pending_sources(sources, set(self.record.done)))
+        return pending_sources(sources, set(self.record.done))
+
     def unique_name(self, name: str) -> str:
         candidate, n = name, 1
         while candidate in self.taken:
@@ -154,38 +161,31 @@ class _Job:
 
     def prepare(self, batch: FileBatch, names: dict[str, str], pool: ThreadPoolExecutor) -> tuple:
         """Record lines for a batch, the writes of its explained images submitted to `pool`."""
-        number, self.next_batch = self.next_batch, self.next_batch + 1
-        entries = [({"path": path, "batch": number, "error": message}, None, None) for path, message in batch.errors]
-        explanation, labels = batch.explanation, self.explainer.labels
-        if explanation is None:
-            return number, entries
-        tops = [[] for _ in batch.paths] if has_regions(explanation) else explanation.top_k(5, labels)
-        for i, (path, indices) in enumerate(zip(batch.paths, explanation.maps_per_image(), strict=True)):
-            classes = [int(explanation.classes[m]) for m in indices]
-            maps = map_entries(explanation, i, indices, labels)
-            line = {"path": path, "batch": number, "method": self.method, "top5": tops[i]}
-            files = None
-            if self.outputs.files:
-                line["name"] = self.unique_name(names.pop(path))
-                files = map_names(line["name"], classes)
-            else:
-                names.pop(path)
-            image = batch.images[i] if batch.images is not None else None
-            future = pool.submit(finish_image, self.outdir, self.outputs, files, image, explanation.heatmaps[indices],
-                                 regions(explanation, indices, maps))
-            entries.append((line, maps, future))
+        number = self.take_number()
+        entries = finish_batch(batch, self.outdir, self.outputs, self.method, self.explainer.labels,
+                               lambda path: self.output_name(names.pop(path)), pool.submit)
         return number, entries
 
+    def take_number(self) -> int:
+        number, self.next_batch = self.next_batch, self.next_batch + 1
+        return number
+
+    def output_name(self, name: str) -> str:
+        """The name an image's files get: `name`, numbered when taken (no files: as it is)."""
+        return self.unique_name(name) if self.outputs.files else name
+
     def commit(self, number: int, entries: list) -> None:
-        """In the committer thread: wait for a batch's writes, stage its rows, append its lines, tell."""
+        """In the committer thread: wait for a batch's writes, stage its rows, append its lines, tell.
+        `entries` as finish_batch's, each image's writes done or a future of them."""
         columns = {name: [] for name in ("path", "method", "class", "label", "score", "top5", "heatmap",
                                          "height", "width")}
         lines = []
-        for line, maps, future in entries:
-            if future is not None:
-                files, levels = future.result()
-                for entry, written in zip(maps, files, strict=True):
-                    entry.update(written)
+        for line, maps, written in entries:
+            line["batch"] = number
+            if written is not None:
+                files, levels = written.result() if isinstance(written, Future) else written
+                for entry, wrote in zip(maps, files, strict=True):
+                    entry.update(wrote)
                 if levels is not None:
                     self._add_rows(columns, line, maps, levels)
                 if len(maps) == 1:
@@ -221,6 +221,30 @@ class _Job:
 
 
 
+def finish_batch(batch: FileBatch, outdir: Path, outputs: Outputs, method: str, labels,
+                 name_of: Callable[[str], str], submit: Callable) -> list[tuple]:
+    """Per image of a batch: its record line (its batch number set at commit), its maps' entries, and the writes
+    of its files (finish_image) handed to `submit` (a pool's); a file that failed, its line alone. `name_of`:
+    the output name of a path."""
+    entries = [({"path": path, "batch": None, "error": message}, None, None) for path, message in batch.errors]
+    explanation = batch.explanation
+    if explanation is None:
+        return entries
+    tops = [[] for _ in batch.paths] if has_regions(explanation) else explanation.top_k(5, labels)
+    for i, (path, indices) in enumerate(zip(batch.paths, explanation.maps_per_image(), strict=True)):
+        maps = map_entries(explanation, i, indices, labels)
+        line = {"path": path, "batch": None, "method": method, "top5": tops[i]}
+        name, files = name_of(path), None
+        if outputs.files:
+            line["name"] = name
+            files = map_names(name, [int(explanation.classes[m]) for m in indices])
+        image = batch.images[i] if batch.images is not None else None
+        entries.append((line, maps, submit(finish_image, outdir, outputs, files, image, explanation.heatmaps[indices],
+                                           regions(explanation, indices, maps))))
+    return entries
+
+
+
 def explain_files(explainer: Explainer, sources: Iterable[Source | str | os.PathLike], outdir: Path, *,
                   method: str = "gradcam", target: int | None = None, batch_size: int = 8,
                   outputs: Outputs = DEFAULT_OUTPUTS, resume: bool = False, workers: int | None = None,
@@ -234,14 +258,11 @@ def explain_files(explainer: Explainer, sources: Iterable[Source | str | os.Path
     be iterated only once). With `resume`, images the record holds are skipped. A source listed twice is
     explained once. Returns the counts.
     """
-    job = _Job(explainer, outdir, outputs, method, target, resume, (report, complain, progress))
-    job.summary.skipped = len(job.record.done)
-    if iter(sources) is not sources:  # listed again rather than held in memory
-        job.total = sum(1 for source in _pending(sources, set(job.record.done)))
+    job = Job(explainer, outdir, outputs, method, target, resume, (report, complain, progress))
     names: dict[str, str] = {}
 
     def paths() -> Iterator[str]:
-        for source in _pending(sources, set(job.record.done)):
+        for source in job.pending(sources):
             names[source.path] = source.name
             yield source.path
 
@@ -262,7 +283,7 @@ def explain_files(explainer: Explainer, sources: Iterable[Source | str | os.Path
 
 
 
-def _pending(sources, done: set[str]) -> Iterator[Source]:
+def pending_sources(sources, done: set[str]) -> Iterator[Source]:
     """The sources not done yet, each path once (later copies are skipped and remembered as done)."""
     for item in sources:
         source = item if isinstance(item, Source) else Source(os.fspath(item), Path(os.fspath(item)).stem)
