@@ -1,5 +1,6 @@
-"""Every example in the README and in the pages of docs/ runs: each page's bash and python blocks, in order, in a
-fresh folder (install and test blocks excepted). Output shown for reading is fenced as text, which is not run. The
+"""Every example in the README and in the pages of docs/ runs: each page's bash, python and javascript blocks, in
+order, in a fresh folder (install and test blocks excepted); javascript runs on Node.js as a module, with the npm
+packages of tests/node (onnxruntime-node). Output shown for reading is fenced as text, which is not run. The
 docs pages include the README's own examples (pymdownx.snippets) instead of copying them, so each runs once; a
 docs page starts where the README's tour ends, with its lite0.onnx and cat.png."""
 
@@ -17,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PAGES = sorted((ROOT / "docs").glob("*.md"))
-RUN = ("bash", "python")
+RUN = ("bash", "python", "javascript")
 NOT_RUN = ("text", "console", "yaml")  # output, or a manifest for another tool
 SKIPPED = ("pip install", "python -m pytest")
 FENCE = re.compile(r"^```(\S*)\n(.*?)^```$", flags=re.S | re.M)
@@ -39,8 +40,10 @@ def runnable_blocks(page: Path) -> list[tuple[str, str]]:
 def run_blocks(page: Path, folder: Path, env: dict) -> None:
     for name in ("benchmarks", "tests"):  # the examples run from a checkout's root
         (folder / name).symlink_to(ROOT / name)
+    (folder / "node_modules").symlink_to(ROOT / "tests" / "node" / "node_modules")  # as after `npm install`
     for kind, code in runnable_blocks(page):
-        command = ["bash", "-euo", "pipefail", "-c", code] if kind == "bash" else [sys.executable, "-c", code]
+        command = {"bash": ["bash", "-euo", "pipefail", "-c", code], "python": [sys.executable, "-c", code],
+                   "javascript": ["node", "--input-type=module", "-e", code]}[kind]
         result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{page.name}:\n{code}\n{result.stdout}\n{result.stderr}"
 
@@ -69,7 +72,7 @@ def test_every_block_is_run_or_fenced_as_output():
 
 
 def test_readme_examples_run(readme_folder):
-    assert [kind for kind, _ in runnable_blocks(README)] == ["bash", "bash", "python", "bash"]
+    assert [kind for kind, _ in runnable_blocks(README)] == ["bash", "bash", "python", "bash", "javascript", "bash"]
     assert (readme_folder / "out" / "cat.png").exists() and (readme_folder / "cat-gradcam.png").exists()
     assert list((readme_folder / "audit" / "table").glob("*.parquet"))
     assert (readme_folder / "served.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
