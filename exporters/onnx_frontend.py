@@ -53,11 +53,10 @@ EXTERNAL_DATA_OVER = 2**31 - 2**26  # bytes of weights past which a model is sav
 TASKS = ("classify", "segment", "detect")  # what a score output holds (export_onnx's `task`)
 
 
-def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, layers=None, output=None,
-                mean=None, std=None, labels=None, layer_names=None, layouts=None, attentions=None,
-                attention_gradients=False, bundled=False, input_gradients=False, legrad=False,
-                explain_probabilities=False, heatmaps=None, target_layers=None, task=None, web=None,
-                ort_web=None) -> ExplainSpec:
+def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, layers=None, output=None, mean=None,
+                std=None, labels=None, layer_names=None, layouts=None, attentions=None, attention_gradients=False,
+                bundled=False, input_gradients=False, legrad=False, explain_probabilities=False, heatmaps=None,
+                target_layers=None, task=None, web=None, ort_web=None) -> ExplainSpec:
     """Rewrite the classifier `src` (a path or ModelProto) into an explainable graph saved at `path`.
 
     `input` names the image input (default: the one 4-D float or uint8 input), `input_layout` says whether it is
@@ -88,10 +87,9 @@ def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, la
     to 1.0 and has no gradient. `explain_probabilities` keeps the output's own values instead.
     `heatmaps` names a CAM whose heatmaps the graph then computes too, output `onnxcam_heatmaps` (B x H x W in
     [0, 1], standard operators only: exporters.graph_cams), so that any ONNX runtime gets the maps with no numpy.
-    `web` names a folder to write a static site into, which explains in the browser with onnxruntime-web
-    (exporters.site; heatmaps default to gradcam), importing onnxruntime-web from `ort_web` (its dist folder, copied
-    in) or else from a pinned CDN address with subresource integrity.
-    `target_layers` is the old name of `layers`.
+    `web` names a folder for a static site that explains in the browser (exporters.site; heatmaps default to gradcam),
+    with onnxruntime-web from `ort_web` (its dist folder, copied in) or a pinned CDN address with subresource
+    integrity. `target_layers` is the old name of `layers`.
     """
     if web is not None:
         check_destination(web, ort_web)
