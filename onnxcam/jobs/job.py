@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -128,6 +129,9 @@ class Job:
 
     def __init__(self, explainer: Explainer, outdir: Path, outputs: Outputs, method: str, target: int | None,
                  resume: bool, callbacks):
+        if re.match(r"[A-Za-z][\w+.-]+:/", str(outdir)):  # s3://bucket/out, which Path made s3:/bucket/out
+            raise ExplainError("the output folder must be a local path (on Ray, one every node mounts): writing to "
+                               "an object-store URI such as s3:// is not supported")
         outdir.mkdir(parents=True, exist_ok=True)
         if resume:
             remove_leftovers(outdir)
