@@ -25,11 +25,9 @@ def map_names(name: str, classes: list[int]) -> list[str]:
     return named
 
 
-
 def has_regions(explanation: Explanation) -> bool:
     """Whether the maps are of detections or segments: their scores are their own, not class probabilities."""
     return explanation.boxes is not None or explanation.masks is not None
-
 
 
 def map_entries(explanation: Explanation, image: int, indices: list[int], labels) -> list[dict]:
@@ -51,7 +49,6 @@ def map_entries(explanation: Explanation, image: int, indices: list[int], labels
     return entries
 
 
-
 def regions(explanation: Explanation, indices: list[int], maps: list[dict]) -> list[dict]:
     """Per map, what its overlay shows besides the heatmap (core.images.annotate's keywords): a detection's box
     (in the image's pixels) and label with its score, a segment's mask outline; empty for a plain class map."""
@@ -67,7 +64,6 @@ def regions(explanation: Explanation, indices: list[int], maps: list[dict]) -> l
     return regions
 
 
-
 def describe(line: dict, outdir: Path) -> str:
     """One line for one image: its top classes, or its detections or segments (label, score and box per map)
     when the maps are of those; and the map(s) written."""
@@ -79,7 +75,6 @@ def describe(line: dict, outdir: Path) -> str:
     where = "; ".join(f"map of class {m['target']} -> {outdir / m.get('overlay', m.get('heatmap', TABLE))}"
                       for m in maps)
     return f"{line['path']}: {ranked}; {where}"
-
 
 
 def _found(entry: dict) -> str:

@@ -54,7 +54,6 @@ class Summary:
     record: Path | None = None
 
 
-
 class _Committer(threading.Thread):
     """Commits finished batches in order: waits for their writes, stages their table rows, appends their
     record lines, then tells the callbacks. A bounded queue holds the batches in between."""
@@ -94,14 +93,12 @@ class _Committer(threading.Thread):
                 return
 
 
-
 def remove_leftovers(outdir: Path) -> None:
     """Delete the temporary files of writes cut short (by a crash) anywhere under `outdir`."""
     for folder, _, names in os.walk(outdir):
         for name in names:
             if name.startswith(".") and name.endswith(".tmp"):
                 os.unlink(os.path.join(folder, name))
-
 
 
 def _check_settings(path: Path, settings: dict, resume: bool) -> None:
@@ -121,7 +118,6 @@ def _check_settings(path: Path, settings: dict, resume: bool) -> None:
         raise ExplainError(f"{path.parent} holds a job whose settings were not kept (written by an older onnxcam, "
                            f"or {SETTINGS} removed): write to another folder")
     write_atomic(path, json.dumps(settings).encode())
-
 
 
 class Job:
@@ -224,7 +220,6 @@ class Job:
             self.progress(self.summary.explained + self.summary.failed, self.total)
 
 
-
 def finish_batch(batch: FileBatch, outdir: Path, outputs: Outputs, method: str, labels,
                  name_of: Callable[[str], str], submit: Callable) -> list[tuple]:
     """Per image of a batch: its record line (its batch number set at commit), its maps' entries, and the writes
@@ -246,7 +241,6 @@ def finish_batch(batch: FileBatch, outdir: Path, outputs: Outputs, method: str, 
         entries.append((line, maps, submit(finish_image, outdir, outputs, files, image, explanation.heatmaps[indices],
                                            regions(explanation, indices, maps))))
     return entries
-
 
 
 def explain_files(explainer: Explainer, sources: Iterable[Source | str | os.PathLike], outdir: Path, *,
@@ -284,7 +278,6 @@ def explain_files(explainer: Explainer, sources: Iterable[Source | str | os.Path
         job.table.merge()
     write_predictions(job.record, outdir / "predictions.json")
     return job.summary
-
 
 
 def pending_sources(sources, done: set[str]) -> Iterator[Source]:

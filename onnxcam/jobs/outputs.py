@@ -18,7 +18,6 @@ from ..core.images import annotate
 SAVE_CHOICES = ("overlays", "heatmaps", "table")
 
 
-
 @dataclass(frozen=True)
 class Outputs:
     """What the job writes: overlays (PNG or JPEG), heatmaps (8-bit PNG or float16 .npy), the Parquet table."""
@@ -47,11 +46,9 @@ class Outputs:
         return self.overlays or self.heatmaps
 
 
-
 def uint8_map(heatmap: np.ndarray) -> np.ndarray:
     """A [0, 1] heatmap as 8-bit levels (0-255, rounded)."""
     return np.uint8(np.clip(heatmap, 0, 1) * 255 + 0.5)
-
 
 
 def _write_maps(outdir: Path, outputs: Outputs, names: list[str], image, heatmaps: np.ndarray, levels: list,
@@ -80,7 +77,6 @@ def _write_maps(outdir: Path, outputs: Outputs, names: list[str], image, heatmap
             files["heatmap"] = f"{name}.heatmap.png"
         written.append(files)
     return written
-
 
 
 def finish_image(outdir: Path, outputs: Outputs, names, image, heatmaps: np.ndarray, regions: list[dict]):

@@ -12,7 +12,6 @@ from ..core.files import atomic_path
 RECORD = "record.jsonl"
 
 
-
 class Record:
     """The JSON Lines record of finished images: one line per image, appended a batch at a time and fsynced.
 
@@ -65,7 +64,6 @@ class Record:
         with open(self.path, "rb") as lines:
             for line in lines:
                 yield json.loads(line)
-
 
 
 def write_predictions(record: Record, path: Path) -> None:

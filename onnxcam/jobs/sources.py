@@ -12,14 +12,12 @@ from ..core.errors import ImageError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-
 @dataclass(frozen=True)
 class Source:
     """An image to explain: `path` as given (a file path or a URI), `name` its output name without suffix."""
 
     path: str
     name: str
-
 
 
 def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
@@ -32,7 +30,6 @@ def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
         for entry in entries:
             if entry.is_dir() and not entry.name.startswith("."):
                 yield from _walk(Path(entry.path), recursive)
-
 
 
 def iter_sources(items: Iterable[str | os.PathLike], recursive: bool = False) -> Iterator[Source]:
@@ -54,7 +51,6 @@ def iter_sources(items: Iterable[str | os.PathLike], recursive: bool = False) ->
             yield Source(text, path.stem)
 
 
-
 def read_list(path: str | os.PathLike) -> Iterator[str]:
     """The paths or URIs of a list file, one per line; blank lines and lines starting with # are skipped."""
     try:
@@ -64,7 +60,6 @@ def read_list(path: str | os.PathLike) -> Iterator[str]:
                     yield line.strip()
     except OSError as error:
         raise ImageError(f"{path}: cannot be read ({error.strerror})") from None
-
 
 
 class Listing:
@@ -79,7 +74,6 @@ class Listing:
         yield from iter_sources(self.items, self.recursive)
         if self.list_file is not None:
             yield from iter_sources(read_list(self.list_file), self.recursive)
-
 
 
 def collect_images(paths) -> list[Path]:

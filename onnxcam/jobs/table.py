@@ -16,7 +16,6 @@ TABLE = "table"
 STAGING = ".staging"
 
 
-
 def table_schema(pa, size: tuple[int, int]):
     top = pa.struct([("class", pa.int64()), ("label", pa.string()), ("score", pa.float32())])
     # the heatmap's 8-bit levels as bytes, row-major: Parquet writes them 5x faster than a list of uint8 (one
@@ -25,7 +24,6 @@ def table_schema(pa, size: tuple[int, int]):
     return pa.schema([("path", pa.string()), ("method", pa.string()), ("class", pa.int64()), ("label", pa.string()),
                       ("score", pa.float32()), ("top5", pa.list_(top)), ("heatmap", levels),
                       ("height", pa.int32()), ("width", pa.int32())])
-
 
 
 class Table:
