@@ -91,7 +91,7 @@ def export_onnx(src, path, *, input=None, input_layout=None, input_size=None, la
     with onnxruntime-web from `ort_web` (its dist folder, copied in) or a pinned CDN address with subresource
     integrity. `target_layers` is the old name of `layers`.
     """
-    if web is not None:
+    if web is not None or ort_web is not None:
         check_destination(web, ort_web)
         heatmaps = heatmaps or "gradcam"
     if target_layers is not None:

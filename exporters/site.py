@@ -37,7 +37,10 @@ def sri(path: Path) -> str:
 
 
 def check_destination(folder, ort_web=None) -> Path | None:
-    """Refuse, before any work, a site folder holding other files or a bad onnxruntime-web folder (else returned)."""
+    """Refuse, before any work, a site folder holding other files, a bad onnxruntime-web folder (else returned), or
+    one given with no site to copy it into."""
+    if folder is None:
+        raise ExportError("onnxruntime-web's folder is copied into a site, and no site is written", option="web")
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not (folder / CONFIG_FILE).is_file():
         raise ExportError(f"{folder} is a folder with other files in it: give a new or empty one", option="web")

@@ -184,3 +184,6 @@ def test_a_folder_without_onnxruntime_web_or_a_file_without_heatmaps_is_refused_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no build left behind
     done = run_cli("export", VIT, "-o", tmp_path / "cli.onnx", "--web", tmp_path / "site", "--ort-web", tmp_path)
     assert done.returncode != 0 and done.stderr.strip().count("\n") == 0 and "--ort-web" in done.stderr
+    done = run_cli("export", VIT, "-o", tmp_path / "alone.onnx", "--ort-web", ORT_WEB)  # a site's, with no site
+    assert done.returncode != 0 and done.stderr.strip().count("\n") == 0 and "(set --web)" in done.stderr
+    assert not (tmp_path / "alone.onnx").exists()
