@@ -23,11 +23,11 @@ from .exporters.graph_cams import GRAPH_CAMS
 from .exporters.onnx_frontend import inspect_onnx
 from .jobs import Listing, Outputs, collect_images, explain_files
 from .methods import METHODS
+from .runtimes import PROVIDER_CHOICES
 from .speed import time_methods
 from .targets import LAYOUTS as DETECTION_LAYOUTS
 from .targets import from_options
 
-PROVIDER_CHOICES = ("auto", "cpu", "cuda", "openvino")
 EXPORT_TASKS = ("classify", "segment", "detect")
 # the flag of each keyword argument that errors name (OnnxcamError.option)
 FLAGS = {"save": "--save", "layers": "--layer", "layouts": "--layout", "mean": "--mean", "std": "--std",

@@ -22,6 +22,7 @@ from .core.errors import OnnxcamError
 from .core.files import MAX_PIXELS, decode_image
 from .explainer import Explainer
 from .methods import METHODS
+from .runtimes import PROVIDER_CHOICES
 from .serving import protocol
 
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(parents=[kserve.model_server.parser], conflict_handler="resolve")
     parser.add_argument("--model_name", default="model", help="The name in /v1/models/NAME routes.")
     parser.add_argument("--model_path", required=True, help="The explainable ONNX file.")
-    parser.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "openvino"])
+    parser.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES)
     args, _ = parser.parse_known_args(argv)
     model = ExplainerModel(args.model_name, args.model_path, args.provider)
     kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=args.enable_grpc).start([model])

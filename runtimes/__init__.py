@@ -2,6 +2,6 @@
 
 from ..core.errors import ProviderError
 from .bundle import Bundle
-from .session import create_session
+from .session import PROVIDER_CHOICES, create_session
 
-__all__ = ["Bundle", "ProviderError", "create_session"]
+__all__ = ["PROVIDER_CHOICES", "Bundle", "ProviderError", "create_session"]

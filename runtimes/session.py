@@ -21,6 +21,7 @@ from .openvino import OpenVinoSession
 log = logging.getLogger("onnxcam")
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDER_CHOICES = ("auto", *PROVIDERS, "openvino")  # what `provider` may be, everywhere it is asked
 # ORT's pool threads spin between runs by default, burning the cores that decoding and drawing threads need: the
 # dataset job (benchmarks/dataset.py, table only, a busy machine) ran 1.45x faster on 16% less CPU time without it
 NO_SPINNING = ("session.intra_op.allow_spinning", "0")
@@ -37,8 +38,8 @@ def create_session(path, provider: str = "auto", threads: int | None = None,
     the attempt here is made with its logger silenced, and the outcome is told in one log line.
     `extensions` registers onnxruntime-extensions' operators (needed by bundles).
     """
-    if provider not in ("auto", *PROVIDERS, "openvino"):
-        raise ProviderError(f"unknown provider '{provider}'; choose auto, cpu, cuda or openvino")
+    if provider not in PROVIDER_CHOICES:
+        raise ProviderError(f"unknown provider '{provider}'; choose {', '.join(PROVIDER_CHOICES)}")
     if provider == "openvino":
         if extensions:
             raise ProviderError("OpenVINO cannot run a bundle (its DecodeImage is onnxruntime-extensions' operator): "
