@@ -88,16 +88,24 @@ def _scaled_channels(terms: np.ndarray) -> np.ndarray:
     return shifted / (shifted.max(axis=(2, 3), keepdims=True) + 1e-7)
 
 
+def fullgrad_terms(inputs: np.ndarray, input_gradients: np.ndarray, biases: list[np.ndarray],
+                   bias_gradients: list[np.ndarray]) -> np.ndarray:
+    """FullGrad's terms (Srinivas & Fleuret, arXiv 1905.00780, eq. 6, as pytorch-grad-cam computes them), B x (C + L)
+    x H x W: the input's C channels of scaled |x (.) dy/dx| and, for each of the L layers with a bias, the sum over
+    its channels of scaled |b (.) dy/dz| upsampled to the input. Each channel is scaled before upsampling; upsampling
+    is linear, so a layer's channels are summed first."""
+    size = inputs.shape[2:]
+    terms = [_scaled_channels(np.abs(input_gradients * inputs).astype(np.float64))]
+    for bias, gradient in zip(biases, bias_gradients, strict=True):
+        layer = _scaled_channels(np.abs(bias[None, :, None, None] * gradient).astype(np.float64)).sum(axis=1)
+        terms.append((upsample(layer.astype(np.float32), size) if layer.shape[1:] != size else layer)[:, None])
+    return np.concatenate(terms, axis=1)
+
+
 def fullgrad(inputs: np.ndarray, input_gradients: np.ndarray, biases: list[np.ndarray],
              bias_gradients: list[np.ndarray]) -> np.ndarray:
-    """FullGrad (Srinivas & Fleuret, arXiv 1905.00780, eq. 6, as pytorch-grad-cam computes it): the sum over
-    the input's channels of scaled |x (.) dy/dx| and, for every layer with a bias, the sum over its channels
-    of scaled |b (.) dy/dz| upsampled to the input, before the final min-max scaling (the caller's). Each
-    channel is scaled before upsampling; upsampling is linear, so the channels are summed first."""
-    size = inputs.shape[2:]
-    total = _scaled_channels(np.abs(input_gradients * inputs).astype(np.float64)).sum(axis=1)
-    for bias, gradient in zip(biases, bias_gradients, strict=True):
-        terms = _scaled_channels(np.abs(bias[None, :, None, None] * gradient).astype(np.float64)).sum(axis=1)
-        total += upsample(terms.astype(np.float32), size) if terms.shape[1:] != size else terms
+    """FullGrad (Srinivas & Fleuret, arXiv 1905.00780, eq. 6): the sum of its terms (fullgrad_terms), min-max scaled
+    with pytorch-grad-cam's 1e-7."""
+    total = fullgrad_terms(inputs, input_gradients, biases, bias_gradients).sum(axis=1)
     shifted = total - total.min(axis=(1, 2), keepdims=True)
     return (shifted / (shifted.max(axis=(1, 2), keepdims=True) + 1e-7)).astype(np.float32)

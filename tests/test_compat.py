@@ -37,7 +37,8 @@ from pytorch_grad_cam.metrics import road as reference_road  # noqa: E402
 from pytorch_grad_cam.utils import image as reference_image  # noqa: E402
 from pytorch_grad_cam.utils import model_targets as reference_targets  # noqa: E402
 
-TOLERANCE = 1e-3
+TOLERANCE = 1e-5  # max |difference| measured: 2.4e-6 (ResNet-18): fine enough to tell pytorch-grad-cam's epsilons
+SEGMENTATION_TOLERANCE = 1e-3  # the issue's bound; DeepLabV3's maps differ by 4.5e-4
 BATCH = 3  # not the export's batch of 2
 GRADIENT_CAMS = ["GradCAM", "HiResCAM", "GradCAMPlusPlus", "XGradCAM", "LayerCAM", "GradCAMElementWise",
                  "EigenGradCAM"]
@@ -67,10 +68,10 @@ def _same(name: str, model, layers, x, targets=None, *, compat_targets_=None, **
     return expected, got, cam
 
 
-def _check(name, model, layers, x, targets=None, **options):
+def _check(name, model, layers, x, targets=None, tolerance=TOLERANCE, **options):
     expected, got, cam = _same(name, model, layers, x, targets, **options)
     difference = float(np.abs(reference_image.scale_cam_image(expected) - compat_image.scale_cam_image(got)).max())
-    assert difference <= TOLERANCE, (name, difference)
+    assert difference <= tolerance, (name, difference)
     return cam
 
 
@@ -89,7 +90,7 @@ def test_resnet_two_layers_top_class(resnet, name):
     expected = getattr(reference, name)(resnet, [resnet.layer4[-1], resnet.layer3])(_images(64), None)
     np.random.set_state(state)
     got = getattr(compat, name)(resnet, [resnet.layer4[-1], resnet.layer3])(_images(64), None)
-    assert np.abs(expected - got).max() <= TOLERANCE
+    assert np.ptp(expected, axis=(1, 2)).min() > 0 and np.abs(expected - got).max() <= TOLERANCE
 
 
 @pytest.mark.parametrize("target", ["ClassifierOutputTarget", "ClassifierOutputSoftmaxTarget", "ClassifierOutputReST",
@@ -207,7 +208,8 @@ def test_deeplabv3_semantic_segmentation():
     masks = [np.float32(w == c) for w, c in zip(winners, classes)]
     _check("GradCAM", model, [model.model.classifier[0]], x,
            [reference_targets.SemanticSegmentationTarget(c, m) for c, m in zip(classes, masks)],
-           compat_targets_=[compat_targets.SemanticSegmentationTarget(c, m) for c, m in zip(classes, masks)])
+           compat_targets_=[compat_targets.SemanticSegmentationTarget(c, m) for c, m in zip(classes, masks)],
+           tolerance=SEGMENTATION_TOLERANCE)
 
 
 class SmallEncoder(nn.Module):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core import methods as formulas
+from ...core.attribution import fullgrad_terms
 from ...core.errors import ExplainError
 from .base_cam import BaseCAM, _as_batch, _classes
 from .utils.image import scale_accross_batch_and_channels, scale_cam_image
@@ -205,10 +206,7 @@ class FullGrad(BaseCAM):
         self.outputs = torch.from_numpy(scores)
         size = (batch.shape[-1], batch.shape[-2])
         count = len(spec.biases)
-        parts = [scale_accross_batch_and_channels(np.abs(gradient * batch), size)]
-        parts += [scale_accross_batch_and_channels(np.abs(bias[None, :, None, None] * grads), size).sum(axis=1)[:, None]
-                  for bias, grads in zip(tensors[:count], tensors[count:], strict=True)]
-        maps = np.concatenate(parts, axis=1)
+        maps = np.float32(fullgrad_terms(batch, gradient, tensors[:count], tensors[count:]))
         if eigen_smooth:
             small = scale_accross_batch_and_channels(maps, (size[0] // 8, size[1] // 8))
             maps = scale_accross_batch_and_channels(get_2d_projection(small)[:, None], size)
