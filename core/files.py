@@ -144,9 +144,14 @@ PNG_FAST = [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
             cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
 
 
+def is_remote(source: str) -> bool:
+    """Whether `source` is a URI that fsspec opens (s3://, gs://, http://), not a local path or a file:// URI."""
+    return "://" in source and not source.startswith("file://")
+
+
 def load_image(source: str) -> np.ndarray:
     """uint8 RGB from a file path, a file:// URI or, through fsspec, any URI it opens (s3://, gs://, http://)."""
-    if "://" not in source or source.startswith("file://"):
+    if not is_remote(source):
         return read_image(source.removeprefix("file://"))
     try:
         import fsspec

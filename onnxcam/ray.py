@@ -27,12 +27,12 @@ import ray
 
 from .batches import explain_batches
 from .core.errors import ExplainError
+from .core.files import is_remote
 from .explainer import Explainer
 from .jobs import Outputs, Source, Summary
-from .jobs.job import Job, finish_batch, remove_leftovers
+from .jobs.job import DEFAULT_OUTPUTS, Job, finish_batch, remove_leftovers
 from .jobs.record import write_predictions
 
-TABLE_ONLY = Outputs(overlays=False, table=True)
 CHUNK = 16  # batches per actor call: an actor's pipeline fills and drains once per call
 IN_FLIGHT = 2  # calls given to an actor at once: the next waits behind the one running, so the actor never idles
 TRIES = 3  # times a chunk is given to an actor before the job fails (an image that kills its actor each time)
@@ -106,13 +106,14 @@ class _Pool:
             actor, chunk, tries = self.calls.pop(ref)
             try:
                 batches = ray.get(ref)
-            except ray.exceptions.RayActorError:
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):  # its node lost, result and all
                 self._lose(actor)
                 if tries + 1 >= TRIES:
                     raise ExplainError(f"{TRIES} actors died on the chunk of {chunk[0][1]}: see Ray's logs") from None
                 again.append((chunk, tries + 1))
                 continue
-            self.live[actor] -= 1
+            if actor in self.live:  # not lost meanwhile
+                self.live[actor] -= 1
             yield from batches
 
     def _given(self, chunks: Iterator[list], again: deque) -> Iterator:
@@ -144,7 +145,7 @@ class _Pool:
 
 def explain_on_ray(model: str | os.PathLike, sources: Iterable[Source | str | os.PathLike], outdir, *,
                    address: str | None = None, actors: int = 1, cpus: int | None = None, method: str = "gradcam",
-                   target: int | None = None, batch_size: int = 8, outputs: Outputs = TABLE_ONLY,
+                   target: int | None = None, batch_size: int = 8, outputs: Outputs = DEFAULT_OUTPUTS,
                    resume: bool = False, provider: str = "auto", report: Callable[[str], None] | None = None,
                    complain: Callable[[str], None] = lambda line: None,
                    progress: Callable[[int, int | None], None] | None = None) -> Summary:
@@ -163,7 +164,10 @@ def explain_on_ray(model: str | os.PathLike, sources: Iterable[Source | str | os
     if provider == "auto":
         provider = "cuda" if gpus else "cpu"
     cpus = cpus or _share(actors)
-    explainer = Explainer(model, provider="cpu", threads=1)  # a wrong file fails here, in one line
+    explainer = Explainer(model, provider="cpu", threads=1)  # a wrong file or class fails here, in one line
+    if isinstance(target, int):
+        explainer.class_indices(target, 1)
+    batch_size = explainer.fixed_batch or batch_size
     outdir = Path(outdir)
     job = Job(explainer, outdir, outputs, method, target, resume, (report, complain, progress))
     remote = ray.remote(ExplainActor).options(num_cpus=cpus, num_gpus=1 if gpus else 0, max_restarts=0,
@@ -207,6 +211,6 @@ def _chunks(job: Job, sources: Iterator[Source], size: int) -> Iterator[list[tup
 
 
 def _as_uri(path: str) -> str:
-    """An absolute local path (what every node of a cluster with a shared filesystem sees), or the URI."""
-    return path if "://" in path and not path.startswith("file://") else str(Path(path.removeprefix("file://"))
-                                                                              .resolve())
+    """An absolute local path (what every node of a cluster with a shared filesystem sees; made without a look at
+    the filesystem, on the driver's one thread), or the URI."""
+    return path if is_remote(path) else os.path.abspath(path.removeprefix("file://"))

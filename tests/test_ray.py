@@ -157,3 +157,12 @@ def test_a_driver_killed_mid_job_then_resumed_has_every_image_once(cluster, smal
     assert summary.skipped == done and summary.explained == len(paths) - done
     _assert_once(out, paths)
     assert len(_files(out)) == len(paths)
+
+
+def test_a_class_the_file_lacks_is_refused_before_any_actor(cluster, small_onnx, folder, tmp_path):
+    from onnxcam.core.errors import OnnxcamError
+    from onnxcam.ray import explain_on_ray
+
+    with pytest.raises(OnnxcamError, match="class") as refused:
+        explain_on_ray(small_onnx, Listing([folder]), tmp_path / "out", target=99, outputs=Outputs.parse("table"))
+    assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import ImageError
+from ..core.files import is_remote
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -40,7 +41,7 @@ def iter_sources(items: Iterable[str | os.PathLike], recursive: bool = False) ->
     """
     for item in items:
         text = os.fspath(item)
-        if "://" in text and not text.startswith("file://"):
+        if is_remote(text):
             yield Source(text, Path(text.rstrip("/").rsplit("/", 1)[-1]).stem or "image")
             continue
         path = Path(text.removeprefix("file://"))
