@@ -27,6 +27,8 @@ class BaseCAM:
     """A CAM over `target_layers` (modules of `model`); `reshape_transform` turns a layer's output into
     B x C x H x W. Custom `tta_transforms`, `compute_input_gradient` and `detach=False` are refused."""
 
+    reads_cuts = False  # whether get_cam_weights runs the file's head, which needs the forward part's cuts too
+
     def __init__(self, model: torch.nn.Module, target_layers, reshape_transform=None,
                  compute_input_gradient: bool = False, uses_gradients: bool = True, tta_transforms=None,
                  detach: bool = True) -> None:
@@ -45,6 +47,7 @@ class BaseCAM:
             exports.layer_names(model, self.target_layers)  # refused now, not at the first call
         self.explainable = None  # the file's sessions, for the last call's input shape
         self.outputs = None
+        self.forward_values: dict[str, np.ndarray] = {}  # the last call's forward part, by tensor name
         self._weights: tuple[tuple, str] | None = None  # (version stamp, weights hash)
         self._files: dict[tuple, object] = {}  # (input shape, weights hash) -> the file's sessions
 
@@ -113,9 +116,10 @@ class BaseCAM:
             scores, _, *tensors = model.run(batch, classes, [*spec.activations, *spec.gradients])
             activations, gradients = tensors[:len(spec.activations)], tensors[len(spec.activations):]
         else:  # the forward part, then the targets' gradients through the file's head
-            cuts = spec.cuts if self.uses_gradients else []
+            cuts = spec.cuts if self.uses_gradients or self.reads_cuts else []
             names = tuple(dict.fromkeys([spec.scores, *spec.activations, *cuts]))
             values = dict(zip(names, model.forward_runner(names).run(list(names), {spec.input: batch}), strict=True))
+            self.forward_values = values
             scores, activations = values[spec.scores], [values[name] for name in spec.activations]
             gradients = [None] * len(activations)
         self.outputs = torch.from_numpy(scores)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ...core import methods as formulas
 from ...core.attribution import fullgrad_terms
 from ...core.errors import ExplainError
+from ...core.perturbation import ablation_weights
 from .base_cam import BaseCAM, _as_batch, _classes
 from .utils.image import scale_accross_batch_and_channels, scale_cam_image
 from .utils.model_targets import FinerWeightedTarget
@@ -151,12 +152,13 @@ class AblationCAM(_Agnostic):
         super().__init__(model, target_layers)
         self.batch_size = batch_size
 
+    reads_cuts = True
+
     def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
         model = self.explainable
         spec = model.spec
         names = [spec.activations[0], *spec.cuts]
-        values = dict(zip(names, model.forward_runner(tuple(names)).run(names, {spec.input: input_tensor}),
-                          strict=True))
+        values = self.forward_values  # this call's forward part (BaseCAM._tensors), not run again
         original = np.float32([_score(target, output) for target, output in zip(targets, self.outputs, strict=True)])
         ablated = np.empty(activations.shape[:2], dtype=np.float32)
         for image, target in enumerate(targets):
@@ -167,7 +169,7 @@ class AblationCAM(_Agnostic):
                 copies[np.arange(len(channels)), channels] = _ablation_values(activations[image], len(channels))
                 outputs = model.forward_head.scores(spec.score_tensor, exposed)
                 ablated[image, channels] = [_score(target, torch.from_numpy(o)) for o in outputs]
-        return (original[:, None] - ablated) / original[:, None]
+        return ablation_weights(original, ablated)
 
 
 def _ablation_values(activations: np.ndarray, count: int) -> np.ndarray:
