@@ -15,12 +15,11 @@ import numpy as np
 import torch
 
 from ...core.errors import ExplainError
+from ...methods.smoothing import TTA_FACTORS
 from . import exports
 from .utils.image import scale_cam_image
 from .utils.model_targets import ClassifierOutputTarget
 from .utils.svd_on_activations import get_2d_projection
-
-TTA_FACTORS = (0.9, 1, 1.1)  # pytorch-grad-cam's default aug_smooth: no flip and a horizontal flip, times these
 
 
 class BaseCAM:

@@ -272,7 +272,7 @@ class RefineCAM:
         batch = _as_batch(input_tensor)
         targets, activations, gradients = base._tensors(batch, targets)
         maps = base._layer_maps(batch, targets, activations, gradients, eigen_smooth)
-        return scale_cam_image(np.prod([scale_cam_image(np.maximum(m[:, 0], 0)) for m in maps], axis=0))
+        return scale_cam_image(formulas.refine([scale_cam_image(np.maximum(m[:, 0], 0)) for m in maps]))
 
 
 class SegEigenCAM(GradCAM):

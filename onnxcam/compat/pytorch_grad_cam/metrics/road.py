@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ....core.metrics import noisy_linear_imputation
+from ....core.metrics import ROAD_PERCENTILES, noisy_linear_imputation
 from .perturbation_confidence import (
     AveragerAcrossThresholds,
     PerturbationConfidenceMetric,
@@ -15,7 +15,7 @@ from .perturbation_confidence import (
     RemoveMostRelevantFirst,
 )
 
-PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+PERCENTILES = ROAD_PERCENTILES  # pytorch-grad-cam's default
 
 
 class NoisyLinearImputer:
