@@ -31,7 +31,6 @@ from .core.files import is_remote
 from .explainer import Explainer
 from .jobs import Outputs, Source, Summary
 from .jobs.job import DEFAULT_OUTPUTS, Job, finish_batch, remove_leftovers
-from .jobs.record import write_predictions
 
 CHUNK = 16  # batches per actor call: an actor's pipeline fills and drains once per call
 IN_FLIGHT = 2  # calls given to an actor at once: the next waits behind the one running, so the actor never idles
@@ -180,12 +179,10 @@ def explain_on_ray(model: str | os.PathLike, sources: Iterable[Source | str | os
             job.commit(job.take_number(), entries)
     finally:
         pool.close()
-    if job.table is not None:
-        job.table.merge()
-    write_predictions(job.record, outdir / "predictions.json")
+    summary = job.finish()
     if pool.lost:  # the temporary files of writes a lost actor cut short
         remove_leftovers(outdir)
-    return job.summary
+    return summary
 
 
 def _share(actors: int) -> int:

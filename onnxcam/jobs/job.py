@@ -200,6 +200,13 @@ class Job:
             self.table.add_recorded()
         self._tell(lines)
 
+    def finish(self) -> Summary:
+        """After the last commit: the table's staged rows merged into its parts, predictions.json written."""
+        if self.table is not None:
+            self.table.merge()
+        write_predictions(self.record, self.outdir / "predictions.json")
+        return self.summary
+
     def _add_rows(self, columns: dict, line: dict, maps: list[dict], levels: list[np.ndarray]) -> None:
         for entry, level in zip(maps, levels, strict=True):
             for key, value in (("path", line["path"]), ("method", line["method"]), ("class", entry["target"]),
@@ -274,10 +281,7 @@ def explain_files(explainer: Explainer, sources: Iterable[Source | str | os.Path
                 committer.put(job.prepare(batch, names, pool))
     finally:
         committer.close()
-    if job.table is not None:
-        job.table.merge()
-    write_predictions(job.record, outdir / "predictions.json")
-    return job.summary
+    return job.finish()
 
 
 def pending_sources(sources, done: set[str]) -> Iterator[Source]:
